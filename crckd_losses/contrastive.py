@@ -1,0 +1,236 @@
+"""ClassGuidedContrastiveLoss: the CCD term of SPEC §4, with its normalisation constants."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from . import distributed
+from ._checks import (
+    check_finite,
+    check_float,
+    check_index,
+    check_positive_float,
+    check_positive_int,
+    check_reduction,
+    check_unit_interval,
+)
+from .functional import ScorePath, contrastive_scores, nce_loss
+from .memory import MomentumMemoryBank, Sampler
+
+Normalizer = Literal["first_batch", "ema"]
+
+
+class CCDTerms(NamedTuple):
+    """The two directions of CCD.
+
+    Attributes:
+        student: :math:`L_S`, student anchors against the teacher bank.
+        teacher: :math:`L_T`, teacher anchors against the student bank.
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+
+
+class ClassGuidedContrastiveLoss(nn.Module):
+    r"""Class-guided contrastive distillation (CCD, SPEC §4): :math:`L_S + L_T`.
+
+    For each anchor, ``P`` positives (its own bank row, then rows of its class) and ``K``
+    negatives (rows of other classes) are read from the *other* side's bank, scored as
+    :math:`u = g \cdot M / \tau`, and scored by the NCE critic with noise constant
+    :math:`c = K/N` and normalisation constant :math:`Z`, one per direction.
+
+    :math:`Z` is kept as a buffer (``log_normalizer``: ``[log Z_S, log Z_T]``). With
+    ``normalizer="first_batch"`` it is set to :math:`N\cdot\mathrm{mean}(e^u)` on the first
+    training call and frozen (CRD's and the released code's choice). With ``"ema"`` it then
+    follows an exponential moving average of that estimate in linear space, with
+    ``normalizer_momentum``, which tracks the banks as they move away from their random start.
+    Under ``torch.distributed`` the estimate is taken over the global batch.
+
+    The banks are read as constants. :class:`MomentumMemoryBank` writes copy-on-write by
+    default, so the banks may be updated between this forward and the backward (CRP needs the
+    updated banks) and the gradients stay those of the rows as they were read.
+
+    Args:
+        num_positives: ``P`` (20 in the paper), the anchor's own row included.
+        num_negatives: ``K`` (4096 in the paper).
+        temperature: ``tau`` (0.07).
+        normalizer: ``"first_batch"`` or ``"ema"``.
+        normalizer_momentum: EMA momentum for ``normalizer="ema"``, in ``[0, 1)``.
+        sampler: how :meth:`MomentumMemoryBank.sample` draws rows (``"shuffle"`` or
+            ``"independent"``).
+        path: ``"auto"``, ``"dense"`` or ``"gather"`` (see
+            :func:`crckd_losses.functional.contrastive_scores`).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Shapes:
+        - student_emb, teacher_emb: ``[B, d]``, L2-normalised
+        - indices: ``[B]`` long dataset indices of the batch
+        - sample_indices: ``[B, P+K]`` long (optional; overrides the sampler)
+        - output: scalar, or ``[B]`` with ``reduction="none"``
+
+    Examples:
+        >>> import torch.nn.functional as F
+        >>> labels = torch.randint(0, 3, (200,))
+        >>> bank_s, bank_t = MomentumMemoryBank(labels, dim=8), MomentumMemoryBank(labels, dim=8)
+        >>> ccd = ClassGuidedContrastiveLoss(num_positives=4, num_negatives=32)
+        >>> g_s = F.normalize(torch.randn(6, 8, requires_grad=True), dim=1)
+        >>> g_t = F.normalize(torch.randn(6, 8), dim=1)
+        >>> idx = torch.arange(6)
+        >>> loss = ccd(g_s, g_t, idx, bank_s, bank_t)
+        >>> loss.backward()
+        >>> bool(ccd.normalizer_initialized)
+        True
+    """
+
+    log_normalizer: torch.Tensor
+    normalizer_initialized: torch.Tensor
+
+    def __init__(
+        self,
+        num_positives: int = 20,
+        num_negatives: int = 4096,
+        temperature: float = 0.07,
+        normalizer: Normalizer = "first_batch",
+        normalizer_momentum: float = 0.9,
+        sampler: Sampler = "shuffle",
+        path: ScorePath = "auto",
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.num_positives = check_positive_int("num_positives", num_positives)
+        self.num_negatives = check_positive_int("num_negatives", num_negatives)
+        self.temperature = check_positive_float("temperature", temperature)
+        if normalizer not in ("first_batch", "ema"):
+            raise ValueError(f"normalizer must be 'first_batch' or 'ema', got {normalizer!r}")
+        self.normalizer = normalizer
+        self.normalizer_momentum = check_unit_interval("normalizer_momentum", normalizer_momentum)
+        if sampler not in ("shuffle", "independent"):
+            raise ValueError(f"sampler must be 'shuffle' or 'independent', got {sampler!r}")
+        self.sampler: Sampler = sampler
+        if path not in ("auto", "dense", "gather"):
+            raise ValueError(f"path must be 'auto', 'dense' or 'gather', got {path!r}")
+        self.path: ScorePath = path
+        self.reduction = check_reduction(reduction)
+        self.register_buffer("log_normalizer", torch.zeros(2, dtype=torch.float64))
+        self.register_buffer("normalizer_initialized", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_positives={self.num_positives}, num_negatives={self.num_negatives}, "
+            f"temperature={self.temperature}, normalizer={self.normalizer!r}, "
+            f"sampler={self.sampler!r}, path={self.path!r}"
+        )
+
+    def forward(
+        self,
+        student_emb: torch.Tensor,
+        teacher_emb: torch.Tensor,
+        indices: torch.Tensor,
+        student_bank: MomentumMemoryBank,
+        teacher_bank: MomentumMemoryBank,
+        sample_indices: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """:math:`L_S + L_T`. See :meth:`terms` for the arguments."""
+        terms = self.terms(
+            student_emb, teacher_emb, indices, student_bank, teacher_bank, sample_indices, generator
+        )
+        return terms.student + terms.teacher
+
+    def terms(
+        self,
+        student_emb: torch.Tensor,
+        teacher_emb: torch.Tensor,
+        indices: torch.Tensor,
+        student_bank: MomentumMemoryBank,
+        teacher_bank: MomentumMemoryBank,
+        sample_indices: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> CCDTerms:
+        """Both CCD directions, apart.
+
+        Args:
+            student_emb: ``[B, d]`` student embeddings ``g_S``.
+            teacher_emb: ``[B, d]`` teacher embeddings ``g_T``.
+            indices: ``[B]`` dataset indices of the batch (bank rows of the anchors).
+            student_bank: ``M_S``.
+            teacher_bank: ``M_T`` (same labels as ``student_bank``).
+            sample_indices: ``[B, P+K]`` rows to use instead of sampling, to reproduce a
+                result exactly.
+            generator: ``torch.Generator`` for the sampler.
+
+        Returns:
+            :class:`CCDTerms` ``(student, teacher)``.
+        """
+        check_float("student_emb", student_emb, 2)
+        check_float("teacher_emb", teacher_emb, 2)
+        if not isinstance(student_bank, MomentumMemoryBank):
+            raise TypeError(
+                f"student_bank must be a MomentumMemoryBank, got {type(student_bank).__name__}"
+            )
+        if not isinstance(teacher_bank, MomentumMemoryBank):
+            raise TypeError(
+                f"teacher_bank must be a MomentumMemoryBank, got {type(teacher_bank).__name__}"
+            )
+        if student_bank.memory.shape != teacher_bank.memory.shape:
+            raise ValueError(
+                f"student_bank and teacher_bank must have one shape, got "
+                f"{tuple(student_bank.memory.shape)} and {tuple(teacher_bank.memory.shape)}"
+            )
+        check_index("indices", indices, 1)
+        if indices.shape[0] != student_emb.shape[0]:
+            raise ValueError(
+                f"indices must have one entry per embedding ({student_emb.shape[0]}), got "
+                f"shape {tuple(indices.shape)}"
+            )
+        width = self.num_positives + self.num_negatives
+        if sample_indices is None:
+            sample_indices = student_bank.sample(
+                indices, self.num_positives, self.num_negatives, generator, self.sampler
+            )
+        else:
+            check_index("sample_indices", sample_indices, 2)
+            if tuple(sample_indices.shape) != (student_emb.shape[0], width):
+                raise ValueError(
+                    f"sample_indices must have shape ({student_emb.shape[0]}, {width}) "
+                    f"(num_positives + num_negatives), got {tuple(sample_indices.shape)}"
+                )
+        check_finite("student_emb", student_emb)
+        check_finite("teacher_emb", teacher_emb)
+        bank_size = student_bank.size
+        u_s = contrastive_scores(
+            student_emb, teacher_bank.memory, sample_indices, self.temperature, self.path
+        )
+        u_t = contrastive_scores(
+            teacher_emb, student_bank.memory, sample_indices, self.temperature, self.path
+        )
+        log_z = self._normalizer(u_s, u_t, bank_size)
+        noise = self.num_negatives / bank_size
+        loss_s = nce_loss(u_s, log_z[0], noise, self.num_positives, self.reduction)
+        loss_t = nce_loss(u_t, log_z[1], noise, self.num_positives, self.reduction)
+        return CCDTerms(loss_s, loss_t)
+
+    @torch.no_grad()
+    def _normalizer(self, u_s: torch.Tensor, u_t: torch.Tensor, bank_size: int) -> torch.Tensor:
+        scores = torch.stack([u_s.detach(), u_t.detach()]).to(torch.float64)
+        estimate = torch.stack(
+            [distributed.global_log_mean_exp(s) for s in scores.unbind(0)]
+        ) + math.log(bank_size)
+        current = self.log_normalizer
+        if self.normalizer == "ema" and self.normalizer_momentum > 0:
+            m = self.normalizer_momentum
+            moved = torch.logaddexp(current + math.log(m), estimate + math.log1p(-m))
+        elif self.normalizer == "ema":
+            moved = estimate
+        else:
+            moved = current
+        new = torch.where(self.normalizer_initialized, moved, estimate)
+        if self.training:
+            self.log_normalizer.copy_(new)
+            self.normalizer_initialized.fill_(True)
+        return new.to(u_s.device)

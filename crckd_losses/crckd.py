@@ -1,0 +1,169 @@
+"""CRCKDLoss: both heads, both banks, CCD and CRP, run in SPEC's order."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ._checks import check_float, check_index, check_unit_interval
+from .contrastive import ClassGuidedContrastiveLoss, Normalizer
+from .functional import ScorePath
+from .heads import EmbeddingHead
+from .memory import MomentumMemoryBank, Sampler
+from .relation import CategoricalRelationLoss
+
+
+class CRCKDOutput(NamedTuple):
+    """What one :class:`CRCKDLoss` step returns.
+
+    Attributes:
+        loss: ``ccd_weight * ccd + crp_weight * crp``, the term to add to the task loss.
+        ccd: :math:`L_{CCD} = L_S + L_T`.
+        crp: :math:`L_{CRP}`.
+        ccd_student: :math:`L_S`.
+        ccd_teacher: :math:`L_T`.
+    """
+
+    loss: torch.Tensor
+    ccd: torch.Tensor
+    crp: torch.Tensor
+    ccd_student: torch.Tensor
+    ccd_teacher: torch.Tensor
+
+
+class CRCKDLoss(nn.Module):
+    r"""The distillation part of CRCKD (SPEC §1, §3–§6) in one module.
+
+    Owns the two projection heads, the two banks and both losses. One call runs one training
+    step in SPEC's order:
+
+    1. ``g_S = head_S(f_S)``, ``g_T = head_T(f_T.detach())`` (the teacher backbone gets no
+       gradient; the teacher head learns through :math:`L_T` only);
+    2. CCD scores against the banks as they are (:math:`L_S`, :math:`L_T`);
+    3. in training mode, bank update at the batch's indices (student bank with ``g_S``, teacher
+       bank with ``g_T``);
+    4. class centroids of the updated banks;
+    5. CRP between ``g_S`` and ``g_T`` against those centroids.
+
+    ``state_dict`` holds the heads, both banks and CCD's normalisation constants, so a resumed
+    run resumes all of them.
+
+    Args:
+        labels: ``[N]`` integer labels of the training set; the banks' size and row classes.
+        student_dim: size of the student feature ``f_S`` (128 in the paper).
+        teacher_dim: size of the teacher feature ``f_T``.
+        embed_dim: ``d`` (128).
+        num_positives: ``P`` (20).
+        num_negatives: ``K`` (4096).
+        temperature: ``tau`` for both CCD and CRP (0.07).
+        momentum: bank momentum ``m`` (0.5).
+        ccd_weight: :math:`\lambda_{CCD}` (0.1).
+        crp_weight: :math:`\lambda_{CRP}` (1.0).
+        normalizer: see :class:`ClassGuidedContrastiveLoss`.
+        normalizer_momentum: see :class:`ClassGuidedContrastiveLoss`.
+        centroid_relu: ReLU the bank rows before averaging (SPEC §3, the default).
+        sampler: ``"shuffle"`` or ``"independent"`` (see :meth:`MomentumMemoryBank.sample`).
+        path: ``"auto"``, ``"dense"`` or ``"gather"``.
+        num_classes: ``C``; defaults to ``labels.max() + 1``.
+
+    Examples:
+        >>> labels = torch.randint(0, 3, (100,))
+        >>> crckd = CRCKDLoss(labels, student_dim=16, teacher_dim=16, embed_dim=8,
+        ...                   num_positives=4, num_negatives=16)
+        >>> f_s = torch.randn(5, 16, requires_grad=True)
+        >>> f_t = torch.randn(5, 16)
+        >>> out = crckd(f_s, f_t, indices=torch.arange(5))
+        >>> out.loss.backward()
+        >>> sorted(out._fields)
+        ['ccd', 'ccd_student', 'ccd_teacher', 'crp', 'loss']
+    """
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        student_dim: int,
+        teacher_dim: int,
+        embed_dim: int = 128,
+        num_positives: int = 20,
+        num_negatives: int = 4096,
+        temperature: float = 0.07,
+        momentum: float = 0.5,
+        ccd_weight: float = 0.1,
+        crp_weight: float = 1.0,
+        normalizer: Normalizer = "first_batch",
+        normalizer_momentum: float = 0.9,
+        centroid_relu: bool = True,
+        sampler: Sampler = "shuffle",
+        path: ScorePath = "auto",
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("ccd_weight", ccd_weight), ("crp_weight", crp_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        check_unit_interval("momentum", momentum)
+        self.ccd_weight = float(ccd_weight)
+        self.crp_weight = float(crp_weight)
+        self.centroid_relu = bool(centroid_relu)
+        self.student_head = EmbeddingHead(student_dim, embed_dim)
+        self.teacher_head = EmbeddingHead(teacher_dim, embed_dim)
+        self.student_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes)
+        self.teacher_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes)
+        self.ccd = ClassGuidedContrastiveLoss(
+            num_positives,
+            num_negatives,
+            temperature,
+            normalizer=normalizer,
+            normalizer_momentum=normalizer_momentum,
+            sampler=sampler,
+            path=path,
+        )
+        self.crp = CategoricalRelationLoss(temperature)
+
+    def forward(
+        self,
+        student_feat: torch.Tensor,
+        teacher_feat: torch.Tensor,
+        indices: torch.Tensor,
+        sample_indices: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> CRCKDOutput:
+        """One CRCKD step.
+
+        Args:
+            student_feat: ``[B, student_dim]`` student features ``f_S``.
+            teacher_feat: ``[B, teacher_dim]`` teacher features ``f_T`` (detached here).
+            indices: ``[B]`` dataset indices of the batch (see :class:`IndexedDataset`).
+            sample_indices: ``[B, P+K]`` bank rows to use instead of sampling.
+            generator: ``torch.Generator`` for the sampler.
+
+        Returns:
+            :class:`CRCKDOutput`.
+        """
+        check_float("student_feat", student_feat, 2)
+        check_float("teacher_feat", teacher_feat, 2)
+        check_index("indices", indices, 1)
+        if student_feat.shape[0] != teacher_feat.shape[0]:
+            raise ValueError(
+                f"student_feat and teacher_feat must have one batch size, got "
+                f"{student_feat.shape[0]} and {teacher_feat.shape[0]}"
+            )
+        g_s = self.student_head(student_feat)
+        g_t = self.teacher_head(teacher_feat.detach())
+        terms = self.ccd.terms(
+            g_s, g_t, indices, self.student_bank, self.teacher_bank, sample_indices, generator
+        )
+        if self.training:
+            self.student_bank.update(indices, g_s.detach())
+            self.teacher_bank.update(indices, g_t.detach())
+        crp = self.crp(
+            g_s,
+            g_t.detach(),
+            self.student_bank.centroids(self.centroid_relu),
+            self.teacher_bank.centroids(self.centroid_relu),
+        )
+        ccd = terms.student + terms.teacher
+        loss = self.ccd_weight * ccd + self.crp_weight * crp
+        return CRCKDOutput(loss, ccd, crp, terms.student, terms.teacher)

@@ -1,0 +1,466 @@
+"""Stateless CRCKD math: every equation of the method as a pure function.
+
+Notation (shapes in the docstrings use it): ``B`` batch size, ``N`` bank rows (training-set
+size), ``C`` classes, ``d`` embedding size, ``P`` positives and ``K`` negatives per anchor,
+``tau`` temperature.
+
+All losses work in log space (``logsigmoid``, ``log_softmax``) and reduce in float32 or wider,
+so they stay finite under float16/bfloat16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import (
+    check_finite,
+    check_float,
+    check_index,
+    check_nonempty,
+    check_positive_float,
+    check_positive_int,
+    check_range,
+    check_reduction,
+    check_same_device,
+    reduce,
+)
+
+ScorePath = Literal["auto", "dense", "gather"]
+
+#: The dense path (one ``B x N`` matmul, then a gather of the sampled columns) is taken while
+#: ``N <= DENSE_PATH_FACTOR * (P + K)``. Past that, gathering the ``B x (P+K) x d`` rows costs
+#: less than multiplying against the whole bank. ``benchmarks/run.py`` measures the crossover.
+DENSE_PATH_FACTOR = 8
+
+
+def _reduction_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def choose_score_path(bank_size: int, samples_per_anchor: int) -> Literal["dense", "gather"]:
+    """The path :func:`contrastive_scores` takes for ``path="auto"``.
+
+    Args:
+        bank_size: ``N``, rows in the bank.
+        samples_per_anchor: ``P + K``, columns of the sampled index matrix.
+
+    Returns:
+        ``"dense"`` when ``N <= DENSE_PATH_FACTOR * (P + K)``, else ``"gather"``.
+
+    Examples:
+        >>> choose_score_path(7012, 4116)
+        'dense'
+        >>> choose_score_path(1_000_000, 4116)
+        'gather'
+    """
+    return "dense" if bank_size <= DENSE_PATH_FACTOR * samples_per_anchor else "gather"
+
+
+class _GatheredDot(torch.autograd.Function):
+    """``u[b, j] = anchor[b] . memory[index[b, j]]`` without keeping the gathered block.
+
+    The ``B x (P+K) x d`` block is built in forward, used and freed, then rebuilt in backward,
+    so it never lives across the two passes. ``memory`` is a constant (no gradient).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        anchor: torch.Tensor,
+        memory: torch.Tensor,
+        index: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(memory, index)
+        rows = memory[index]
+        return torch.bmm(rows, anchor.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None]:
+        memory, index = ctx.saved_tensors  # type: ignore[attr-defined]
+        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            return None, None, None
+        rows = memory[index]
+        grad_anchor = torch.bmm(grad.unsqueeze(1).to(rows.dtype), rows).squeeze(1)
+        return grad_anchor, None, None
+
+
+def contrastive_scores(
+    anchor: torch.Tensor,
+    memory: torch.Tensor,
+    sample_indices: torch.Tensor,
+    temperature: float = 0.07,
+    path: ScorePath = "auto",
+) -> torch.Tensor:
+    r"""Scores of each anchor against its sampled bank rows, :math:`u_{ij} = g_i \cdot M[idx_{ij}] / \tau`.
+
+    Args:
+        anchor: ``[B, d]`` float, the anchors ``g`` (L2-normalised embeddings).
+        memory: ``[N, d]`` float, the other side's bank (read as a constant).
+        sample_indices: ``[B, P+K]`` long, rows of ``memory`` per anchor.
+        temperature: ``tau > 0``.
+        path: ``"dense"`` multiplies the batch against the whole bank (``B x N``) and gathers
+            the sampled columns; ``"gather"`` gathers ``B x (P+K) x d`` rows first. ``"auto"``
+            picks by :func:`choose_score_path`. Both give the same values.
+
+    Returns:
+        ``[B, P+K]`` scores, in the matmul's dtype (float16/bfloat16 under autocast).
+
+    Examples:
+        >>> g = F.normalize(torch.randn(4, 8), dim=1)
+        >>> bank = F.normalize(torch.randn(100, 8), dim=1)
+        >>> idx = torch.randint(0, 100, (4, 6))
+        >>> contrastive_scores(g, bank, idx).shape
+        torch.Size([4, 6])
+    """
+    check_float("anchor", anchor, 2)
+    check_float("memory", memory, 2)
+    check_index("sample_indices", sample_indices, 2)
+    check_nonempty("anchor", anchor)
+    check_same_device(anchor=anchor, memory=memory, sample_indices=sample_indices)
+    if anchor.shape[1] != memory.shape[1]:
+        raise ValueError(
+            f"anchor has embedding size {anchor.shape[1]} but memory has {memory.shape[1]}"
+        )
+    if sample_indices.shape[0] != anchor.shape[0]:
+        raise ValueError(
+            f"sample_indices must have one row per anchor ({anchor.shape[0]}), "
+            f"got shape {tuple(sample_indices.shape)}"
+        )
+    if path not in ("auto", "dense", "gather"):
+        raise ValueError(f"path must be 'auto', 'dense' or 'gather', got {path!r}")
+    check_positive_float("temperature", temperature)
+    check_range("sample_indices", sample_indices, memory.shape[0])
+    sample_indices = sample_indices.long()
+    if path == "auto":
+        path = choose_score_path(memory.shape[0], sample_indices.shape[1])
+    dtype = torch.promote_types(anchor.dtype, memory.dtype)
+    if torch.is_autocast_enabled(anchor.device.type):
+        dtype = torch.get_autocast_dtype(anchor.device.type)
+    a, m = anchor.to(dtype), memory.to(dtype)
+    if path == "dense":
+        with torch.autocast(anchor.device.type, enabled=False):
+            full = a @ m.t()
+            dots = full.gather(1, sample_indices)
+    else:
+        with torch.autocast(anchor.device.type, enabled=False):
+            dots = _GatheredDot.apply(a, m.detach(), sample_indices)
+    return dots / temperature
+
+
+def estimate_log_normalizer(scores: torch.Tensor, bank_size: int) -> torch.Tensor:
+    r""":math:`\log Z` with :math:`Z = N \cdot \mathrm{mean}(e^{u})` over all scores (SPEC §4).
+
+    Computed as ``log N + logsumexp(u) - log(numel)``, so ``exp(u)`` is never formed.
+
+    Args:
+        scores: ``[B, P+K]`` scores ``u`` (any float dtype).
+        bank_size: ``N``.
+
+    Returns:
+        A 0-d float32 (float64 for float64 input) tensor, detached.
+
+    Examples:
+        >>> u = torch.zeros(2, 3)
+        >>> float(estimate_log_normalizer(u, 10).exp())
+        10.0
+    """
+    check_positive_int("bank_size", bank_size)
+    if scores.numel() == 0:
+        raise ValueError("scores is empty; cannot estimate the normalisation constant")
+    u = scores.detach().to(_reduction_dtype(scores.dtype)).flatten()
+    return math.log(bank_size) + torch.logsumexp(u, 0) - math.log(u.numel())
+
+
+def nce_loss(
+    scores: torch.Tensor,
+    log_normalizer: torch.Tensor | float,
+    noise_constant: float,
+    num_positives: int,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""The NCE critic loss of one CCD direction (SPEC §4).
+
+    With :math:`v = u - \log Z - \log c`, :math:`\log h = \mathrm{logsigmoid}(v)` and
+    :math:`\log(1-h) = \mathrm{logsigmoid}(-v)`:
+
+    .. math::
+        \ell_i = -\Big[\tfrac{1}{P}\sum_{p<P}\log h(x_{ip}) + \sum_{k\ge P}\log(1-h(x_{ik}))\Big]
+
+    Args:
+        scores: ``[B, P+K]`` scores ``u``; the first ``P`` columns are positives.
+        log_normalizer: :math:`\log Z`, a float or 0-d tensor.
+        noise_constant: :math:`c = K / N`.
+        num_positives: ``P``.
+        reduction: ``"mean"`` (the paper's :math:`1/B` sum), ``"sum"`` or ``"none"`` (``[B]``).
+
+    Returns:
+        The reduced loss in float32 (float64 for float64 input).
+
+    Examples:
+        >>> u = torch.tensor([[2.0, 0.0, -1.0]])
+        >>> nce_loss(u, log_normalizer=0.0, noise_constant=1.0, num_positives=1).shape
+        torch.Size([])
+    """
+    check_float("scores", scores, 2)
+    check_nonempty("scores", scores)
+    check_positive_int("num_positives", num_positives)
+    check_positive_float("noise_constant", noise_constant)
+    check_reduction(reduction)
+    if scores.shape[1] <= num_positives:
+        raise ValueError(
+            f"scores has {scores.shape[1]} columns; need more than num_positives={num_positives} "
+            "so that at least one negative remains"
+        )
+    u = scores.to(_reduction_dtype(scores.dtype))
+    v = u - log_normalizer - math.log(noise_constant)
+    positive = F.logsigmoid(v[:, :num_positives]).mean(dim=1)
+    negative = F.logsigmoid(-v[:, num_positives:]).sum(dim=1)
+    return reduce(-(positive + negative), reduction)
+
+
+def class_guided_contrastive_loss(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    student_memory: torch.Tensor,
+    teacher_memory: torch.Tensor,
+    sample_indices: torch.Tensor,
+    num_positives: int,
+    temperature: float = 0.07,
+    student_log_normalizer: torch.Tensor | float | None = None,
+    teacher_log_normalizer: torch.Tensor | float | None = None,
+    reduction: str = "mean",
+    path: ScorePath = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""CCD, both directions: :math:`(L_S, L_T)`; :math:`L_{CCD} = L_S + L_T` (SPEC §4).
+
+    :math:`L_S` scores student anchors against the teacher bank, :math:`L_T` teacher anchors
+    against the student bank, both over the same sampled rows.
+
+    Args:
+        student_emb: ``[B, d]`` student embeddings ``g_S`` (trainable).
+        teacher_emb: ``[B, d]`` teacher embeddings ``g_T`` (the teacher head is trainable
+            through :math:`L_T`).
+        student_memory: ``[N, d]`` student bank ``M_S`` (constant).
+        teacher_memory: ``[N, d]`` teacher bank ``M_T`` (constant).
+        sample_indices: ``[B, P+K]`` long: column 0 the anchor's own row, columns ``1..P-1``
+            same-class rows, then ``K`` other-class rows.
+        num_positives: ``P``.
+        temperature: ``tau``.
+        student_log_normalizer: :math:`\log Z` for :math:`L_S`; ``None`` estimates it from these
+            scores (:func:`estimate_log_normalizer`), which is what a first call does.
+        teacher_log_normalizer: :math:`\log Z` for :math:`L_T`; ``None`` as above.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        path: see :func:`contrastive_scores`.
+
+    Returns:
+        ``(L_S, L_T)``.
+
+    Examples:
+        >>> gs, gt = (F.normalize(torch.randn(4, 8), dim=1) for _ in range(2))
+        >>> ms, mt = (F.normalize(torch.randn(50, 8), dim=1) for _ in range(2))
+        >>> idx = torch.randint(0, 50, (4, 2 + 10))
+        >>> l_s, l_t = class_guided_contrastive_loss(gs, gt, ms, mt, idx, num_positives=2)
+        >>> bool(l_s > 0) and bool(l_t > 0)
+        True
+    """
+    check_float("student_emb", student_emb, 2)
+    check_float("teacher_emb", teacher_emb, 2)
+    if student_emb.shape != teacher_emb.shape:
+        raise ValueError(
+            f"student_emb and teacher_emb must have one shape, got {tuple(student_emb.shape)} "
+            f"and {tuple(teacher_emb.shape)}"
+        )
+    if student_memory.shape != teacher_memory.shape:
+        raise ValueError(
+            f"student_memory and teacher_memory must have one shape, got "
+            f"{tuple(student_memory.shape)} and {tuple(teacher_memory.shape)}"
+        )
+    check_positive_int("num_positives", num_positives)
+    check_finite("student_emb", student_emb)
+    check_finite("teacher_emb", teacher_emb)
+    bank_size = student_memory.shape[0]
+    num_negatives = sample_indices.shape[1] - num_positives
+    if num_negatives < 1:
+        raise ValueError(
+            f"sample_indices has {sample_indices.shape[1]} columns; need num_positives="
+            f"{num_positives} plus at least one negative"
+        )
+    noise = num_negatives / bank_size
+    u_s = contrastive_scores(student_emb, teacher_memory, sample_indices, temperature, path)
+    u_t = contrastive_scores(teacher_emb, student_memory, sample_indices, temperature, path)
+    if student_log_normalizer is None:
+        student_log_normalizer = estimate_log_normalizer(u_s, bank_size)
+    if teacher_log_normalizer is None:
+        teacher_log_normalizer = estimate_log_normalizer(u_t, bank_size)
+    loss_s = nce_loss(u_s, student_log_normalizer, noise, num_positives, reduction)
+    loss_t = nce_loss(u_t, teacher_log_normalizer, noise, num_positives, reduction)
+    return loss_s, loss_t
+
+
+def class_centroids(
+    memory: torch.Tensor, labels: torch.Tensor, num_classes: int, relu: bool = True
+) -> torch.Tensor:
+    r"""Class centroids of a bank, :math:`c_c = \mathrm{normalise}(\mathrm{mean}_{j: y_j=c}\,\mathrm{ReLU}(M_j))`.
+
+    One ``index_add_`` over the bank; no loop over classes.
+
+    Args:
+        memory: ``[N, d]`` float bank rows.
+        labels: ``[N]`` long, the class of each row, in ``[0, num_classes)``.
+        num_classes: ``C``.
+        relu: apply ReLU to the rows first (the released code's choice, SPEC §3).
+
+    Returns:
+        ``[C, d]`` L2-normalised centroids, detached. A class with no rows gets a zero row.
+
+    Examples:
+        >>> m = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> class_centroids(m, torch.tensor([0, 1, 1]), 2)
+        tensor([[1.0000, 0.0000],
+                [0.4472, 0.8944]])
+    """
+    check_float("memory", memory, 2)
+    check_index("labels", labels, 1)
+    check_positive_int("num_classes", num_classes)
+    if labels.shape[0] != memory.shape[0]:
+        raise ValueError(
+            f"labels must have one entry per memory row ({memory.shape[0]}), got {labels.shape[0]}"
+        )
+    check_range("labels", labels, num_classes)
+    rows = memory.detach()
+    if relu:
+        rows = rows.clamp_min(0)
+    sums = rows.new_zeros(num_classes, rows.shape[1]).index_add_(0, labels.long(), rows)
+    counts = torch.bincount(labels.long(), minlength=num_classes).clamp_min(1)
+    return F.normalize(sums / counts.unsqueeze(1).to(sums.dtype), dim=1)
+
+
+def categorical_relation_loss(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    student_centroids: torch.Tensor,
+    teacher_centroids: torch.Tensor,
+    temperature: float = 0.07,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""CRP (SPEC §5): :math:`\frac{1}{B}\sum_i \mathrm{KL}(\mathrm{softmax}(r_{T,i}) \,\|\, \mathrm{softmax}(r_{S,i}))`.
+
+    With :math:`r_S = g_S C_S^\top/\tau` and :math:`r_T = g_T C_T^\top/\tau`. The teacher side
+    and both centroid sets are detached; only ``student_emb`` gets a gradient.
+
+    Args:
+        student_emb: ``[B, d]`` student embeddings ``g_S``.
+        teacher_emb: ``[B, d]`` teacher embeddings ``g_T``.
+        student_centroids: ``[C, d]`` centroids of the student bank.
+        teacher_centroids: ``[C, d]`` centroids of the teacher bank.
+        temperature: ``tau``.
+        reduction: ``"mean"`` (the paper's), ``"sum"`` or ``"none"`` (``[B]``).
+
+    Returns:
+        The loss in float32 (float64 for float64 input).
+
+    Examples:
+        >>> g = F.normalize(torch.randn(3, 4), dim=1)
+        >>> c = F.normalize(torch.randn(5, 4), dim=1)
+        >>> float(categorical_relation_loss(g, g, c, c))
+        0.0
+    """
+    check_float("student_emb", student_emb, 2)
+    check_float("teacher_emb", teacher_emb, 2)
+    check_float("student_centroids", student_centroids, 2)
+    check_float("teacher_centroids", teacher_centroids, 2)
+    check_nonempty("student_emb", student_emb)
+    check_reduction(reduction)
+    check_positive_float("temperature", temperature)
+    if student_emb.shape != teacher_emb.shape:
+        raise ValueError(
+            f"student_emb and teacher_emb must have one shape, got {tuple(student_emb.shape)} "
+            f"and {tuple(teacher_emb.shape)}"
+        )
+    if student_centroids.shape != teacher_centroids.shape:
+        raise ValueError(
+            f"student_centroids and teacher_centroids must have one shape, got "
+            f"{tuple(student_centroids.shape)} and {tuple(teacher_centroids.shape)}"
+        )
+    if student_centroids.shape[1] != student_emb.shape[1]:
+        raise ValueError(
+            f"centroids have size {student_centroids.shape[1]} but embeddings have "
+            f"{student_emb.shape[1]}"
+        )
+    check_same_device(student_emb=student_emb, student_centroids=student_centroids)
+    check_finite("student_emb", student_emb)
+    check_finite("teacher_emb", teacher_emb)
+    r_s = student_emb @ student_centroids.detach().to(student_emb.dtype).t() / temperature
+    with torch.no_grad():
+        r_t = teacher_emb.detach() @ teacher_centroids.to(teacher_emb.dtype).t() / temperature
+    dtype = _reduction_dtype(r_s.dtype)
+    log_p_s = F.log_softmax(r_s.to(dtype), dim=1)
+    log_p_t = F.log_softmax(r_t.to(dtype), dim=1)
+    per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    return reduce(per_sample, reduction)
+
+
+def consistency_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    r"""Mean-teacher consistency (SPEC §2): :math:`\frac{1}{B}\sum_i \mathrm{KL}(p_{T,i}\,\|\,p_{S,i})`.
+
+    Args:
+        student_logits: ``[B, C]`` student logits.
+        teacher_logits: ``[B, C]`` teacher logits (detached here).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+        The loss in float32 (float64 for float64 input).
+
+    Examples:
+        >>> z = torch.randn(2, 5)
+        >>> float(consistency_kl(z, z))
+        0.0
+    """
+    check_float("student_logits", student_logits, 2)
+    check_float("teacher_logits", teacher_logits, 2)
+    check_nonempty("student_logits", student_logits)
+    check_reduction(reduction)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have one shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    dtype = _reduction_dtype(student_logits.dtype)
+    log_p_s = F.log_softmax(student_logits.to(dtype), dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().to(dtype), dim=1)
+    per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    return reduce(per_sample, reduction)
+
+
+def sigmoid_rampup(epoch: float, rampup_length: float = 30.0) -> float:
+    r"""Ramp-up weight :math:`\exp(-5(1-\min(e,R)/R)^2)` (SPEC §2), evaluated per epoch.
+
+    Args:
+        epoch: ``e >= 0``.
+        rampup_length: ``R`` epochs; ``0`` gives 1 from the start.
+
+    Returns:
+        A float in ``(0, 1]``.
+
+    Examples:
+        >>> round(sigmoid_rampup(0, 30), 6)
+        0.006738
+        >>> sigmoid_rampup(30, 30)
+        1.0
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if rampup_length < 0:
+        raise ValueError(f"rampup_length must be >= 0, got {rampup_length}")
+    if rampup_length == 0:
+        return 1.0
+    phase = 1.0 - min(float(epoch), float(rampup_length)) / float(rampup_length)
+    return float(math.exp(-5.0 * phase * phase))

@@ -1,0 +1,341 @@
+"""MomentumMemoryBank: one row per training sample, with labels, updates, sampling, centroids."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed
+from ._checks import (
+    check_finite,
+    check_float,
+    check_index,
+    check_nonempty,
+    check_positive_int,
+    check_range,
+    check_same_device,
+    check_unit_interval,
+    value_checks_enabled,
+)
+from .functional import class_centroids
+
+Sampler = Literal["shuffle", "independent"]
+
+
+class MomentumMemoryBank(nn.Module):
+    r"""A momentum memory bank ``M`` (SPEC §3): ``N x d`` rows addressed by dataset index.
+
+    The bank's size and every row's class come from ``labels``, the training set's label
+    tensor, so the bank always matches the data.
+
+    Rows start i.i.d. uniform in :math:`[-s, s]`, :math:`s = 1/\sqrt{d/3}`, not normalised.
+    :meth:`update` writes :math:`M[i] \leftarrow \mathrm{normalise}(m M[i] + (1-m) g_i)`.
+
+    Args:
+        labels: ``[N]`` integer tensor, the class of every training sample, in ``[0, C)``.
+        dim: ``d``, the embedding size.
+        momentum: ``m`` in ``[0, 1)``; the paper uses 0.5.
+        num_classes: ``C``; defaults to ``labels.max() + 1``. Every class must have a row.
+        copy_on_write: when ``True`` (default), :meth:`update` writes into a new tensor instead
+            of the old one, so a loss whose graph read the bank before the update still
+            backpropagates through the values it read (SPEC's order updates the banks between
+            the contrastive forward and the backward). ``False`` writes in place, saving one
+            ``N x d`` copy per update; then call :meth:`update` only after ``backward``.
+        generator: a ``torch.Generator`` for the initial rows.
+        dtype: dtype of the rows (float32 by default).
+
+    Attributes:
+        memory: ``[N, d]`` buffer, the rows.
+        labels: ``[N]`` long buffer, the class of each row.
+
+    Examples:
+        >>> labels = torch.tensor([0, 0, 1, 1, 1, 2])
+        >>> bank = MomentumMemoryBank(labels, dim=4)
+        >>> bank.update(torch.tensor([0, 2]), F.normalize(torch.randn(2, 4), dim=1))
+        >>> idx = bank.sample(torch.tensor([0, 2]), num_positives=2, num_negatives=3)
+        >>> idx.shape
+        torch.Size([2, 5])
+        >>> bank.centroids().shape
+        torch.Size([3, 4])
+    """
+
+    memory: torch.Tensor
+    labels: torch.Tensor
+    _order: torch.Tensor
+    _class_start: torch.Tensor
+    _class_count: torch.Tensor
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        dim: int = 128,
+        momentum: float = 0.5,
+        num_classes: int | None = None,
+        copy_on_write: bool = True,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        check_index("labels", labels, 1)
+        check_nonempty("labels", labels)
+        check_positive_int("dim", dim)
+        self.momentum = check_unit_interval("momentum", momentum)
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        labels = labels.detach().long()
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0:
+            raise ValueError(f"labels must be >= 0, got a minimum of {low}")
+        if num_classes is None:
+            num_classes = high + 1
+        check_positive_int("num_classes", num_classes)
+        if high >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}), got a maximum of {high}")
+        counts = torch.bincount(labels, minlength=num_classes)
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"every class needs at least one row in labels; classes {empty} have none"
+            )
+        if num_classes < 2:
+            raise ValueError("labels must hold at least 2 classes, so that negatives exist")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.copy_on_write = bool(copy_on_write)
+        bound = 1.0 / math.sqrt(dim / 3.0)
+        rows = torch.rand(labels.shape[0], dim, generator=generator, dtype=dtype, device="cpu")
+        self.register_buffer("memory", (rows * 2 - 1).mul_(bound).to(labels.device))
+        self.register_buffer("labels", labels)
+        # Class-sorted index order, built once: class c occupies
+        # _order[_class_start[c] : _class_start[c] + _class_count[c]].
+        self.register_buffer("_order", torch.argsort(labels, stable=True), persistent=False)
+        self.register_buffer("_class_count", counts, persistent=False)
+        self.register_buffer(
+            "_class_start", torch.cumsum(counts, 0) - counts, persistent=False
+        )
+
+    @property
+    def size(self) -> int:
+        """``N``, the number of rows."""
+        return int(self.memory.shape[0])
+
+    def extra_repr(self) -> str:
+        return (
+            f"size={self.size}, dim={self.dim}, num_classes={self.num_classes}, "
+            f"momentum={self.momentum}, copy_on_write={self.copy_on_write}"
+        )
+
+    def _check_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        check_index("indices", indices, 1)
+        check_nonempty("indices", indices)
+        check_same_device(indices=indices, memory=self.memory)
+        check_range("indices", indices, self.size)
+        return indices.long()
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, features: torch.Tensor) -> None:
+        r"""Momentum update at ``indices``: :math:`M[i] \leftarrow \mathrm{normalise}(m M[i] + (1-m) f_i)`.
+
+        Under ``torch.distributed`` the indices and features of all ranks are gathered first,
+        so every rank holds the same bank. A call that raises leaves the bank unchanged.
+
+        Args:
+            indices: ``[B]`` integer dataset indices, distinct within a step.
+            features: ``[B, d]`` float embeddings (detached here).
+        """
+        indices = self._check_indices(indices)
+        check_float("features", features, 2)
+        if features.shape != (indices.shape[0], self.dim):
+            raise ValueError(
+                f"features must have shape ({indices.shape[0]}, {self.dim}) to match indices, "
+                f"got {tuple(features.shape)}"
+            )
+        check_same_device(features=features, memory=self.memory)
+        check_finite("features", features)
+        indices, features = distributed.gather_for_update(indices, features.detach())
+        old = self.memory.index_select(0, indices)
+        new = F.normalize(old * self.momentum + features.to(old.dtype) * (1 - self.momentum), dim=1)
+        if self.copy_on_write:
+            self.memory = self.memory.index_copy(0, indices, new)
+        else:
+            self.memory.index_copy_(0, indices, new)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        indices: torch.Tensor,
+        num_positives: int,
+        num_negatives: int,
+        generator: torch.Generator | None = None,
+        sampler: Sampler = "shuffle",
+    ) -> torch.Tensor:
+        """Class-guided row indices for each anchor (SPEC §4), vectorised on the bank's device.
+
+        Column 0 is the anchor's own row; columns ``1..P-1`` are rows of the anchor's class,
+        without replacement while the class has at least ``P-1`` rows; the last ``K`` columns
+        are rows of other classes, without replacement while at least ``K`` exist.
+
+        Two samplers give each anchor exactly that distribution:
+
+        - ``"shuffle"`` (default, fast): one random permutation of the bank per call; each
+          anchor takes a window, at its own random offset, of its class's rows and of the other
+          classes' rows in that permutation. Anchors of one class in one batch draw from the
+          same shuffle, so their sets are correlated (not independent); each set on its own is
+          a uniform draw. When a class has fewer rows than the window, the window wraps, so
+          each row appears as evenly as possible instead of i.i.d. with replacement.
+        - ``"independent"``: a fresh uniform draw for every anchor, as the released code does
+          per item (with replacement, i.i.d., where too few rows exist). It costs
+          ``O(B x N)`` random numbers per call.
+
+        Args:
+            indices: ``[B]`` dataset indices of the anchors.
+            num_positives: ``P >= 1`` (column 0 included).
+            num_negatives: ``K >= 1``.
+            generator: a ``torch.Generator`` on the bank's device, for reproducible draws.
+            sampler: ``"shuffle"`` or ``"independent"``.
+
+        Returns:
+            ``[B, P+K]`` long tensor of row indices.
+        """
+        indices = self._check_indices(indices)
+        check_positive_int("num_positives", num_positives)
+        check_positive_int("num_negatives", num_negatives)
+        if sampler == "shuffle":
+            return self._sample_shuffle(indices, num_positives, num_negatives, generator)
+        if sampler == "independent":
+            return self._sample_independent(indices, num_positives, num_negatives, generator)
+        raise ValueError(f"sampler must be 'shuffle' or 'independent', got {sampler!r}")
+
+    def _sample_shuffle(
+        self,
+        indices: torch.Tensor,
+        num_positives: int,
+        num_negatives: int,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        n, device = self.size, self.memory.device
+        batch = indices.shape[0]
+        y = self.labels[indices]
+        count = self._class_count[y]
+        # Shuffle within classes with one sort: the class-sorted order with random keys inside.
+        keys = torch.rand(n, device=device, generator=generator) + self.labels
+        by_class = torch.argsort(keys)
+        # A uniformly shuffled whole bank; for class c its other-class rows, in shuffled order,
+        # are the ones left after removing class c. rest[c] lists them, compacted to the front.
+        perm = torch.randperm(n, device=device, generator=generator)
+        perm_labels = self.labels[perm]
+        is_other = perm_labels.unsqueeze(0) != torch.arange(self.num_classes, device=device)[:, None]
+        rank = torch.cumsum(is_other, dim=1) - 1
+        slot = torch.where(is_other, rank, torch.full_like(rank, n - 1))
+        rest = torch.empty(self.num_classes, n, dtype=torch.long, device=device)
+        # Same-class entries all land in the last slot, which no window of length n - n_c reads.
+        rest.scatter_(1, slot, perm.expand(self.num_classes, n))
+        offsets = torch.rand(batch, 2, device=device, generator=generator, dtype=torch.float64)
+        positives = indices.unsqueeze(1)
+        if num_positives > 1:
+            start = (offsets[:, 0] * count).long().clamp_max(count - 1)
+            step = torch.arange(num_positives - 1, device=device)
+            where = self._class_start[y, None] + (start[:, None] + step) % count[:, None]
+            positives = torch.cat([positives, by_class[where]], dim=1)
+        other = n - count
+        start = (offsets[:, 1] * other).long().clamp_max(other - 1)
+        step = torch.arange(num_negatives, device=device)
+        negatives = rest[y[:, None], (start[:, None] + step) % other[:, None]]
+        return torch.cat([positives, negatives], dim=1)
+
+    def _sample_independent(
+        self,
+        indices: torch.Tensor,
+        num_positives: int,
+        num_negatives: int,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        n = self.size
+        y = self.labels[indices]
+        count = self._class_count[y]
+        same = self.labels.unsqueeze(0) == y.unsqueeze(1)  # [B, N]
+        parts = [indices.unsqueeze(1)]
+        if num_positives > 1:
+            parts.append(
+                self._draw(same, count, num_positives - 1, self._class_start[y], generator)
+            )
+        rest_start = torch.zeros_like(y)
+        parts.append(self._draw(~same, n - count, num_negatives, rest_start, generator, y=y))
+        return torch.cat(parts, dim=1)
+
+    def _draw(
+        self,
+        allowed: torch.Tensor,
+        available: torch.Tensor,
+        k: int,
+        class_start: torch.Tensor,
+        generator: torch.Generator | None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``k`` allowed rows per anchor: without replacement where ``available >= k``."""
+        device = allowed.device
+        keys = torch.rand(allowed.shape, device=device, generator=generator)
+        keys = keys.masked_fill(~allowed, 2.0)
+        k_top = min(k, allowed.shape[1])
+        without = keys.topk(k_top, dim=1, largest=False, sorted=False).indices
+        if k_top < k:
+            without = torch.cat([without, without[:, : k - k_top]], dim=1)
+        # With replacement: uniform positions in the allowed set, mapped through the
+        # class-sorted order (for negatives, skipping the anchor's class block).
+        u = torch.rand(allowed.shape[0], k, device=device, generator=generator, dtype=torch.float64)
+        pos = (u * available[:, None]).long().clamp_max(available[:, None] - 1)
+        if y is None:
+            replaced = self._order[class_start[:, None] + pos]
+        else:
+            block_start = self._class_start[y][:, None]
+            block_count = self._class_count[y][:, None]
+            pos = torch.where(pos >= block_start, pos + block_count, pos)
+            replaced = self._order[pos]
+        return torch.where((available >= k)[:, None], without, replaced)
+
+    @torch.no_grad()
+    def centroids(self, relu: bool = True) -> torch.Tensor:
+        """Class centroids of the bank, ``[C, d]``, L2-normalised (SPEC §3).
+
+        Args:
+            relu: apply ReLU to the rows before averaging (the released code's default).
+        """
+        return class_centroids(self.memory, self.labels, self.num_classes, relu=relu)
+
+    @torch.no_grad()
+    def class_anchors(
+        self, per_class: int = 30, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The CRP ablation's anchors (SPEC §5): ``per_class`` random rows of each class.
+
+        Rows are drawn without replacement where a class has enough, and are used without
+        ReLU. Returns ``[C * per_class, d]``, class by class.
+
+        Args:
+            per_class: rows per class.
+            generator: a ``torch.Generator`` on the bank's device.
+        """
+        check_positive_int("per_class", per_class)
+        device = self.memory.device
+        keys = torch.rand(self.size, device=device, generator=generator) + self.labels
+        by_class = torch.argsort(keys)
+        step = torch.arange(per_class, device=device)
+        where = self._class_start[:, None] + step % self._class_count[:, None]
+        return self.memory[by_class[where.flatten()]]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + "labels"
+        if key in state_dict and value_checks_enabled():
+            if not torch.equal(state_dict[key].to(self.labels.device), self.labels):
+                error_msgs.append(
+                    f"{key}: the saved bank's labels differ from this bank's; it was built "
+                    "for another training set"
+                )
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)

@@ -1,0 +1,186 @@
+"""EMATeacher: the mean teacher of SPEC §2, an exponential moving average of the student."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from ._checks import check_unit_interval
+
+BufferMode = Literal["copy", "average", "leave"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside a ``DistributedDataParallel``/``DataParallel`` wrapper or a
+    ``torch.compile`` result (any nesting of them).
+
+    Args:
+        model: a module, possibly wrapped.
+
+    Returns:
+        The innermost module.
+    """
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(
+            model, (nn.parallel.DistributedDataParallel, nn.DataParallel)
+        ) and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+class EMATeacher(nn.Module):
+    r"""Mean teacher: a deep copy of the student, moved towards it after each optimiser step.
+
+    At update ``t = 0, 1, 2, ...``:
+    :math:`\alpha_t = \min(1 - 1/(t+1), \alpha)` (with ``warmup``, else :math:`\alpha`) and
+    :math:`\theta_T \leftarrow \alpha_t \theta_T + (1-\alpha_t)\theta_S`, in one
+    ``torch._foreach_lerp_`` over all parameters. At ``t = 0`` the teacher becomes a copy of the
+    student. The teacher never receives gradients.
+
+    Args:
+        student: the student model; may be wrapped in DDP or compiled (the plain module inside
+            is copied and read).
+        decay: :math:`\alpha` (0.99 in the paper).
+        warmup: use :math:`\alpha_t` above; ``False`` uses :math:`\alpha` from the first step.
+        buffers: what happens to buffers (BatchNorm statistics) at each update: ``"copy"``
+            takes the student's (timm's ModelEma), ``"average"`` applies the same EMA to
+            floating-point buffers and copies the rest, ``"leave"`` keeps the teacher's own
+            (the released code's behaviour: the teacher's BatchNorm keeps its own statistics).
+        train_mode: ``True`` keeps the teacher in train mode, so its BatchNorm uses batch
+            statistics (the released code); ``False`` keeps it in eval mode. Calls to
+            :meth:`train`/:meth:`eval` on this wrapper do not change it.
+
+    Attributes:
+        module: the teacher network.
+        num_updates: 0-d long buffer, the step count ``t``; saved in ``state_dict``.
+
+    Examples:
+        >>> student = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        >>> teacher = EMATeacher(student, decay=0.99)
+        >>> teacher.update(student)  # after each optimiser step
+        >>> int(teacher.num_updates)
+        1
+        >>> teacher(torch.randn(2, 4)).shape
+        torch.Size([2, 4])
+    """
+
+    num_updates: torch.Tensor
+
+    def __init__(
+        self,
+        student: nn.Module,
+        decay: float = 0.99,
+        warmup: bool = True,
+        buffers: BufferMode = "copy",
+        train_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+        self.decay = check_unit_interval("decay", decay, closed_high=True)
+        self.warmup = bool(warmup)
+        if buffers not in ("copy", "average", "leave"):
+            raise ValueError(f"buffers must be 'copy', 'average' or 'leave', got {buffers!r}")
+        self.buffers_mode: BufferMode = buffers
+        self.train_mode = bool(train_mode)
+        self.module = copy.deepcopy(unwrap_model(student))
+        self.module.requires_grad_(False)
+        self.module.train(self.train_mode)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (
+            f"decay={self.decay}, warmup={self.warmup}, buffers={self.buffers_mode!r}, "
+            f"train_mode={self.train_mode}"
+        )
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        """Keeps the teacher's own mode (``train_mode``); the wrapper's flag follows ``mode``."""
+        self.training = mode
+        self.module.train(self.train_mode)
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the teacher."""
+        return self.module(*args, **kwargs)
+
+    def current_decay(self) -> float:
+        r""":math:`\alpha_t` for the next update."""
+        t = int(self.num_updates)
+        if not self.warmup:
+            return self.decay
+        return min(1.0 - 1.0 / (t + 1), self.decay)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        """One EMA step towards ``student`` (call it after ``optimizer.step()``).
+
+        Args:
+            student: the same architecture the teacher was built from (wrapped or not).
+        """
+        plan = self._plan(unwrap_model(student))
+        weight = 1.0 - self.current_decay()
+        if plan.lerp_teacher:
+            torch._foreach_lerp_(plan.lerp_teacher, plan.lerp_student, weight)
+        if plan.copy_teacher:
+            torch._foreach_copy_(plan.copy_teacher, plan.copy_student)
+        self.num_updates.add_(1)
+
+    def _plan(self, source: nn.Module) -> _UpdatePlan:
+        """Which teacher tensors to lerp and which to copy; built once per student module."""
+        cached = self.__dict__.get("_cached_plan")
+        if cached is not None and cached[0] is source:
+            return cached[1]  # type: ignore[no-any-return]
+        pairs = self._pairs(
+            list(self.module.named_parameters()), list(source.named_parameters()), "parameters"
+        )
+        if self.buffers_mode != "leave":
+            buffer_pairs = self._pairs(
+                list(self.module.named_buffers()), list(source.named_buffers()), "buffers"
+            )
+        else:
+            buffer_pairs = []
+        plan = _UpdatePlan([], [], [], [])
+        for t, s in pairs:
+            lerp = t.is_floating_point()
+            (plan.lerp_teacher if lerp else plan.copy_teacher).append(t)
+            (plan.lerp_student if lerp else plan.copy_student).append(s)
+        for t, s in buffer_pairs:
+            lerp = self.buffers_mode == "average" and t.is_floating_point()
+            (plan.lerp_teacher if lerp else plan.copy_teacher).append(t)
+            (plan.lerp_student if lerp else plan.copy_student).append(s)
+        self.__dict__["_cached_plan"] = (source, plan)
+        return plan
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EMATeacher:
+        # Moving or casting the teacher may replace its tensors: rebuild the plan next time.
+        self.__dict__.pop("_cached_plan", None)
+        return super()._apply(fn, recurse)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _pairs(
+        teacher: list[tuple[str, torch.Tensor]],
+        student: list[tuple[str, torch.Tensor]],
+        kind: str,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if len(teacher) != len(student) or any(
+            tn != sn or t.shape != s.shape for (tn, t), (sn, s) in zip(teacher, student)
+        ):
+            raise ValueError(
+                f"student {kind} do not match the teacher's: update() needs the architecture "
+                "the teacher was copied from"
+            )
+        return [(t, s) for (_, t), (_, s) in zip(teacher, student)]
+
+
+class _UpdatePlan(NamedTuple):
+    lerp_teacher: list[torch.Tensor]
+    lerp_student: list[torch.Tensor]
+    copy_teacher: list[torch.Tensor]
+    copy_student: list[torch.Tensor]
