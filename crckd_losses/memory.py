@@ -282,8 +282,8 @@ class MomentumMemoryBank(nn.Module):
         keys = keys.masked_fill(~allowed, 2.0)
         k_top = min(k, allowed.shape[1])
         without = keys.topk(k_top, dim=1, largest=False, sorted=False).indices
-        if k_top < k:
-            without = torch.cat([without, without[:, : k - k_top]], dim=1)
+        if k_top < k:  # only rows with too few allowed rows need it, and those are replaced
+            without = without.repeat(1, -(-k // k_top))[:, :k]
         # With replacement: uniform positions in the allowed set, mapped through the
         # class-sorted order (for negatives, skipping the anchor's class block).
         u = torch.rand(allowed.shape[0], k, device=device, generator=generator, dtype=torch.float64)

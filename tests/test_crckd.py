@@ -1,0 +1,151 @@
+"""CRCKDLoss: SPEC's step order, gradients, train/eval, resume."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crckd_losses import CRCKDLoss, IndexedDataset
+from crckd_losses import functional as CF
+
+D64 = torch.float64
+
+
+def make(n=90, classes=3, **kw):
+    labels = torch.arange(n) % classes
+    kw = {"embed_dim": 8, "num_positives": 4, "num_negatives": 20, **kw}
+    return labels, CRCKDLoss(labels, student_dim=10, teacher_dim=12, **kw).double()
+
+
+def test_step_follows_spec_order():
+    labels, crckd = make()
+    f_s, f_t = torch.randn(5, 10, dtype=D64), torch.randn(5, 12, dtype=D64)
+    idx = torch.tensor([0, 7, 20, 41, 88])
+    sample = crckd.student_bank.sample(idx, 4, 20)
+    m_s, m_t = crckd.student_bank.memory.clone(), crckd.teacher_bank.memory.clone()
+    out = crckd(f_s, f_t, idx, sample_indices=sample)
+
+    g_s = F.normalize(crckd.student_head.linear(f_s), dim=1)
+    g_t = F.normalize(crckd.teacher_head.linear(f_t), dim=1)
+    l_s, l_t = CF.class_guided_contrastive_loss(g_s, g_t, m_s, m_t, sample, 4)
+    new_s = m_s.clone()
+    new_t = m_t.clone()
+    new_s[idx] = F.normalize(0.5 * m_s[idx] + 0.5 * g_s, dim=1)
+    new_t[idx] = F.normalize(0.5 * m_t[idx] + 0.5 * g_t, dim=1)
+    torch.testing.assert_close(crckd.student_bank.memory, new_s.detach())
+    torch.testing.assert_close(crckd.teacher_bank.memory, new_t.detach())
+    crp = CF.categorical_relation_loss(g_s, g_t, CF.class_centroids(new_s, labels, 3),
+                                       CF.class_centroids(new_t, labels, 3))
+    torch.testing.assert_close(out.ccd_student, l_s)
+    torch.testing.assert_close(out.ccd_teacher, l_t)
+    torch.testing.assert_close(out.ccd, l_s + l_t)
+    torch.testing.assert_close(out.crp, crp)
+    torch.testing.assert_close(out.loss, 0.1 * (l_s + l_t) + 1.0 * crp)
+
+
+def test_teacher_backbone_feature_gets_no_gradient():
+    _, crckd = make()
+    f_s = torch.randn(5, 10, dtype=D64, requires_grad=True)
+    f_t = torch.randn(5, 12, dtype=D64, requires_grad=True)
+    crckd(f_s, f_t, torch.arange(5)).loss.backward()
+    assert f_t.grad is None
+    assert f_s.grad is not None and f_s.grad.abs().sum() > 0
+    assert crckd.teacher_head.linear.weight.grad.abs().sum() > 0
+
+
+def test_teacher_head_gradient_equals_weighted_teacher_term():
+    _, crckd = make()
+    _, copy = make()
+    copy.load_state_dict(crckd.state_dict())
+    f_s, f_t = torch.randn(5, 10, dtype=D64), torch.randn(5, 12, dtype=D64)
+    idx = torch.arange(5)
+    sample = crckd.student_bank.sample(idx, 4, 20)
+    crckd(f_s, f_t, idx, sample_indices=sample).loss.backward()
+    (0.1 * copy(f_s, f_t, idx, sample_indices=sample).ccd_teacher).backward()
+    torch.testing.assert_close(crckd.teacher_head.linear.weight.grad,
+                               copy.teacher_head.linear.weight.grad)
+
+
+def test_eval_mode_leaves_banks():
+    _, crckd = make()
+    crckd.eval()
+    before = crckd.student_bank.memory.clone()
+    crckd(torch.randn(4, 10, dtype=D64), torch.randn(4, 12, dtype=D64), torch.arange(4))
+    assert torch.equal(before, crckd.student_bank.memory)
+
+
+def test_state_dict_contents_and_resume_bit_for_bit():
+    torch.manual_seed(0)
+    _, crckd = make()
+    opt = torch.optim.Adam(crckd.parameters(), lr=1e-2)
+    steps = [(torch.randn(6, 10, dtype=D64), torch.randn(6, 12, dtype=D64),
+              torch.randperm(90)[:6]) for _ in range(5)]
+    samples = [crckd.student_bank.sample(i, 4, 20) for _, _, i in steps]
+
+    def step(module, optim, k):
+        f_s, f_t, idx = steps[k]
+        optim.zero_grad()
+        out = module(f_s, f_t, idx, sample_indices=samples[k])
+        out.loss.backward()
+        optim.step()
+        return out.loss.detach()
+
+    for k in range(3):
+        step(crckd, opt, k)
+    state = copy.deepcopy({"crckd": crckd.state_dict(), "opt": opt.state_dict()})
+    keys = set(state["crckd"])
+    assert {"student_bank.memory", "teacher_bank.memory", "ccd.log_normalizer",
+            "ccd.normalizer_initialized", "student_head.linear.weight",
+            "teacher_head.linear.weight"} <= keys
+    tail = [step(crckd, opt, k) for k in (3, 4)]
+
+    _, resumed = make()
+    resumed.load_state_dict(state["crckd"])
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    opt2.load_state_dict(state["opt"])
+    tail2 = [step(resumed, opt2, k) for k in (3, 4)]
+    assert [float(t) for t in tail] == [float(t) for t in tail2]
+    for (name, a), b in zip(crckd.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_arguments():
+    labels = torch.arange(30) % 3
+    with pytest.raises(ValueError, match="ccd_weight"):
+        CRCKDLoss(labels, 4, 4, ccd_weight=-1)
+    crckd = CRCKDLoss(labels, 4, 4, embed_dim=4, num_positives=2, num_negatives=5)
+    with pytest.raises(ValueError, match="one batch size"):
+        crckd(torch.randn(3, 4), torch.randn(2, 4), torch.arange(3))
+    with pytest.raises(ValueError, match="features must have 4 columns"):
+        crckd(torch.randn(3, 5), torch.randn(3, 4), torch.arange(3))
+
+
+def test_indexed_dataset():
+    base = torch.utils.data.TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
+    ds = IndexedDataset(base)
+    assert len(ds) == 4
+    x, y, i = ds[3]
+    assert i == 3 and int(y) == 1
+    assert IndexedDataset([10, 20])[1] == (20, 1)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch[2].tolist() == [0, 1, 2, 3]
+    with pytest.raises(TypeError, match="map-style"):
+        IndexedDataset(iter([1, 2]))  # type: ignore[arg-type]
+
+
+def test_bfloat16_autocast_step_is_close():
+    torch.manual_seed(0)
+    labels = torch.arange(300) % 5
+    crckd = CRCKDLoss(labels, 32, 32, embed_dim=16, num_positives=5, num_negatives=100)
+    f_s, f_t = torch.randn(16, 32), torch.randn(16, 32)
+    idx = torch.arange(16)
+    sample = crckd.student_bank.sample(idx, 5, 100)
+    crckd.eval()  # no bank writes, so both calls see the same banks
+    crckd.ccd.train()
+    ref = crckd(f_s, f_t, idx, sample_indices=sample)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = crckd(f_s, f_t, idx, sample_indices=sample)
+    for r, g in zip(ref, got):
+        assert torch.isfinite(g)
+        assert float(g.detach()) == pytest.approx(float(r.detach()), rel=1e-2, abs=1e-3)

@@ -1,0 +1,244 @@
+"""MomentumMemoryBank: update, class-guided sampling, centroids, state, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference
+from crckd_losses import MomentumMemoryBank
+
+
+def imbalanced_labels(n=200, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])[:classes]
+    labels = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=g)
+    labels[:classes] = torch.arange(classes)
+    return labels
+
+
+def test_initial_rows_uniform_in_bound():
+    bank = MomentumMemoryBank(imbalanced_labels(2000), dim=12)
+    bound = 1 / math.sqrt(12 / 3)
+    assert bank.memory.shape == (2000, 12)
+    assert float(bank.memory.abs().max()) <= bound
+    assert float(bank.memory.abs().max()) > 0.95 * bound
+    assert float(bank.memory.mean()) == pytest.approx(0.0, abs=0.01)
+
+
+def test_update_matches_reference():
+    bank = MomentumMemoryBank(imbalanced_labels(), dim=8, momentum=0.5, dtype=torch.float64)
+    before = bank.memory.clone()
+    idx = torch.tensor([3, 17, 150])
+    feats = F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=1)
+    bank.update(idx, feats)
+    torch.testing.assert_close(bank.memory, reference.bank_update(before, idx, feats, 0.5),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.allclose(bank.memory[idx].norm(dim=1), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("copy_on_write", [True, False])
+def test_copy_on_write_keeps_old_tensor(copy_on_write):
+    bank = MomentumMemoryBank(imbalanced_labels(), dim=8, copy_on_write=copy_on_write)
+    old = bank.memory
+    snapshot = old.clone()
+    bank.update(torch.tensor([0, 1]), torch.randn(2, 8))
+    assert (bank.memory is old) is (not copy_on_write)
+    assert torch.equal(old, snapshot) is copy_on_write
+
+
+def check_sample(bank, anchors, idx, positives, negatives):
+    labels = bank.labels
+    assert idx.shape == (anchors.shape[0], positives + negatives)
+    assert idx.dtype == torch.long
+    assert torch.equal(idx[:, 0], anchors)
+    y = labels[anchors][:, None]
+    assert bool((labels[idx[:, :positives]] == y).all())
+    assert bool((labels[idx[:, positives:]] != y).all())
+    counts = torch.bincount(labels, minlength=bank.num_classes)
+    for row, anchor in zip(idx, anchors):
+        n_class = int(counts[labels[anchor]])
+        if n_class >= positives - 1:
+            assert len(set(row[1:positives].tolist())) == positives - 1
+        if bank.size - n_class >= negatives:
+            assert len(set(row[positives:].tolist())) == negatives
+
+
+@pytest.mark.parametrize("sampler", ["shuffle", "independent"])
+@pytest.mark.parametrize("positives, negatives", [(1, 10), (5, 40), (20, 100), (8, 190)])
+def test_sample_structure(sampler, positives, negatives):
+    bank = MomentumMemoryBank(imbalanced_labels(), dim=4)
+    anchors = torch.randperm(200)[:32]
+    idx = bank.sample(anchors, positives, negatives, sampler=sampler)
+    check_sample(bank, anchors, idx, positives, negatives)
+
+
+@pytest.mark.parametrize("sampler", ["shuffle", "independent"])
+def test_sample_with_too_few_rows_repeats(sampler):
+    labels = torch.tensor([0] * 3 + [1] * 4)
+    bank = MomentumMemoryBank(labels, dim=4)
+    anchors = torch.tensor([0, 5])
+    idx = bank.sample(anchors, num_positives=6, num_negatives=9, sampler=sampler)
+    check_sample(bank, anchors, idx, 6, 9)
+    # class 0 has 3 rows, 5 positives requested: every row of the class shows up at least once
+    if sampler == "shuffle":
+        assert set(idx[0, 1:6].tolist()) == {0, 1, 2}
+        assert set(idx[0, 6:].tolist()) == {3, 4, 5, 6}
+
+
+@pytest.mark.parametrize("sampler", ["shuffle", "independent"])
+def test_sample_is_uniform_over_allowed_rows(sampler):
+    labels = torch.tensor([0] * 10 + [1] * 20 + [2] * 30)
+    bank = MomentumMemoryBank(labels, dim=4)
+    g = torch.Generator().manual_seed(5)
+    anchors = torch.tensor([0, 12, 45])
+    hits_pos = torch.zeros(60)
+    hits_neg = torch.zeros(60)
+    draws = 3000
+    for _ in range(draws):
+        idx = bank.sample(anchors[:1], 4, 15, generator=g, sampler=sampler)
+        hits_pos += torch.bincount(idx[0, 1:4], minlength=60)
+        hits_neg += torch.bincount(idx[0, 4:], minlength=60)
+    # Each class-0 row: expected 3/10 of draws; each other-class row: 15/50 of draws.
+    for hits, rows, expected in ((hits_pos, slice(0, 10), 0.3), (hits_neg, slice(10, 60), 0.3)):
+        freq = hits[rows] / draws
+        sigma = math.sqrt(expected * (1 - expected) / draws)
+        assert float((freq - expected).abs().max()) < 5 * sigma
+    assert hits_pos[10:].sum() == 0 and hits_neg[:10].sum() == 0
+
+
+def test_sample_generator_reproducible():
+    bank = MomentumMemoryBank(imbalanced_labels(), dim=4)
+    anchors = torch.arange(16)
+    a = bank.sample(anchors, 5, 30, generator=torch.Generator().manual_seed(1))
+    b = bank.sample(anchors, 5, 30, generator=torch.Generator().manual_seed(1))
+    c = bank.sample(anchors, 5, 30, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@given(classes=st.integers(2, 6), n=st.integers(2, 60), seed=st.integers(0, 1000),
+       positives=st.integers(1, 12), negatives=st.integers(1, 80))
+def test_sample_properties(classes, n, seed, positives, negatives):
+    torch.manual_seed(seed)
+    n = max(n, classes)
+    labels = torch.cat([torch.arange(classes), torch.randint(0, classes, (n - classes,))])
+    bank = MomentumMemoryBank(labels, dim=3)
+    anchors = torch.randint(0, n, (min(n, 7),))
+    for sampler in ("shuffle", "independent"):
+        idx = bank.sample(anchors, positives, negatives, sampler=sampler)
+        check_sample(bank, anchors, idx, positives, negatives)
+
+
+def test_class_with_one_member_and_single_class_batch():
+    labels = torch.tensor([0, 1, 1, 1, 1, 1])
+    bank = MomentumMemoryBank(labels, dim=4)
+    idx = bank.sample(torch.tensor([0]), 3, 4)
+    assert idx[0, :3].tolist() == [0, 0, 0]
+    idx = bank.sample(torch.tensor([1, 2, 3]), 3, 2)
+    assert bool((idx[:, 3:] == 0).all())
+
+
+def test_centroids_match_reference():
+    labels = imbalanced_labels(50)
+    bank = MomentumMemoryBank(labels, dim=6, dtype=torch.float64)
+    for relu in (True, False):
+        torch.testing.assert_close(bank.centroids(relu=relu),
+                                   reference.centroids(bank.memory, labels, 5, relu),
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_class_anchors():
+    labels = imbalanced_labels(50)
+    bank = MomentumMemoryBank(labels, dim=6)
+    anchors = bank.class_anchors(per_class=4)
+    assert anchors.shape == (20, 6)
+    # every anchor is a bank row of the right class, class by class
+    for c in range(5):
+        for row in anchors[4 * c:4 * c + 4]:
+            matches = (bank.memory == row).all(dim=1).nonzero().flatten()
+            assert int(labels[matches[0]]) == c
+
+
+def test_state_dict_round_trip():
+    labels = imbalanced_labels()
+    bank = MomentumMemoryBank(labels, dim=8)
+    bank.update(torch.tensor([1, 2]), torch.randn(2, 8))
+    other = MomentumMemoryBank(labels, dim=8)
+    other.load_state_dict(bank.state_dict())
+    assert torch.equal(other.memory, bank.memory)
+    assert set(bank.state_dict()) == {"memory", "labels"}
+
+
+def test_state_dict_from_other_dataset_rejected():
+    bank = MomentumMemoryBank(imbalanced_labels(seed=1), dim=8)
+    other = MomentumMemoryBank(imbalanced_labels(seed=2), dim=8)
+    with pytest.raises(RuntimeError, match="labels differ"):
+        other.load_state_dict(bank.state_dict())
+
+
+@pytest.mark.parametrize(
+    "labels, kwargs, error, match",
+    [
+        (torch.tensor([0.0, 1.0]), {}, TypeError, "labels must be an integer"),
+        (torch.tensor([0, 1, -1]), {}, ValueError, "labels must be >= 0"),
+        (torch.tensor([0, 0, 0]), {}, ValueError, "at least 2 classes"),
+        (torch.tensor([0, 2, 2]), {}, ValueError, r"classes \[1\] have none"),
+        (torch.tensor([0, 1, 5]), {"num_classes": 3}, ValueError, r"labels must lie in \[0, 3\)"),
+        (torch.tensor([], dtype=torch.long), {}, ValueError, "empty"),
+        (torch.tensor([0, 1]), {"momentum": 1.0}, ValueError, "momentum"),
+        (torch.tensor([0, 1]), {"dim": 0}, ValueError, "dim must be at least 1"),
+    ],
+)
+def test_construction_errors(labels, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MomentumMemoryBank(labels, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "indices, features, error, match",
+    [
+        (torch.tensor([0, 500]), torch.randn(2, 8), ValueError, r"indices must lie in \[0, 200\)"),
+        (torch.tensor([0, 1]), torch.randn(2, 7), ValueError, r"features must have shape \(2, 8\)"),
+        (torch.tensor([0, 1]), torch.randn(3, 8), ValueError, r"features must have shape \(2, 8\)"),
+        (torch.tensor([0, 1]), torch.tensor([[1, 2]] * 2), TypeError, "floating-point"),
+        (torch.tensor([0.0, 1.0]), torch.randn(2, 8), TypeError, "integer"),
+        (torch.tensor([0, 1]), torch.full((2, 8), float("nan")), ValueError, "NaN"),
+        (torch.tensor([], dtype=torch.long), torch.randn(0, 8), ValueError, "empty"),
+    ],
+)
+def test_bad_update_leaves_bank_unchanged(indices, features, error, match):
+    bank = MomentumMemoryBank(imbalanced_labels(), dim=8)
+    before = bank.memory.clone()
+    with pytest.raises(error, match=match):
+        bank.update(indices, features)
+    assert torch.equal(bank.memory, before)
+
+
+def test_bad_sample_arguments():
+    bank = MomentumMemoryBank(imbalanced_labels(), dim=8)
+    with pytest.raises(ValueError, match="num_negatives must be at least 1"):
+        bank.sample(torch.tensor([0]), 2, 0)
+    with pytest.raises(ValueError, match="sampler must be"):
+        bank.sample(torch.tensor([0]), 2, 3, sampler="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 200\)"):
+        bank.sample(torch.tensor([200]), 2, 3)
+
+
+def test_compile_fullgraph_traces_bank_ops():
+    torch._dynamo.reset()
+    bank = MomentumMemoryBank(imbalanced_labels(), dim=8, copy_on_write=False)
+    anchors = torch.arange(8)
+    feats = F.normalize(torch.randn(8, 8), dim=1)
+
+    def step(bank, anchors, feats):
+        idx = bank.sample(anchors, 4, 16)
+        bank.update(anchors, feats)
+        return idx, bank.centroids()
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    idx, cents = compiled(bank, anchors, feats)
+    check_sample(bank, anchors, idx, 4, 16)
+    assert cents.shape == (5, 8)
