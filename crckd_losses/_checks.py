@@ -58,7 +58,9 @@ def check_index(name: str, x: object, ndim: int) -> torch.Tensor:
 
 def check_nonempty(name: str, x: torch.Tensor) -> None:
     if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need at least one row")
+        raise ValueError(
+            f"{name} is an empty batch (shape {tuple(x.shape)}); need at least one row"
+        )
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

@@ -35,7 +35,7 @@ class IndexedDataset(Dataset[tuple[Any, ...]], Generic[T]):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)  # type: ignore[arg-type, unused-ignore]
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         item = self.dataset[index]

@@ -75,8 +75,9 @@ def global_log_mean_exp(values: torch.Tensor) -> torch.Tensor:
     """
     flat = values.flatten()
     lse = torch.logsumexp(flat, 0)
+    count = torch.tensor(float(flat.numel()), dtype=flat.dtype, device=flat.device)
     if world_size() == 1:
-        return lse - torch.log(torch.tensor(float(flat.numel()), dtype=flat.dtype, device=flat.device))
-    pair = torch.stack([lse, torch.tensor(float(flat.numel()), dtype=flat.dtype, device=flat.device)])
+        return lse - torch.log(count)
+    pair = torch.stack([lse, count])
     gathered = all_gather_varlen(pair.unsqueeze(0))
     return torch.logsumexp(gathered[:, 0], 0) - torch.log(gathered[:, 1].sum())

@@ -68,7 +68,7 @@ class _GatheredDot(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(  # type: ignore[override, unused-ignore]
         ctx: torch.autograd.function.FunctionCtx,
         anchor: torch.Tensor,
         memory: torch.Tensor,
@@ -79,7 +79,7 @@ class _GatheredDot(torch.autograd.Function):
         return torch.bmm(rows, anchor.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(  # type: ignore[override, unused-ignore]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, None]:
         memory, index = ctx.saved_tensors  # type: ignore[attr-defined]
@@ -97,7 +97,7 @@ def contrastive_scores(
     temperature: float = 0.07,
     path: ScorePath = "auto",
 ) -> torch.Tensor:
-    r"""Scores of each anchor against its sampled bank rows, :math:`u_{ij} = g_i \cdot M[idx_{ij}] / \tau`.
+    r"""Scores of anchors against sampled bank rows: :math:`u_{ij} = g_i \cdot M[idx_{ij}]/\tau`.
 
     Args:
         anchor: ``[B, d]`` float, the anchors ``g`` (L2-normalised embeddings).
@@ -306,7 +306,9 @@ def class_guided_contrastive_loss(
 def class_centroids(
     memory: torch.Tensor, labels: torch.Tensor, num_classes: int, relu: bool = True
 ) -> torch.Tensor:
-    r"""Class centroids of a bank, :math:`c_c = \mathrm{normalise}(\mathrm{mean}_{j: y_j=c}\,\mathrm{ReLU}(M_j))`.
+    r"""Class centroids of a bank (SPEC §3).
+
+    :math:`c_c = \mathrm{normalise}(\mathrm{mean}_{j: y_j=c}\,\mathrm{ReLU}(M_j))`.
 
     One ``index_add_`` over the bank; no loop over classes.
 
@@ -349,7 +351,9 @@ def categorical_relation_loss(
     temperature: float = 0.07,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    r"""CRP (SPEC §5): :math:`\frac{1}{B}\sum_i \mathrm{KL}(\mathrm{softmax}(r_{T,i}) \,\|\, \mathrm{softmax}(r_{S,i}))`.
+    r"""Categorical relation preserving loss, CRP (SPEC §5).
+
+    :math:`\frac{1}{B}\sum_i \mathrm{KL}(\mathrm{softmax}(r_{T,i})\,\|\,\mathrm{softmax}(r_{S,i}))`
 
     With :math:`r_S = g_S C_S^\top/\tau` and :math:`r_T = g_T C_T^\top/\tau`. The teacher side
     and both centroid sets are detached; only ``student_emb`` gets a gradient.
@@ -409,7 +413,7 @@ def categorical_relation_loss(
 def consistency_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    r"""Mean-teacher consistency (SPEC §2): :math:`\frac{1}{B}\sum_i \mathrm{KL}(p_{T,i}\,\|\,p_{S,i})`.
+    r"""Mean-teacher consistency (SPEC §2), :math:`\frac{1}{B}\sum_i \mathrm{KL}(p_{T,i}\|p_{S,i})`.
 
     Args:
         student_logits: ``[B, C]`` student logits.

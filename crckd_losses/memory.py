@@ -138,7 +138,9 @@ class MomentumMemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor, features: torch.Tensor) -> None:
-        r"""Momentum update at ``indices``: :math:`M[i] \leftarrow \mathrm{normalise}(m M[i] + (1-m) f_i)`.
+        r"""Momentum update at ``indices`` (SPEC §3), without gradient.
+
+        :math:`M[i] \leftarrow \mathrm{normalise}(m M[i] + (1-m) f_i)`.
 
         Under ``torch.distributed`` the indices and features of all ranks are gathered first,
         so every rank holds the same bank. A call that raises leaves the bank unchanged.
@@ -228,7 +230,8 @@ class MomentumMemoryBank(nn.Module):
         # are the ones left after removing class c. rest[c] lists them, compacted to the front.
         perm = torch.randperm(n, device=device, generator=generator)
         perm_labels = self.labels[perm]
-        is_other = perm_labels.unsqueeze(0) != torch.arange(self.num_classes, device=device)[:, None]
+        classes = torch.arange(self.num_classes, device=device)
+        is_other = perm_labels.unsqueeze(0) != classes[:, None]
         rank = torch.cumsum(is_other, dim=1) - 1
         slot = torch.where(is_other, rank, torch.full_like(rank, n - 1))
         rest = torch.empty(self.num_classes, n, dtype=torch.long, device=device)

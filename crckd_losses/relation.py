@@ -13,7 +13,8 @@ class CategoricalRelationLoss(nn.Module):
     r"""Categorical relation preserving loss (CRP, SPEC §5).
 
     :math:`r_S = g_S C_S^\top/\tau`, :math:`r_T = g_T C_T^\top/\tau`,
-    :math:`L_{CRP} = \frac{1}{B}\sum_i \mathrm{KL}(\mathrm{softmax}(r_{T,i})\,\|\,\mathrm{softmax}(r_{S,i}))`.
+    :math:`L_{CRP} = \frac{1}{B}\sum_i
+    \mathrm{KL}(\mathrm{softmax}(r_{T,i})\,\|\,\mathrm{softmax}(r_{S,i}))`.
     Only the student embeddings receive a gradient.
 
     Args:

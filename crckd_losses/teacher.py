@@ -161,7 +161,7 @@ class EMATeacher(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> EMATeacher:
         # Moving or casting the teacher may replace its tensors: rebuild the plan next time.
         self.__dict__.pop("_cached_plan", None)
-        return super()._apply(fn, recurse)  # type: ignore[no-any-return]
+        return super()._apply(fn, recurse)  # type: ignore[no-any-return, no-untyped-call, unused-ignore]
 
     @staticmethod
     def _pairs(

@@ -19,7 +19,8 @@ def nce_direction(anchor, memory, sample_indices, num_positives, temperature, lo
         neg = 0.0
         for j in range(width):
             row = memory[int(sample_indices[i, j])]
-            u = sum(float(anchor[i, k]) * float(row[k]) for k in range(anchor.shape[1])) / temperature
+            dot = sum(float(anchor[i, k]) * float(row[k]) for k in range(anchor.shape[1]))
+            u = dot / temperature
             x = math.exp(u) / z
             h = x / (x + c)
             if j < num_positives:

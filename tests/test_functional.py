@@ -3,12 +3,12 @@
 import math
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import reference
 from crckd_losses import functional as CF
 
 D64 = torch.float64
@@ -90,7 +90,9 @@ def test_crp_matches_reference_and_gradcheck():
     got = CF.categorical_relation_loss(g_s, g_t, c_s, c_t, temperature=0.07)
     assert float(got) == pytest.approx(reference.crp(g_s, g_t, c_s, c_t, 0.07), rel=1e-10)
     a = g_s.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: CF.categorical_relation_loss(x, g_t, c_s, c_t, 0.3), (a,))
+    assert torch.autograd.gradcheck(
+        lambda x: CF.categorical_relation_loss(x, g_t, c_s, c_t, 0.3), (a,)
+    )
 
 
 def test_crp_gradient_reaches_only_student():
