@@ -3,10 +3,10 @@
 import math
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
 
-import reference
 from crckd_losses import (
     CategoricalRelationLoss,
     ClassGuidedContrastiveLoss,

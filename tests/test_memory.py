@@ -3,12 +3,12 @@
 import math
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import reference
 from crckd_losses import MomentumMemoryBank
 
 

@@ -1,10 +1,10 @@
 """EMATeacher against the SPEC §2 recurrence; buffers, modes, wrappers, state."""
 
 import pytest
+import reference
 import torch
 from torch import nn
 
-import reference
 from crckd_losses import EMATeacher, unwrap_model
 
 
