@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -15,10 +15,13 @@ from ._checks import (
     check_index,
     check_positive_float,
     check_positive_int,
+    check_range,
     check_reduction,
+    check_same_device,
     check_unit_interval,
+    reduce,
 )
-from .functional import ScorePath, contrastive_scores, nce_loss
+from .functional import ScorePath, _nce_per_sample, _scores
 from .memory import MomentumMemoryBank, Sampler
 
 Normalizer = Literal["first_batch", "ema"]
@@ -118,6 +121,7 @@ class ClassGuidedContrastiveLoss(nn.Module):
         self.reduction = check_reduction(reduction)
         self.register_buffer("log_normalizer", torch.zeros(2, dtype=torch.float64))
         self.register_buffer("normalizer_initialized", torch.zeros((), dtype=torch.bool))
+        self._initialized = False
 
     def extra_repr(self) -> str:
         return (
@@ -200,26 +204,35 @@ class ClassGuidedContrastiveLoss(nn.Module):
                     f"sample_indices must have shape ({student_emb.shape[0]}, {width}) "
                     f"(num_positives + num_negatives), got {tuple(sample_indices.shape)}"
                 )
+            check_same_device(sample_indices=sample_indices, memory=student_bank.memory)
+            check_range("sample_indices", sample_indices, student_bank.size)
+        if student_emb.shape != teacher_emb.shape or student_emb.shape[1] != student_bank.dim:
+            raise ValueError(
+                f"student_emb and teacher_emb must both have shape ({student_emb.shape[0]}, "
+                f"{student_bank.dim}) (the banks' embedding size), got "
+                f"{tuple(student_emb.shape)} and {tuple(teacher_emb.shape)}"
+            )
+        check_same_device(student_emb=student_emb, teacher_emb=teacher_emb,
+                          memory=student_bank.memory)
         check_finite("student_emb", student_emb)
         check_finite("teacher_emb", teacher_emb)
         bank_size = student_bank.size
-        u_s = contrastive_scores(
-            student_emb, teacher_bank.memory, sample_indices, self.temperature, self.path
-        )
-        u_t = contrastive_scores(
-            teacher_emb, student_bank.memory, sample_indices, self.temperature, self.path
-        )
+        sample_indices = sample_indices.long()
+        u_s = _scores(student_emb, teacher_bank.memory, sample_indices, self.temperature, self.path)
+        u_t = _scores(teacher_emb, student_bank.memory, sample_indices, self.temperature, self.path)
         log_z = self._normalizer(u_s, u_t, bank_size)
         noise = self.num_negatives / bank_size
-        loss_s = nce_loss(u_s, log_z[0], noise, self.num_positives, self.reduction)
-        loss_t = nce_loss(u_t, log_z[1], noise, self.num_positives, self.reduction)
-        return CCDTerms(loss_s, loss_t)
+        loss_s = _nce_per_sample(u_s, log_z[0], noise, self.num_positives)
+        loss_t = _nce_per_sample(u_t, log_z[1], noise, self.num_positives)
+        return CCDTerms(reduce(loss_s, self.reduction), reduce(loss_t, self.reduction))
 
     @torch.no_grad()
     def _normalizer(self, u_s: torch.Tensor, u_t: torch.Tensor, bank_size: int) -> torch.Tensor:
-        scores = torch.stack([u_s.detach(), u_t.detach()]).to(torch.float64)
+        if self.normalizer == "first_batch" and self._initialized:
+            return self.log_normalizer
         estimate = torch.stack(
-            [distributed.global_log_mean_exp(s) for s in scores.unbind(0)]
+            [distributed.global_log_mean_exp(u.detach().to(self.log_normalizer.dtype))
+             for u in (u_s, u_t)]
         ) + math.log(bank_size)
         current = self.log_normalizer
         if self.normalizer == "ema" and self.normalizer_momentum > 0:
@@ -233,4 +246,10 @@ class ClassGuidedContrastiveLoss(nn.Module):
         if self.training:
             self.log_normalizer.copy_(new)
             self.normalizer_initialized.fill_(True)
-        return new.to(u_s.device)
+            self._initialized = True
+        return new
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        # A Python mirror of `normalizer_initialized`, so a frozen Z costs no work per step.
+        self._initialized = bool(self.normalizer_initialized)

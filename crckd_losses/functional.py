@@ -60,6 +60,11 @@ def choose_score_path(bank_size: int, samples_per_anchor: int) -> Literal["dense
     return "dense" if bank_size <= DENSE_PATH_FACTOR * samples_per_anchor else "gather"
 
 
+def _gather_rows(memory: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    rows = memory.index_select(0, index.flatten()).view(*index.shape, memory.shape[1])
+    return rows.to(dtype)
+
+
 class _GatheredDot(torch.autograd.Function):
     """``u[b, j] = anchor[b] . memory[index[b, j]]`` without keeping the gathered block.
 
@@ -75,7 +80,7 @@ class _GatheredDot(torch.autograd.Function):
         index: torch.Tensor,
     ) -> torch.Tensor:
         ctx.save_for_backward(memory, index)
-        rows = memory[index]
+        rows = _gather_rows(memory, index, anchor.dtype)
         return torch.bmm(rows, anchor.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
@@ -85,8 +90,8 @@ class _GatheredDot(torch.autograd.Function):
         memory, index = ctx.saved_tensors  # type: ignore[attr-defined]
         if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
             return None, None, None
-        rows = memory[index]
-        grad_anchor = torch.bmm(grad.unsqueeze(1).to(rows.dtype), rows).squeeze(1)
+        rows = _gather_rows(memory, index, grad.dtype)
+        grad_anchor = torch.bmm(grad.unsqueeze(1), rows).squeeze(1)
         return grad_anchor, None, None
 
 
@@ -136,21 +141,30 @@ def contrastive_scores(
         raise ValueError(f"path must be 'auto', 'dense' or 'gather', got {path!r}")
     check_positive_float("temperature", temperature)
     check_range("sample_indices", sample_indices, memory.shape[0])
-    sample_indices = sample_indices.long()
+    return _scores(anchor, memory, sample_indices.long(), temperature, path)
+
+
+def _scores(
+    anchor: torch.Tensor,
+    memory: torch.Tensor,
+    sample_indices: torch.Tensor,
+    temperature: float,
+    path: ScorePath,
+) -> torch.Tensor:
+    """:func:`contrastive_scores` without its checks, for callers that made them."""
     if path == "auto":
         path = choose_score_path(memory.shape[0], sample_indices.shape[1])
+    device = anchor.device.type
     dtype = torch.promote_types(anchor.dtype, memory.dtype)
-    if torch.is_autocast_enabled(anchor.device.type):
-        dtype = torch.get_autocast_dtype(anchor.device.type)
-    a, m = anchor.to(dtype), memory.to(dtype)
-    if path == "dense":
-        with torch.autocast(anchor.device.type, enabled=False):
-            full = a @ m.t()
-            dots = full.gather(1, sample_indices)
-    else:
-        with torch.autocast(anchor.device.type, enabled=False):
-            dots = _GatheredDot.apply(a, m.detach(), sample_indices)
-    return dots / temperature
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    # 1/tau goes on the B x d side, the smallest tensor in the product.
+    a = (anchor * (1.0 / temperature)).to(dtype)
+    with torch.autocast(device, enabled=False):
+        if path == "dense":
+            return (a @ memory.detach().to(dtype).t()).gather(1, sample_indices)
+        out: torch.Tensor = _GatheredDot.apply(a, memory.detach(), sample_indices)
+        return out
 
 
 def estimate_log_normalizer(scores: torch.Tensor, bank_size: int) -> torch.Tensor:
@@ -217,11 +231,29 @@ def nce_loss(
             f"scores has {scores.shape[1]} columns; need more than num_positives={num_positives} "
             "so that at least one negative remains"
         )
-    u = scores.to(_reduction_dtype(scores.dtype))
-    v = u - log_normalizer - math.log(noise_constant)
-    positive = F.logsigmoid(v[:, :num_positives]).mean(dim=1)
-    negative = F.logsigmoid(-v[:, num_positives:]).sum(dim=1)
-    return reduce(-(positive + negative), reduction)
+    return reduce(_nce_per_sample(scores, log_normalizer, noise_constant, num_positives), reduction)
+
+
+def _nce_per_sample(
+    scores: torch.Tensor,
+    log_normalizer: torch.Tensor | float,
+    noise_constant: float,
+    num_positives: int,
+) -> torch.Tensor:
+    """``[B]`` NCE losses, without checks: one fused pass over the ``B x (P+K)`` scores."""
+    dtype = _reduction_dtype(scores.dtype)
+    width = scores.shape[1]
+    # logsigmoid(v) for positives, logsigmoid(-v) for negatives: logsigmoid(sign * v), with
+    # sign * v = sign * u - sign * (log Z + log c) computed by one addcmul.
+    sign = torch.full((width,), -1.0, dtype=dtype, device=scores.device)
+    sign[:num_positives] = 1.0
+    weight = torch.ones(width, dtype=dtype, device=scores.device)
+    weight[:num_positives] = 1.0 / num_positives
+    shift = torch.as_tensor(log_normalizer, dtype=dtype, device=scores.device)
+    shift = shift + math.log(noise_constant)
+    signed = torch.addcmul(-sign * shift, scores.to(dtype), sign)
+    with torch.autocast(scores.device.type, enabled=False):  # keep the reduction in `dtype`
+        return -(F.logsigmoid(signed) @ weight)
 
 
 def class_guided_contrastive_loss(
@@ -293,7 +325,7 @@ def class_guided_contrastive_loss(
         )
     noise = num_negatives / bank_size
     u_s = contrastive_scores(student_emb, teacher_memory, sample_indices, temperature, path)
-    u_t = contrastive_scores(teacher_emb, student_memory, sample_indices, temperature, path)
+    u_t = _scores(teacher_emb, student_memory, sample_indices.long(), temperature, path)
     if student_log_normalizer is None:
         student_log_normalizer = estimate_log_normalizer(u_s, bank_size)
     if teacher_log_normalizer is None:
