@@ -193,6 +193,10 @@ class MomentumMemoryBank(nn.Module):
           per item (with replacement, i.i.d., where too few rows exist). It costs
           ``O(B x N)`` random numbers per call.
 
+        Raises:
+            ValueError: ``P`` or ``K`` larger than the bank, indices out of range, an unknown
+                ``sampler``.
+
         Args:
             indices: ``[B]`` dataset indices of the anchors.
             num_positives: ``P >= 1`` (column 0 included).
@@ -206,6 +210,12 @@ class MomentumMemoryBank(nn.Module):
         indices = self._check_indices(indices)
         check_positive_int("num_positives", num_positives)
         check_positive_int("num_negatives", num_negatives)
+        for name, value in (("num_positives", num_positives), ("num_negatives", num_negatives)):
+            if value > self.size:
+                raise ValueError(
+                    f"{name}={value} is larger than the bank ({self.size} rows): every row "
+                    f"would be drawn more than once; use at most {self.size}"
+                )
         if sampler == "shuffle":
             return self._sample_shuffle(indices, num_positives, num_negatives, generator)
         if sampler == "independent":

@@ -149,3 +149,19 @@ def test_bfloat16_autocast_step_is_close():
     for r, g in zip(ref, got):
         assert torch.isfinite(g)
         assert float(g.detach()) == pytest.approx(float(r.detach()), rel=1e-2, abs=1e-3)
+
+
+def test_compile_fullgraph_traces_a_whole_step():
+    torch._dynamo.reset()
+    _, eager = make()
+    _, compiled = make()
+    compiled.load_state_dict(eager.state_dict())
+    f_s, f_t = torch.randn(5, 10, dtype=D64), torch.randn(5, 12, dtype=D64)
+    idx = torch.arange(5)
+    sample = eager.student_bank.sample(idx, 4, 20)
+    want = eager(f_s, f_t, idx, sample_indices=sample)
+    got = torch.compile(compiled, backend="eager", fullgraph=True)(f_s, f_t, idx,
+                                                                   sample_indices=sample)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(compiled.student_bank.memory, eager.student_bank.memory)

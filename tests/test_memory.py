@@ -81,8 +81,8 @@ def test_sample_with_too_few_rows_repeats(sampler):
     labels = torch.tensor([0] * 3 + [1] * 4)
     bank = MomentumMemoryBank(labels, dim=4)
     anchors = torch.tensor([0, 5])
-    idx = bank.sample(anchors, num_positives=6, num_negatives=9, sampler=sampler)
-    check_sample(bank, anchors, idx, 6, 9)
+    idx = bank.sample(anchors, num_positives=6, num_negatives=7, sampler=sampler)
+    check_sample(bank, anchors, idx, 6, 7)
     # class 0 has 3 rows, 5 positives requested: every row of the class shows up at least once
     if sampler == "shuffle":
         assert set(idx[0, 1:6].tolist()) == {0, 1, 2}
@@ -123,7 +123,7 @@ def test_sample_generator_reproducible():
        positives=st.integers(1, 12), negatives=st.integers(1, 80))
 def test_sample_properties(classes, n, seed, positives, negatives):
     torch.manual_seed(seed)
-    n = max(n, classes)
+    n = max(n, classes, positives, negatives)
     labels = torch.cat([torch.arange(classes), torch.randint(0, classes, (n - classes,))])
     bank = MomentumMemoryBank(labels, dim=3)
     anchors = torch.randint(0, n, (min(n, 7),))
@@ -225,6 +225,8 @@ def test_bad_sample_arguments():
         bank.sample(torch.tensor([0]), 2, 3, sampler="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 200\)"):
         bank.sample(torch.tensor([200]), 2, 3)
+    with pytest.raises(ValueError, match=r"num_negatives=201 is larger than the bank \(200 rows\)"):
+        bank.sample(torch.tensor([0]), 2, 201)
 
 
 def test_compile_fullgraph_traces_bank_ops():
