@@ -230,35 +230,45 @@ class MomentumMemoryBank(nn.Module):
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         n, device = self.size, self.memory.device
-        batch = indices.shape[0]
         y = self.labels[indices]
-        count = self._class_count[y]
-        # Shuffle within classes with one sort: the class-sorted order with random keys inside.
-        keys = torch.rand(n, device=device, generator=generator) + self.labels
-        by_class = torch.argsort(keys)
-        # A uniformly shuffled whole bank; for class c its other-class rows, in shuffled order,
-        # are the ones left after removing class c. rest[c] lists them, compacted to the front.
+        # One uniform shuffle of the bank. For class c, `same[c]` lists its rows and `other[c]`
+        # the rows of every other class, each in shuffled order (so each a uniform random
+        # permutation of its set), compacted to the front of a row of length n.
         perm = torch.randperm(n, device=device, generator=generator)
-        perm_labels = self.labels[perm]
         classes = torch.arange(self.num_classes, device=device)
-        is_other = perm_labels.unsqueeze(0) != classes[:, None]
-        rank = torch.cumsum(is_other, dim=1) - 1
-        slot = torch.where(is_other, rank, torch.full_like(rank, n - 1))
-        rest = torch.empty(self.num_classes, n, dtype=torch.long, device=device)
-        # Same-class entries all land in the last slot, which no window of length n - n_c reads.
-        rest.scatter_(1, slot, perm.expand(self.num_classes, n))
-        offsets = torch.rand(batch, 2, device=device, generator=generator, dtype=torch.float64)
-        positives = indices.unsqueeze(1)
+        is_same = self.labels[perm].unsqueeze(0) == classes[:, None]  # [C, N]
+        same_rank = torch.cumsum(is_same, dim=1) - 1
+        other_rank = torch.arange(n, device=device) - same_rank - 1
+        slots = torch.where(is_same, same_rank, other_rank + n)  # same: [0, n_c), other: n + ...
+        table = torch.empty(self.num_classes, 2 * n, dtype=torch.long, device=device)
+        table.scatter_(1, slots, perm.expand(self.num_classes, n))
+        count = self._class_count
+        offsets = torch.rand(indices.shape[0], 2, device=device, generator=generator,
+                             dtype=torch.float64)
+        parts = [indices.unsqueeze(1)]
         if num_positives > 1:
-            start = (offsets[:, 0] * count).long().clamp_max(count - 1)
-            step = torch.arange(num_positives - 1, device=device)
-            where = self._class_start[y, None] + (start[:, None] + step) % count[:, None]
-            positives = torch.cat([positives, by_class[where]], dim=1)
-        other = n - count
-        start = (offsets[:, 1] * other).long().clamp_max(other - 1)
-        step = torch.arange(num_negatives, device=device)
-        negatives = rest[y[:, None], (start[:, None] + step) % other[:, None]]
-        return torch.cat([positives, negatives], dim=1)
+            parts.append(self._windows(table[:, :n], count, y, offsets[:, 0], num_positives - 1))
+        parts.append(self._windows(table[:, n:], n - count, y, offsets[:, 1], num_negatives))
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def _windows(
+        rows: torch.Tensor,
+        length: torch.Tensor,
+        y: torch.Tensor,
+        offset: torch.Tensor,
+        width: int,
+    ) -> torch.Tensor:
+        """``width`` consecutive entries of the cyclic sequence ``rows[c, :length[c]]`` per anchor,
+        starting at ``floor(offset * length)``: a uniform draw without replacement while
+        ``length >= width``, and each entry as often as possible beside the others otherwise."""
+        classes, n = rows.shape
+        span = n - 1 + width  # the furthest a window can reach: start <= n - 1
+        position = torch.arange(span, device=rows.device).unsqueeze(0) % length[:, None]
+        cyclic = rows.gather(1, position)  # [C, span], row c repeats its first length[c] entries
+        start = (offset * length[y]).long().clamp_max(length[y] - 1)
+        # Each window is a contiguous slice of one row: unfold makes them views, indexing copies.
+        return cyclic.unfold(1, width, 1)[y, start]
 
     def _sample_independent(
         self,
