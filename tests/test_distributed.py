@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from crckd_losses import CRCKDLoss
+from crckd_losses import CRCKDLoss, EMATeacher
 from crckd_losses.distributed import all_gather_varlen
 
 N, CLASSES, BATCH, STEPS = 64, 4, 8, 3
@@ -62,6 +62,13 @@ def worker(rank, world, port, out_dir):
     try:
         result = run(rank, world)
         result["varlen"] = all_gather_varlen(torch.arange(rank + 1).double())
+        torch.manual_seed(0)
+        student = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        teacher = EMATeacher(student)
+        with torch.no_grad():
+            student.module.weight.add_(1.0)
+        teacher.update(student)
+        result["ema_weight"] = (teacher.module.weight - student.module.weight).detach()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -79,6 +86,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key in ("student_bank.memory", "teacher_bank.memory", "ccd.log_normalizer"):
         assert torch.equal(ranks[0][key], ranks[1][key]), key
+    ranks[1].pop("ema_weight")
     for key, value in single.items():
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-10, atol=1e-12, msg=key)
     assert ranks[0]["varlen"].tolist() == [0.0, 0.0, 1.0]
+    # EMATeacher reads through the DDP wrapper: its first update copies the student.
+    assert float(ranks[0].pop("ema_weight").abs().max()) == 0.0
