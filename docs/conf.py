@@ -56,7 +56,8 @@ autodoc_default_options = {"show-inheritance": True}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
-napoleon_custom_sections = [("Shapes", "params_style")]
+# "Shapes:" holds a bullet list of ``name: shape`` lines: render it as written, under a rubric.
+napoleon_custom_sections = ["Shapes"]
 
 # -- doctest: only the explicit testcode/doctest blocks of the guides ------------------------
 # The docstrings' own examples run under pytest (tests/test_docs.py and --doctest-modules),
