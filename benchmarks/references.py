@@ -163,7 +163,7 @@ def numpy_sample(
     other: Sequence[np.ndarray],
     num_positives: int,
     num_negatives: int,
-    rng: np.random.Generator,
+    rng: np.random.RandomState | np.random.Generator,
 ) -> np.ndarray:
     """Class-guided indices drawn per anchor with ``rng.choice`` (SPEC §4).
 
@@ -179,7 +179,9 @@ def numpy_sample(
         other: from :func:`class_index_lists`.
         num_positives: ``P``.
         num_negatives: ``K``.
-        rng: the random generator.
+        rng: a ``np.random.RandomState`` (what ``np.random.choice`` uses, as CRD and the
+            released code call it: a full permutation per draw without replacement) or a
+            ``np.random.Generator`` (whose ``choice`` avoids the full permutation).
 
     Returns:
         ``[B, P+K]`` int64 array.

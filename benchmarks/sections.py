@@ -134,7 +134,8 @@ def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float)
 
 
 def _tolerance(dtype: torch.dtype) -> float:
-    return {torch.float64: 1e-10, torch.float32: 2e-4}.get(dtype, 5e-2)
+    # float32 sums of thousands of terms, and CRP gradients near p_S = p_T, cancel to ~1e-3.
+    return {torch.float64: 1e-10, torch.float32: 5e-3}.get(dtype, 1e-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,6 +668,7 @@ def check_sampling(device: torch.device, draws: int = 400) -> dict[str, Any]:
     """Library samplers and the numpy reference: same structure, uniform marginals."""
     rng = np.random.default_rng(0)
     labels_np = np.concatenate([np.arange(4), rng.integers(0, 4, 196)])
+    legacy = np.random.RandomState(0)
     labels = torch.as_tensor(labels_np).to(device)
     bank = MomentumMemoryBank(labels, dim=4).to(device)
     anchors_np = np.array([0, 1, 2, 3, 50, 120])
@@ -680,6 +682,9 @@ def check_sampling(device: torch.device, draws: int = 400) -> dict[str, Any]:
         .cpu()
         .numpy(),
         "numpy reference": lambda: references.numpy_sample(
+            anchors_np, labels_np, same, other, p, k, legacy
+        ),
+        "numpy Generator.choice": lambda: references.numpy_sample(
             anchors_np, labels_np, same, other, p, k, rng
         ),
     }
@@ -698,7 +703,8 @@ def run_sampling(bench: Bench) -> dict[str, Any]:
     """Class-guided sampling of ``[B, P+K]`` indices: library samplers against numpy."""
     checks = check_sampling(bench.device, draws=60 if bench.quick else 400)
     cases = [dict(PAPER, B=16, K=256, N=1000)] if bench.quick else [
-        dict(PAPER), dict(PAPER, C=5, N=3662), dict(PAPER, N=100_000)
+        dict(PAPER), dict(PAPER, C=5, N=3662, K=2048), dict(PAPER, B=512),
+        dict(PAPER, N=100_000)
     ]
     points = [_sampling_point(bench, q) for q in cases]
     return {"uniformity_chi2_per_dof": checks, "points": points}
@@ -713,16 +719,19 @@ def _sampling_point(bench: Bench, q: dict[str, Any]) -> dict[str, Any]:
     anchors = torch.randperm(q["N"], generator=g)[: q["B"]]
     anchors_dev, anchors_np = anchors.to(bench.device), anchors.numpy()
     same, other = references.class_index_lists(labels_np, q["C"])
-    rng = np.random.default_rng(0)
+    legacy, modern = np.random.RandomState(0), np.random.default_rng(0)
     fns = {
         "library shuffle": lambda: bank.sample(anchors_dev, q["P"], q["K"],
                                                sampler="shuffle"),
         "library independent": lambda: bank.sample(anchors_dev, q["P"], q["K"],
                                                    sampler="independent"),
         "numpy reference": lambda: torch.from_numpy(references.numpy_sample(
-            anchors_np, labels_np, same, other, q["P"], q["K"], rng)).to(bench.device),
+            anchors_np, labels_np, same, other, q["P"], q["K"], legacy)).to(bench.device),
+        "numpy Generator.choice": lambda: torch.from_numpy(references.numpy_sample(
+            anchors_np, labels_np, same, other, q["P"], q["K"], modern)).to(bench.device),
     }
-    rows = bench.compare(fns, samples=q["B"], no_memory=("numpy reference",))
+    rows = bench.compare(fns, samples=q["B"],
+                         no_memory=("numpy reference", "numpy Generator.choice"))
     return {"params": q, "rows": rows}
 
 

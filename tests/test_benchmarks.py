@@ -1,0 +1,171 @@
+"""The benchmark suite runs, writes parseable results, and its references agree with the library.
+
+No speed is asserted: timing depends on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import references, sections  # noqa: E402
+from crckd_losses import EMATeacher, functional  # noqa: E402
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.mark.slow
+def test_quick_run_writes_parseable_outputs(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stems = [p.stem for p in tmp_path.glob("*.json")]
+    assert len(stems) == 1 and stems[0].endswith("-quick")
+    stem = stems[0]
+    results = json.loads((tmp_path / f"{stem}.json").read_text())
+    meta = results["meta"]
+    for key in ("machine", "torch", "threads", "date", "memory_method"):
+        assert meta[key], key
+    assert set(results["sections"]) == set(sections.SECTIONS)
+    assert results["targets"] and all("met" in t for t in results["targets"])
+    ccd = results["sections"]["ccd"]["by_dtype"]["float32"]["rows"]
+    for name in ("auto", "dense", "gather", "reference"):
+        assert ccd[name]["median_s"] > 0
+        assert ccd[name]["peak_bytes"] > 0
+    md = (tmp_path / f"{stem}.md").read_text()
+    assert md.startswith("# crckd-losses benchmarks") and "## Targets" in md
+    assert str(tmp_path) not in md and str(ROOT) not in md
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == sorted(f"{stem}-{k}.png" for k in ("sweeps", "crossover", "speedups"))
+    for p in tmp_path.iterdir():
+        assert p.stat().st_size < 500_000, p.name
+    with open(tmp_path / pngs[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _unit(*shape: int, requires_grad: bool = False) -> torch.Tensor:
+    t = F.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
+    return t.requires_grad_(requires_grad)
+
+
+def test_naive_ccd_matches_library() -> None:
+    n, d, b, p, k = 60, 8, 5, 3, 20
+    g_s, g_t = _unit(b, d, requires_grad=True), _unit(b, d, requires_grad=True)
+    m_s, m_t = _unit(n, d), _unit(n, d)
+    idx = torch.randint(0, n, (b, p + k))
+    log_z = (1.3, -0.4)
+    for path in ("dense", "gather"):
+        lib = functional.class_guided_contrastive_loss(
+            g_s, g_t, m_s, m_t, idx, p, 0.07, log_z[0], log_z[1], path=path
+        )
+        ref = references.naive_ccd(g_s, g_t, m_s, m_t, idx, p, 0.07, *log_z)
+        for a, r in zip(lib, ref):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+        grads_lib = torch.autograd.grad(sum(lib), [g_s, g_t])
+        grads_ref = torch.autograd.grad(sum(ref), [g_s, g_t])
+        for a, r in zip(grads_lib, grads_ref):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_naive_ccd_eps_is_small() -> None:
+    g = _unit(4, 8)
+    m = _unit(50, 8)
+    idx = torch.randint(0, 50, (4, 12))
+    plain = references.naive_nce_direction(g, m, idx, 2, 0.07, 0.5)
+    with_eps = references.naive_nce_direction(g, m, idx, 2, 0.07, 0.5, eps=1e-7)
+    assert 0 < abs(float(plain - with_eps)) < 1e-4 * abs(float(plain))
+
+
+def test_loop_centroids_and_naive_crp_match_library() -> None:
+    labels = torch.tensor([0, 1, 2, 2, 1, 0, 2, 2, 1])
+    m_s, m_t = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 6, dtype=torch.float64)
+    for relu in (True, False):
+        torch.testing.assert_close(
+            references.loop_centroids(m_s, labels, 3, relu),
+            functional.class_centroids(m_s, labels, 3, relu),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+    c_s = functional.class_centroids(m_s, labels, 3)
+    c_t = functional.class_centroids(m_t, labels, 3)
+    g_s, g_t = _unit(5, 6, requires_grad=True), _unit(5, 6)
+    lib = functional.categorical_relation_loss(g_s, g_t, c_s, c_t, 0.07)
+    ref = references.naive_crp(g_s, g_t, c_s, c_t, 0.07)
+    torch.testing.assert_close(lib, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(lib, g_s)[0], torch.autograd.grad(ref, g_s)[0], rtol=1e-9, atol=1e-12
+    )
+
+
+def test_numpy_sampling_has_the_library_structure_and_distribution() -> None:
+    # Same checks the benchmark runs at setup: SPEC §4's structure, and uniform marginals
+    # (chi-square per degree of freedom near 1) for both library samplers and both numpy RNGs.
+    stats = sections.check_sampling(torch.device("cpu"), draws=150)
+    assert set(stats) == {
+        "library shuffle", "library independent", "numpy reference", "numpy Generator.choice"
+    }
+
+
+def test_numpy_sampling_with_replacement_when_pool_is_small() -> None:
+    labels = np.array([0, 0, 1, 1, 1, 1, 1, 1])
+    same, other = references.class_index_lists(labels, 2)
+    rows = references.numpy_sample(
+        np.array([0, 1]), labels, same, other, 4, 5, np.random.RandomState(0)
+    )
+    assert rows.shape == (2, 9)
+    assert (rows[:, 0] == [0, 1]).all()
+    assert (labels[rows[:, 1:4]] == 0).all() and (labels[rows[:, 4:]] == 1).all()
+
+
+def test_structure_check_rejects_a_wrong_sampler() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    bad = np.array([[0, 1, 2, 3, 0]])  # a negative of the anchor's class
+    with pytest.raises(AssertionError):
+        sections.check_sampling_structure(bad, np.array([0]), labels, 3)
+
+
+def test_loop_ema_matches_library_and_the_peers() -> None:
+    student = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    diffs = sections.check_ema(student, decay=0.9, steps=3)
+    assert diffs and max(diffs.values()) < 1e-6
+    teacher = copy.deepcopy(student)
+    lib = EMATeacher(student, decay=0.9, warmup=False, buffers="average")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    references.loop_ema(teacher, student, 0.9, average_buffers=True)
+    lib.update(student)
+    for a, b in zip(teacher.state_dict().values(), lib.module.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_live_tensor_bytes_counts_new_storages_only() -> None:
+    from benchmarks.measure import peak_extra_bytes
+
+    x = torch.randn(1000, 250, requires_grad=True)  # 1 MB, an input: not counted
+
+    def step() -> None:
+        (x.detach()[:10] * 1).sum()  # a view of the input, then a 10 KB copy
+        y = (x * 2).exp()  # 1 MB + 1 MB alive together
+        y.sum().backward()  # grads: 1 MB more while y is alive
+        x.grad = None
+
+    peak = peak_extra_bytes(step, torch.device("cpu"))
+    assert 2_000_000 <= peak <= 3_100_000
