@@ -1,4 +1,4 @@
-"""ClassGuidedContrastiveLoss: the CCD term of SPEC §4, with its normalisation constants."""
+"""ClassGuidedContrastiveLoss: the CCD term of method §4, with its normalisation constants."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class CCDTerms(NamedTuple):
 
 
 class ClassGuidedContrastiveLoss(nn.Module):
-    r"""Class-guided contrastive distillation (CCD, SPEC §4): :math:`L_S + L_T`.
+    r"""Class-guided contrastive distillation (CCD, method §4): :math:`L_S + L_T`.
 
     For each anchor, ``P`` positives (its own bank row, then rows of its class) and ``K``
     negatives (rows of other classes) are read from the *other* side's bank, scored as

@@ -1,4 +1,4 @@
-"""CRCKDLoss: both heads, both banks, CCD and CRP, run in SPEC's order."""
+"""CRCKDLoss: both heads, both banks, CCD and CRP, run in the method's order."""
 
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ class CRCKDOutput(NamedTuple):
 
 
 class CRCKDLoss(nn.Module):
-    r"""The distillation part of CRCKD (SPEC §1, §3–§6) in one module.
+    r"""The distillation part of CRCKD (method §1, §3–§6) in one module.
 
     Owns the two projection heads, the two banks and both losses. One call runs one training
-    step in SPEC's order:
+    step in the method's order:
 
     1. ``g_S = head_S(f_S)``, ``g_T = head_T(f_T.detach())`` (the teacher backbone gets no
        gradient; the teacher head learns through :math:`L_T` only);
@@ -55,15 +55,16 @@ class CRCKDLoss(nn.Module):
         student_dim: size of the student feature ``f_S`` (128 in the paper).
         teacher_dim: size of the teacher feature ``f_T``.
         embed_dim: ``d`` (128).
-        num_positives: ``P`` (20).
-        num_negatives: ``K`` (4096).
+        num_positives: ``P`` (20), at most ``N``.
+        num_negatives: ``K`` (4096), at most ``N``; other-class rows are drawn with
+            replacement for classes that have fewer than ``K`` of them.
         temperature: ``tau`` for both CCD and CRP (0.07).
         momentum: bank momentum ``m`` (0.5).
         ccd_weight: :math:`\lambda_{CCD}` (0.1).
         crp_weight: :math:`\lambda_{CRP}` (1.0).
         normalizer: see :class:`ClassGuidedContrastiveLoss`.
         normalizer_momentum: see :class:`ClassGuidedContrastiveLoss`.
-        centroid_relu: ReLU the bank rows before averaging (SPEC §3, the default).
+        centroid_relu: ReLU the bank rows before averaging (method §3, the default).
         sampler: ``"shuffle"`` or ``"independent"`` (see :meth:`MomentumMemoryBank.sample`).
         path: ``"auto"``, ``"dense"`` or ``"gather"``.
         num_classes: ``C``; defaults to ``labels.max() + 1``.
@@ -111,6 +112,12 @@ class CRCKDLoss(nn.Module):
         self.teacher_head = EmbeddingHead(teacher_dim, embed_dim)
         self.student_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes)
         self.teacher_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes)
+        for name, value in (("num_positives", num_positives), ("num_negatives", num_negatives)):
+            if isinstance(value, int) and value > self.student_bank.size:
+                raise ValueError(
+                    f"{name}={value} is larger than the bank ({self.student_bank.size} rows, "
+                    f"one per label); use at most {self.student_bank.size}"
+                )
         self.ccd = ClassGuidedContrastiveLoss(
             num_positives,
             num_negatives,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import torch  # noqa: F401  (the doctest uses it)
 from torch.utils.data import Dataset
 
-T = TypeVar("T")
 
-
-class IndexedDataset(Dataset[tuple[Any, ...]], Generic[T]):
+class IndexedDataset(Dataset[tuple[Any, ...]]):
     """Wraps a map-style dataset so each item also carries its index.
 
     An item that is a tuple ``(x, y, ...)`` becomes ``(x, y, ..., index)``; any other item
@@ -27,7 +25,7 @@ class IndexedDataset(Dataset[tuple[Any, ...]], Generic[T]):
         2
     """
 
-    def __init__(self, dataset: Dataset[T]) -> None:
+    def __init__(self, dataset: Dataset[Any]) -> None:
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(
                 f"dataset must be map-style (__getitem__ and __len__), got {type(dataset).__name__}"
@@ -44,7 +42,9 @@ class IndexedDataset(Dataset[tuple[Any, ...]], Generic[T]):
         return (item, index)
 
     def __getattr__(self, name: str) -> Any:
-        # Pass through attributes such as `targets` or `classes` of the wrapped dataset.
-        if name == "dataset":
+        # Pass through attributes such as `targets` or `classes` of the wrapped dataset, but no
+        # dunder: a passed-through `__getitems__` would let DataLoader fetch batches from the
+        # wrapped dataset directly, without their indices.
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)

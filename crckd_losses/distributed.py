@@ -43,6 +43,22 @@ def all_gather_varlen(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank ``src``'s copy (a no-op with one process).
+
+    Args:
+        tensor: the same shape on every rank.
+        src: the rank whose values win.
+
+    Returns:
+        ``tensor``.
+    """
+    if world_size() > 1:
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+@torch.no_grad()
 def gather_for_update(
     indices: torch.Tensor, features: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

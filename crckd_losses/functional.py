@@ -168,7 +168,7 @@ def _scores(
 
 
 def estimate_log_normalizer(scores: torch.Tensor, bank_size: int) -> torch.Tensor:
-    r""":math:`\log Z` with :math:`Z = N \cdot \mathrm{mean}(e^{u})` over all scores (SPEC §4).
+    r""":math:`\log Z` with :math:`Z = N \cdot \mathrm{mean}(e^{u})` over all scores (method §4).
 
     Computed as ``log N + logsumexp(u) - log(numel)``, so ``exp(u)`` is never formed.
 
@@ -198,7 +198,7 @@ def nce_loss(
     num_positives: int,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    r"""The NCE critic loss of one CCD direction (SPEC §4).
+    r"""The NCE critic loss of one CCD direction (method §4).
 
     With :math:`v = u - \log Z - \log c`, :math:`\log h = \mathrm{logsigmoid}(v)` and
     :math:`\log(1-h) = \mathrm{logsigmoid}(-v)`:
@@ -269,7 +269,7 @@ def class_guided_contrastive_loss(
     reduction: str = "mean",
     path: ScorePath = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""CCD, both directions: :math:`(L_S, L_T)`; :math:`L_{CCD} = L_S + L_T` (SPEC §4).
+    r"""CCD, both directions: :math:`(L_S, L_T)`; :math:`L_{CCD} = L_S + L_T` (method §4).
 
     :math:`L_S` scores student anchors against the teacher bank, :math:`L_T` teacher anchors
     against the student bank, both over the same sampled rows.
@@ -338,7 +338,7 @@ def class_guided_contrastive_loss(
 def class_centroids(
     memory: torch.Tensor, labels: torch.Tensor, num_classes: int, relu: bool = True
 ) -> torch.Tensor:
-    r"""Class centroids of a bank (SPEC §3).
+    r"""Class centroids of a bank (method §3).
 
     :math:`c_c = \mathrm{normalise}(\mathrm{mean}_{j: y_j=c}\,\mathrm{ReLU}(M_j))`.
 
@@ -348,7 +348,7 @@ def class_centroids(
         memory: ``[N, d]`` float bank rows.
         labels: ``[N]`` long, the class of each row, in ``[0, num_classes)``.
         num_classes: ``C``.
-        relu: apply ReLU to the rows first (the released code's choice, SPEC §3).
+        relu: apply ReLU to the rows first (the released code's choice, method §3).
 
     Returns:
         ``[C, d]`` L2-normalised centroids, detached. A class with no rows gets a zero row.
@@ -383,7 +383,7 @@ def categorical_relation_loss(
     temperature: float = 0.07,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    r"""Categorical relation preserving loss, CRP (SPEC §5).
+    r"""Categorical relation preserving loss, CRP (method §5).
 
     :math:`\frac{1}{B}\sum_i \mathrm{KL}(\mathrm{softmax}(r_{T,i})\,\|\,\mathrm{softmax}(r_{S,i}))`
 
@@ -445,7 +445,7 @@ def categorical_relation_loss(
 def consistency_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    r"""Mean-teacher consistency (SPEC §2), :math:`\frac{1}{B}\sum_i \mathrm{KL}(p_{T,i}\|p_{S,i})`.
+    r"""Mean-teacher consistency (method §2): :math:`\frac{1}{B}\sum_i \mathrm{KL}(p_T\|p_S)`.
 
     Args:
         student_logits: ``[B, C]`` student logits.
@@ -477,7 +477,7 @@ def consistency_kl(
 
 
 def sigmoid_rampup(epoch: float, rampup_length: float = 30.0) -> float:
-    r"""Ramp-up weight :math:`\exp(-5(1-\min(e,R)/R)^2)` (SPEC §2), evaluated per epoch.
+    r"""Ramp-up weight :math:`\exp(-5(1-\min(e,R)/R)^2)` (method §2), evaluated per epoch.
 
     Args:
         epoch: ``e >= 0``.

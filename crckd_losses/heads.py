@@ -1,4 +1,4 @@
-"""The projection head of SPEC §1: Linear, then L2 normalisation."""
+"""The projection head of method §1: Linear, then L2 normalisation."""
 
 from __future__ import annotations
 

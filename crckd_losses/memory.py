@@ -27,7 +27,7 @@ Sampler = Literal["shuffle", "independent"]
 
 
 class MomentumMemoryBank(nn.Module):
-    r"""A momentum memory bank ``M`` (SPEC §3): ``N x d`` rows addressed by dataset index.
+    r"""A momentum memory bank ``M`` (method §3): ``N x d`` rows addressed by dataset index.
 
     The bank's size and every row's class come from ``labels``, the training set's label
     tensor, so the bank always matches the data.
@@ -42,7 +42,7 @@ class MomentumMemoryBank(nn.Module):
         num_classes: ``C``; defaults to ``labels.max() + 1``. Every class must have a row.
         copy_on_write: when ``True`` (default), :meth:`update` writes into a new tensor instead
             of the old one, so a loss whose graph read the bank before the update still
-            backpropagates through the values it read (SPEC's order updates the banks between
+            backpropagates through the values it read (the method's order updates the banks between
             the contrastive forward and the backward). ``False`` writes in place, saving one
             ``N x d`` copy per update; then call :meth:`update` only after ``backward``.
         generator: a ``torch.Generator`` for the initial rows.
@@ -106,6 +106,7 @@ class MomentumMemoryBank(nn.Module):
         self.num_classes = num_classes
         self.dim = dim
         self.copy_on_write = bool(copy_on_write)
+        self._synced = False
         bound = 1.0 / math.sqrt(dim / 3.0)
         rows = torch.rand(labels.shape[0], dim, generator=generator, dtype=dtype, device="cpu")
         self.register_buffer("memory", (rows * 2 - 1).mul_(bound).to(labels.device))
@@ -138,12 +139,13 @@ class MomentumMemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor, features: torch.Tensor) -> None:
-        r"""Momentum update at ``indices`` (SPEC §3), without gradient.
+        r"""Momentum update at ``indices`` (method §3), without gradient.
 
         :math:`M[i] \leftarrow \mathrm{normalise}(m M[i] + (1-m) f_i)`.
 
         Under ``torch.distributed`` the indices and features of all ranks are gathered first,
-        so every rank holds the same bank. A call that raises leaves the bank unchanged.
+        so every rank holds the same bank; the first update also copies rank 0's initial rows
+        to every rank. A call that raises leaves the bank unchanged.
 
         Args:
             indices: ``[B]`` integer dataset indices, distinct within a step.
@@ -158,6 +160,12 @@ class MomentumMemoryBank(nn.Module):
             )
         check_same_device(features=features, memory=self.memory)
         check_finite("features", features)
+        if not self._synced and distributed.world_size() > 1:
+            # Ranks drew their random initial rows from their own generators: start every
+            # rank from rank 0's rows. Done here, not in __init__, because here the bank is on
+            # the device its process group communicates on.
+            distributed.broadcast_(self.memory)
+        self._synced = True
         indices, features = distributed.gather_for_update(indices, features.detach())
         old = self.memory.index_select(0, indices)
         new = F.normalize(old * self.momentum + features.to(old.dtype) * (1 - self.momentum), dim=1)
@@ -175,7 +183,7 @@ class MomentumMemoryBank(nn.Module):
         generator: torch.Generator | None = None,
         sampler: Sampler = "shuffle",
     ) -> torch.Tensor:
-        """Class-guided row indices for each anchor (SPEC §4), vectorised on the bank's device.
+        """Class-guided row indices for each anchor (method §4), vectorised on the bank's device.
 
         Column 0 is the anchor's own row; columns ``1..P-1`` are rows of the anchor's class,
         without replacement while the class has at least ``P-1`` rows; the last ``K`` columns
@@ -188,7 +196,9 @@ class MomentumMemoryBank(nn.Module):
           classes' rows in that permutation. Anchors of one class in one batch draw from the
           same shuffle, so their sets are correlated (not independent); each set on its own is
           a uniform draw. When a class has fewer rows than the window, the window wraps, so
-          each row appears as evenly as possible instead of i.i.d. with replacement.
+          each row appears as evenly as possible instead of i.i.d. with replacement. Its
+          working memory is a few ``C x N`` and ``C x (N + K)`` int64 tables per call, so it
+          grows with the number of classes.
         - ``"independent"``: a fresh uniform draw for every anchor, as the released code does
           per item (with replacement, i.i.d., where too few rows exist). It costs
           ``O(B x N)`` random numbers per call.
@@ -322,7 +332,7 @@ class MomentumMemoryBank(nn.Module):
 
     @torch.no_grad()
     def centroids(self, relu: bool = True) -> torch.Tensor:
-        """Class centroids of the bank, ``[C, d]``, L2-normalised (SPEC §3).
+        """Class centroids of the bank, ``[C, d]``, L2-normalised (method §3).
 
         Args:
             relu: apply ReLU to the rows before averaging (the released code's default).
@@ -330,17 +340,21 @@ class MomentumMemoryBank(nn.Module):
         return class_centroids(self.memory, self.labels, self.num_classes, relu=relu)
 
     @torch.no_grad()
-    def class_anchors(
+    def class_anchor_indices(
         self, per_class: int = 30, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """The CRP ablation's anchors (SPEC §5): ``per_class`` random rows of each class.
+        """Rows for the CRP ablation (method §5): ``per_class`` random rows of each class.
 
-        Rows are drawn without replacement where a class has enough, and are used without
-        ReLU. Returns ``[C * per_class, d]``, class by class.
+        Rows are drawn without replacement where a class has enough (else each row of the
+        class appears as evenly as possible). Index both banks with the same result, so that
+        student and teacher relate to the same samples.
 
         Args:
             per_class: rows per class.
             generator: a ``torch.Generator`` on the bank's device.
+
+        Returns:
+            ``[C * per_class]`` long row indices, class by class.
         """
         check_positive_int("per_class", per_class)
         device = self.memory.device
@@ -348,7 +362,25 @@ class MomentumMemoryBank(nn.Module):
         by_class = torch.argsort(keys)
         step = torch.arange(per_class, device=device)
         where = self._class_start[:, None] + step % self._class_count[:, None]
-        return self.memory[by_class[where.flatten()]]
+        return by_class[where.flatten()]
+
+    @torch.no_grad()
+    def class_anchors(
+        self, per_class: int = 30, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The CRP ablation's anchors: the rows :meth:`class_anchor_indices` draws, no ReLU.
+
+        For a student/teacher pair, draw the indices once and index both banks' ``memory``
+        with them (or pass generators with the same seed), so both sides use the same rows.
+
+        Args:
+            per_class: rows per class.
+            generator: a ``torch.Generator`` on the bank's device.
+
+        Returns:
+            ``[C * per_class, d]``, class by class.
+        """
+        return self.memory[self.class_anchor_indices(per_class, generator)]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
                               unexpected_keys, error_msgs) -> None:

@@ -1,4 +1,4 @@
-"""CategoricalRelationLoss: the CRP term of SPEC §5."""
+"""CategoricalRelationLoss: the CRP term of method §5."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .functional import categorical_relation_loss
 
 
 class CategoricalRelationLoss(nn.Module):
-    r"""Categorical relation preserving loss (CRP, SPEC §5).
+    r"""Categorical relation preserving loss (CRP, method §5).
 
     :math:`r_S = g_S C_S^\top/\tau`, :math:`r_T = g_T C_T^\top/\tau`,
     :math:`L_{CRP} = \frac{1}{B}\sum_i

@@ -1,4 +1,4 @@
-"""EMATeacher: the mean teacher of SPEC §2, an exponential moving average of the student."""
+"""EMATeacher: the mean teacher of method §2, an exponential moving average of the student."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class EMATeacher(nn.Module):
             (the released code's behaviour: the teacher's BatchNorm keeps its own statistics).
         train_mode: ``True`` keeps the teacher in train mode, so its BatchNorm uses batch
             statistics (the released code); ``False`` keeps it in eval mode. Calls to
-            :meth:`train`/:meth:`eval` on this wrapper do not change it.
+            ``.train()``/``.eval()`` on this wrapper do not change it.
 
     Attributes:
         module: the teacher network.

@@ -114,6 +114,8 @@ def test_bad_arguments():
     labels = torch.arange(30) % 3
     with pytest.raises(ValueError, match="ccd_weight"):
         CRCKDLoss(labels, 4, 4, ccd_weight=-1)
+    with pytest.raises(ValueError, match=r"num_negatives=4096 is larger than the bank \(30 rows"):
+        CRCKDLoss(labels, 4, 4)
     crckd = CRCKDLoss(labels, 4, 4, embed_dim=4, num_positives=2, num_negatives=5)
     with pytest.raises(ValueError, match="one batch size"):
         crckd(torch.randn(3, 4), torch.randn(2, 4), torch.arange(3))
@@ -132,6 +134,15 @@ def test_indexed_dataset():
     assert batch[2].tolist() == [0, 1, 2, 3]
     with pytest.raises(TypeError, match="map-style"):
         IndexedDataset(iter([1, 2]))  # type: ignore[arg-type]
+
+
+def test_indexed_dataset_over_a_subset_keeps_indices_in_batches():
+    base = torch.utils.data.TensorDataset(torch.randn(6, 2), torch.arange(6))
+    ds = IndexedDataset(torch.utils.data.Subset(base, [5, 3, 1]))
+    x, y, i = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert y.tolist() == [5, 3, 1]
+    assert i.tolist() == [0, 1, 2]
+    assert ds.indices == [5, 3, 1]  # attributes of the wrapped dataset pass through
 
 
 def test_bfloat16_autocast_step_is_close():

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from crckd_losses import CRCKDLoss, EMATeacher
+from crckd_losses import CRCKDLoss, EMATeacher, MomentumMemoryBank
 from crckd_losses.distributed import all_gather_varlen
 
 N, CLASSES, BATCH, STEPS = 64, 4, 8, 3
@@ -62,6 +62,10 @@ def worker(rank, world, port, out_dir):
     try:
         result = run(rank, world)
         result["varlen"] = all_gather_varlen(torch.arange(rank + 1).double())
+        torch.manual_seed(100 + rank)  # each rank draws different initial rows
+        bank = MomentumMemoryBank(torch.arange(10) % 2, dim=3)
+        bank.update(torch.tensor([rank]), torch.ones(1, 3))
+        result["unsynced_bank"] = bank.memory
         torch.manual_seed(0)
         student = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
         teacher = EMATeacher(student)
@@ -87,6 +91,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for key in ("student_bank.memory", "teacher_bank.memory", "ccd.log_normalizer"):
         assert torch.equal(ranks[0][key], ranks[1][key]), key
     ranks[1].pop("ema_weight")
+    # banks drawn differently per rank start from rank 0's rows at their first update
+    assert torch.equal(ranks[0].pop("unsynced_bank"), ranks[1].pop("unsynced_bank"))
     for key, value in single.items():
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-10, atol=1e-12, msg=key)
     assert ranks[0]["varlen"].tolist() == [0.0, 0.0, 1.0]

@@ -150,6 +150,16 @@ def test_centroids_match_reference():
                                    rtol=1e-10, atol=1e-12)
 
 
+def test_class_anchor_indices_pair_banks():
+    labels = imbalanced_labels(50)
+    bank_s, bank_t = MomentumMemoryBank(labels, dim=6), MomentumMemoryBank(labels, dim=6)
+    rows = bank_s.class_anchor_indices(per_class=3, generator=torch.Generator().manual_seed(0))
+    assert rows.shape == (15,)
+    assert labels[rows].tolist() == sorted(labels[rows].tolist())
+    same = bank_t.class_anchors(3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(same, bank_t.memory[rows])
+
+
 def test_class_anchors():
     labels = imbalanced_labels(50)
     bank = MomentumMemoryBank(labels, dim=6)
