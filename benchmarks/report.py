@@ -162,7 +162,7 @@ def write_markdown(results: dict[str, Any], path: Path, stem: str) -> None:
         for dt, v in s["by_dtype"].items():
             md += [f"### {dt} (auto picks `{v['auto_path']}`)", ""]
             md += _table(v["rows"], "reference")
-            md += ["", "Max relative difference against the dense path: "
+            md += ["", f"Max relative difference against the library's dense path in {dt}: "
                    + ", ".join(f"{k} {_fmt(x, 2)}" for k, x in v["max_rel_diff_vs_dense"].items()),
                    ""]
     if "sweeps" in sections:

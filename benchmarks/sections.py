@@ -266,9 +266,22 @@ def check_ccd(x: CCDInputs, dtype: torch.dtype, device: torch.device) -> dict[st
     want = results["dense"]
     diffs = {}
     tol = _tolerance(dtype)
+    low_precision = dtype not in (torch.float32, torch.float64)
     for name in ("gather", "reference"):
         for what, got, exp in zip(("L_S", "L_T", "grad_S", "grad_T"), results[name], want):
-            diffs[f"{name}/{what}"] = _assert_close(f"CCD {name} {what}", got, exp, tol)
+            if name == "reference" and low_precision:
+                # exp/log in bfloat16 loses the loss (log(1-h) rounds near 1): record, do not
+                # assert; the float32 run asserts that the reference computes the same thing.
+                diffs[f"{name}/{what} (not asserted)"] = _rel_diff(got, exp)
+            else:
+                diffs[f"{name}/{what}"] = _assert_close(f"CCD {name} {what}", got, exp, tol)
+    if low_precision:
+        # The library under autocast against itself in float32.
+        full = ccd_library(x, "dense")
+        for what, got, exp in zip(("L_S", "L_T"), results["dense"], full):
+            diffs[f"dense/{what} vs float32"] = _assert_close(
+                f"CCD {dtype} vs float32 {what}", got, exp.detach(), tol
+            )
     return diffs
 
 
