@@ -139,6 +139,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key} must be a positive integer, got {config[key]!r}")
     if config["contrast"] not in ("class", "instance"):
         raise ValueError(f"contrast must be 'class' or 'instance', got {config['contrast']!r}")
+    if config["contrast"] == "instance":
+        config["num_positives"] = 1  # CRD: the anchor's own row is the only positive
     epochs = config["epochs"]
     if config["rampup_epochs"] is None:
         config["rampup_epochs"] = 30 * epochs / 80

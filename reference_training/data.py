@@ -353,7 +353,7 @@ def load_images(records: Records, size: int, cache_dir: str | Path | None = None
         if isinstance(images, torch.Tensor) and images.shape == (len(records), 3, size, size):
             return images
     loader = DataLoader(_DecodeDataset(records.paths, size), batch_size=64,
-                        num_workers=num_workers)
+                        num_workers=num_workers, generator=torch.Generator())
     if log:
         print(f"decoding {len(records)} images to {size}x{size} once (cache: {path})")
     images = torch.cat(list(loader)) if len(records) else torch.empty(0, 3, size, size)

@@ -220,7 +220,6 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
         torch.cuda.set_device(device)
     say = print if log else (lambda *a, **k: None)
     seed = int(config["seed"])
-    torch.manual_seed(seed)
 
     # Data
     records = datamod.read_dataset(config["dataset"], config["data_dir"])
@@ -257,7 +256,8 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
     say(f"{records.name}: {len(records)} images, {num_classes} classes; "
         + ", ".join(f"{k} {len(v)}" for k, v in split.items()) + f"; out: {out_dir}")
 
-    # Model, teacher, CRCKD parts
+    # Model, teacher, CRCKD parts; seeded here, so reading or decoding data changes nothing.
+    torch.manual_seed(seed)
     student = build_network(config["model"], num_classes, config["feat_dim"],
                             config["pretrained"], config["weights"])
     if world > 1 and config["sync_bn"]:
