@@ -399,8 +399,13 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
             if teacher is not None:
                 teacher.update(student)
             global_step += 1
-            for k, v in {"loss": loss, **terms}.items():
-                meters[k] = meters.get(k, 0.0) + float(v.detach())
+            logged = {"loss": loss, **terms}
+            values = torch.stack([v.detach().float() for v in logged.values()])
+            if world > 1:  # log the global batch's losses, the same on every rank
+                dist.all_reduce(values)
+                values /= world
+            for k, v in zip(logged, values.tolist(), strict=True):
+                meters[k] = meters.get(k, 0.0) + v
             meters["n"] = meters.get("n", 0.0) + 1
             if log and hasattr(bar, "set_postfix"):
                 bar.set_postfix({k: f"{v / meters['n']:.3f}" for k, v in meters.items()
