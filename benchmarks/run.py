@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{time.perf_counter() - start:6.0f} s] {section} ...", flush=True)
         results["sections"][section] = sections.SECTIONS[section](bench)
         results["section_seconds"][section] = round(time.perf_counter() - t0, 1)
+        # Partial results survive a later section's failure.
+        (args.out / f"{name}.partial.json").write_text(
+            json.dumps(results, indent=1, default=_json_default)
+        )
     meta["wall_s"] = time.perf_counter() - start
     meta["load_end"] = _load()
     meta["skipped"] = bench.skipped
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1, default=_json_default))
     report.write_markdown(results, args.out / f"{name}.md", name)
     report.write_plots(results, args.out, name)
+    (args.out / f"{name}.partial.json").unlink(missing_ok=True)
     for t in results["targets"]:
         print(f"  {'MET ' if t['met'] else 'MISS' if t['met'] is False else 'n/a '} "
               f"{t['text']}: {report._fmt(t['value'])} ({t['detail']})")
