@@ -424,6 +424,9 @@ def apply_views(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """
     import torch.nn.functional as F
 
+    if torch.is_autocast_enabled(images.device.type):
+        with torch.autocast(images.device.type, enabled=False):
+            return apply_views(images, params)
     x = images.float()
     # affine_grid maps output coordinates to input ones: the inverse of the forward map.
     theta = torch.linalg.inv(view_matrices(params.to(x.device)))[:, :2]

@@ -217,6 +217,8 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
         device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(device_name)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     say = print if log else (lambda *a, **k: None)
     seed = int(config["seed"])
@@ -304,7 +306,7 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
     start_epoch, start_step, meters = 0, 0, {}
     best_score = -math.inf
     if resume:
-        state = torch.load(out_dir / "last.pt", map_location=device, weights_only=True)
+        state = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
         student.load_state_dict(state["student"])
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
@@ -363,6 +365,8 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
             batch_images = batch_images.to(device, non_blocking=True)
             view_params = view_params.to(device, non_blocking=True)
             view_s = datamod.apply_views(batch_images, view_params[:, 0])
+            view_t = (datamod.apply_views(batch_images, view_params[:, 1])
+                      if teacher is not None else None)
             labels = labels.to(device, non_blocking=True)
             indices = indices.to(device, non_blocking=True)
             terms: dict[str, torch.Tensor] = {}
@@ -376,7 +380,6 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
                 terms["ce"] = (w * nll).sum() / weight_sum * world
                 if teacher is not None:
                     with torch.no_grad():
-                        view_t = datamod.apply_views(batch_images, view_params[:, 1])
                         logits_t, feat_t = teacher(view_t)
                     terms["kl"] = consistency_kl(logits_s, logits_t)
                 if crckd is not None:

@@ -154,6 +154,11 @@ def build_backbone(name: str, pretrained: bool = False,
                              else None)
         if source:
             _load_matching(model, _load_state(source), str(source))
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                # The port keeps TF's BatchNorm momentum (0.01): a short fine-tuning run would
+                # then evaluate with running statistics still those of ImageNet at 224 px.
+                module.momentum = 0.1
         return _LiteBackbone(model), int(model._fc.in_features), LITE_MEAN, LITE_STD
     import torchvision
 
