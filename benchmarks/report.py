@@ -133,7 +133,8 @@ def _table(rows: dict[str, Any], baseline: str | None, unit: str = "samples/s") 
         if baseline:
             t = _ratio(rows, name, baseline)
             m = _ratio(rows, name, baseline, "peak_bytes")
-            line += f" {_fmt(t)}x | {_fmt(m)}x |"
+            t_x, m_x = ("x" if v is not None else "" for v in (t, m))
+            line += f" {_fmt(t)}{t_x} | {_fmt(m)}{m_x} |"
         lines.append(line)
     return lines
 
@@ -146,7 +147,9 @@ def write_markdown(results: dict[str, Any], path: Path, stem: str) -> None:
            f"- date: {meta['date']}", f"- dtypes: {', '.join(meta['dtypes'])}",
            f"- grid: {'quick' if meta['quick'] else 'full'}; wall time {meta['wall_s']:.0f} s",
            f"- timing: {meta['timing_method']}", f"- memory: {meta['memory_method']}",
-           f"- load average at start / end: {meta['load_start']} / {meta.get('load_end')}", ""]
+           f"- load average at start / end: {meta['load_start']} / {meta.get('load_end')}"]
+    md += [f"- note: {meta['note']}"] if meta.get("note") else []
+    md += [""]
     if results.get("targets"):
         md += ["## Targets", "", "| target | measured | met | detail |", "|---|---:|:-:|---|"]
         for t in results["targets"]:

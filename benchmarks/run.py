@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice; 1 with "
                         "--quick, which checks that the suite works, not speed)")
+    parser.add_argument("--note", default="",
+                        help="a remark recorded with the results (e.g. other load on the machine)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timing per comparison (default 5, quick 0.3)")
     return parser.parse_args(argv)
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memory_method": measure.MEMORY_METHOD_CUDA if device.type == "cuda"
         else measure.MEMORY_METHOD_CPU,
         "load_start": _load(),
+        "note": args.note,
         "command": "python benchmarks/run.py " + " ".join(
             a for a in (argv if argv is not None else sys.argv[1:])
             if not a.startswith("/") and "--out" not in a
