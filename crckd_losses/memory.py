@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,8 @@ class MomentumMemoryBank(nn.Module):
     Attributes:
         memory: ``[N, d]`` buffer, the rows.
         labels: ``[N]`` long buffer, the class of each row.
+        class_sums: ``[2, C, d]`` float64 buffer, per-class sums of the rows and of their
+            ReLU, which :meth:`centroids` reads; kept current by :meth:`update`.
 
     Examples:
         >>> labels = torch.tensor([0, 0, 1, 1, 1, 2])
@@ -65,6 +67,7 @@ class MomentumMemoryBank(nn.Module):
 
     memory: torch.Tensor
     labels: torch.Tensor
+    class_sums: torch.Tensor
     _order: torch.Tensor
     _class_start: torch.Tensor
     _class_count: torch.Tensor
@@ -118,6 +121,16 @@ class MomentumMemoryBank(nn.Module):
         self.register_buffer(
             "_class_start", torch.cumsum(counts, 0) - counts, persistent=False
         )
+        # Per-class sums of the rows ([0]) and of their ReLU ([1]), float64, kept current by
+        # update() in O(B d) so that centroids() need not reduce the whole bank every step.
+        # They are saved with the bank, so a resumed run continues from the very same sums.
+        # `_sums_of` holds the memory tensor and version they describe; any other write (a
+        # direct edit, a replaced tensor) makes centroids() rebuild them from the bank.
+        self.register_buffer(
+            "class_sums", torch.zeros(2, num_classes, dim, dtype=torch.float64,
+                                      device=labels.device)
+        )
+        self._sums_of: tuple[torch.Tensor, int] | None = None
 
     @property
     def size(self) -> int:
@@ -165,14 +178,46 @@ class MomentumMemoryBank(nn.Module):
             # rank from rank 0's rows. Done here, not in __init__, because here the bank is on
             # the device its process group communicates on.
             distributed.broadcast_(self.memory)
+            self._drop_class_sums()
         self._synced = True
         indices, features = distributed.gather_for_update(indices, features.detach())
+        sums_current = self._class_sums_current()
         old = self.memory.index_select(0, indices)
         new = F.normalize(old * self.momentum + features.to(old.dtype) * (1 - self.momentum), dim=1)
         if self.copy_on_write:
             self.memory = self.memory.index_copy(0, indices, new)
         else:
             self.memory.index_copy_(0, indices, new)
+        if sums_current:
+            y = self.labels[indices]
+            self.class_sums[0].index_add_(0, y, (new - old).to(torch.float64))
+            self.class_sums[1].index_add_(
+                0, y, (new.clamp_min(0) - old.clamp_min(0)).to(torch.float64)
+            )
+            self._sums_of = (self.memory, self.memory._version)
+        else:
+            self._drop_class_sums()
+
+    def _class_sums_current(self) -> bool:
+        if torch.compiler.is_compiling():
+            return False  # traced code reduces the whole bank and keeps no running sums
+        described = self._sums_of
+        return (
+            described is not None
+            and described[0] is self.memory
+            and described[1] == self.memory._version
+        )
+
+    def _drop_class_sums(self) -> None:
+        self._sums_of = None
+
+    @torch.no_grad()
+    def _rebuild_class_sums(self) -> None:
+        rows = self.memory.to(torch.float64)
+        self.class_sums.zero_()
+        self.class_sums[0].index_add_(0, self.labels, rows)
+        self.class_sums[1].index_add_(0, self.labels, rows.clamp_min(0))
+        self._sums_of = (self.memory, self.memory._version)
 
     @torch.no_grad()
     def sample(
@@ -334,10 +379,21 @@ class MomentumMemoryBank(nn.Module):
     def centroids(self, relu: bool = True) -> torch.Tensor:
         """Class centroids of the bank, ``[C, d]``, L2-normalised (method §3).
 
+        The first call reduces the whole bank in one ``index_add_``
+        (:func:`~crckd_losses.functional.class_centroids`); the per-class sums are then kept
+        current by :meth:`update` from the rows it changes, so later calls cost ``O(C d)``.
+        Any other write to ``memory`` is detected and triggers a full reduction again.
+
         Args:
             relu: apply ReLU to the rows before averaging (the released code's default).
         """
-        return class_centroids(self.memory, self.labels, self.num_classes, relu=relu)
+        if torch.compiler.is_compiling():
+            return class_centroids(self.memory, self.labels, self.num_classes, relu=relu)
+        if not self._class_sums_current():
+            self._rebuild_class_sums()
+        sums = self.class_sums[1 if relu else 0]
+        means = sums / self._class_count.unsqueeze(1).to(sums.dtype)
+        return F.normalize(means, dim=1).to(self.memory.dtype)
 
     @torch.no_grad()
     def class_anchor_indices(
@@ -382,6 +438,18 @@ class MomentumMemoryBank(nn.Module):
         """
         return self.memory[self.class_anchor_indices(per_class, generator)]
 
+    def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        if not torch.compiler.is_compiling() and not self._class_sums_current():
+            self._rebuild_class_sums()  # saved sums always describe the saved rows
+        super()._save_to_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MomentumMemoryBank:
+        current = self._class_sums_current()
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call, unused-ignore]
+        if current:  # the sums moved or were cast along with the rows
+            self._sums_of = (self.memory, self.memory._version)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
                               unexpected_keys, error_msgs) -> None:
         key = prefix + "labels"
@@ -394,3 +462,7 @@ class MomentumMemoryBank(nn.Module):
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if prefix + "class_sums" in state_dict and prefix + "memory" in state_dict:
+            self._sums_of = (self.memory, self.memory._version)  # loaded together: consistent
+        else:
+            self._drop_class_sums()

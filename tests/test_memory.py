@@ -179,7 +179,8 @@ def test_state_dict_round_trip():
     other = MomentumMemoryBank(labels, dim=8)
     other.load_state_dict(bank.state_dict())
     assert torch.equal(other.memory, bank.memory)
-    assert set(bank.state_dict()) == {"memory", "labels"}
+    assert set(bank.state_dict()) == {"memory", "labels", "class_sums"}
+    assert torch.equal(other.centroids(), bank.centroids())
 
 
 def test_state_dict_from_other_dataset_rejected():
@@ -254,3 +255,31 @@ def test_compile_fullgraph_traces_bank_ops():
     idx, cents = compiled(bank, anchors, feats)
     check_sample(bank, anchors, idx, 4, 16)
     assert cents.shape == (5, 8)
+
+
+@pytest.mark.parametrize("copy_on_write", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_incremental_centroids_track_every_write(copy_on_write, dtype):
+    labels = imbalanced_labels(300)
+    bank = MomentumMemoryBank(labels, dim=8, copy_on_write=copy_on_write, dtype=dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+
+    def fresh(relu):
+        return reference.centroids(bank.memory.double(), labels, 5, relu).to(dtype)
+
+    bank.centroids(relu=True)
+    bank.centroids(relu=False)  # both sums cached, then kept current by update()
+    for _ in range(200):
+        rows = torch.randperm(300)[:16]
+        bank.update(rows, torch.randn(16, 8, dtype=dtype))
+    for relu in (True, False):
+        torch.testing.assert_close(bank.centroids(relu), fresh(relu), **tol)
+    # writes that bypass update() are detected
+    with torch.no_grad():
+        bank.memory[:50] = 1.0
+    torch.testing.assert_close(bank.centroids(), fresh(True), **tol)
+    other = MomentumMemoryBank(labels, dim=8, dtype=dtype)
+    bank.load_state_dict(other.state_dict())
+    torch.testing.assert_close(bank.centroids(False), fresh(False), **tol)
+    bank.memory = torch.randn(300, 8, dtype=dtype)
+    torch.testing.assert_close(bank.centroids(), fresh(True), **tol)
