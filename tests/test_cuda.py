@@ -1,0 +1,100 @@
+"""CUDA checks: the same results as on the CPU, mixed precision, and no host syncs."""
+
+import pytest
+import torch
+
+from crckd_losses import CRCKDLoss, EMATeacher, MomentumMemoryBank, set_value_checks
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def paper_sized(device, dtype=torch.float32):
+    torch.manual_seed(0)
+    labels = torch.randint(0, 7, (7012,))
+    labels[:7] = torch.arange(7)
+    crckd = CRCKDLoss(labels, 128, 128).to(device=device, dtype=dtype)
+    f_s = torch.randn(64, 128, dtype=dtype)
+    f_t = torch.randn(64, 128, dtype=dtype)
+    idx = torch.randperm(7012)[:64]
+    return crckd, f_s.to(device), f_t.to(device), idx.to(device)
+
+
+@pytest.mark.parametrize("path", ["dense", "gather"])
+def test_step_matches_cpu(path):
+    cpu, f_s, f_t, idx = paper_sized("cpu", torch.float64)
+    gpu, *_ = paper_sized("cuda", torch.float64)
+    for module in (cpu, gpu):
+        module.ccd.path = path
+    sample = cpu.student_bank.sample(idx, 20, 4096)
+    want = cpu(f_s, f_t, idx, sample_indices=sample)
+    got = gpu(f_s.cuda(), f_t.cuda(), idx.cuda(), sample_indices=sample.cuda())
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gpu.student_bank.memory.cpu(), cpu.student_bank.memory)
+    torch.testing.assert_close(gpu.student_bank.centroids().cpu(), cpu.student_bank.centroids())
+
+
+def test_sampler_on_device():
+    labels = torch.randint(0, 7, (7012,), device="cuda")
+    bank = MomentumMemoryBank(labels, dim=16)
+    anchors = torch.randperm(7012, device="cuda")[:64]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for sampler in ("shuffle", "independent"):
+        idx = bank.sample(anchors, 20, 4096, generator=g, sampler=sampler)
+        assert idx.device.type == "cuda" and torch.equal(idx[:, 0], anchors)
+        y = labels[anchors][:, None]
+        assert bool((labels[idx[:, :20]] == y).all()) and bool((labels[idx[:, 20:]] != y).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_close_to_float32(dtype):
+    crckd, f_s, f_t, idx = paper_sized("cuda")
+    sample = crckd.student_bank.sample(idx, 20, 4096)
+    crckd.eval()  # no bank writes: both calls read the same banks
+    crckd.ccd.train()
+    want = crckd(f_s, f_t, idx, sample_indices=sample)
+    with torch.autocast("cuda", dtype=dtype):
+        got = crckd(f_s, f_t, idx, sample_indices=sample)
+    for a, b in zip(want, got):
+        assert torch.isfinite(b)
+        assert float(b) == pytest.approx(float(a), rel=1e-2, abs=1e-3)
+
+
+def test_training_step_has_no_host_sync():
+    crckd, f_s, f_t, idx = paper_sized("cuda")
+    f_s.requires_grad_()
+    crckd(f_s, f_t, idx)  # first call sets Z
+    set_value_checks(False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = crckd(f_s, f_t, idx)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        set_value_checks(True)
+    assert torch.isfinite(out.loss)
+
+
+def test_ema_teacher_on_device():
+    student = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)).cuda()
+    teacher = EMATeacher(student, decay=0.5, warmup=False)
+    before = [p.clone() for p in teacher.module.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.update(student)
+    for t, b, s in zip(teacher.module.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.5 * b + 0.5 * s)
+
+
+def test_compile_inductor_matches_eager():
+    crckd, f_s, f_t, idx = paper_sized("cuda")
+    sample = crckd.student_bank.sample(idx, 20, 4096)
+    crckd.eval()
+    crckd.ccd.train()
+    want = crckd(f_s, f_t, idx, sample_indices=sample)
+    compiled = torch.compile(crckd, fullgraph=True)
+    got = compiled(f_s, f_t, idx, sample_indices=sample)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
