@@ -190,10 +190,9 @@ class MomentumMemoryBank(nn.Module):
             self.memory.index_copy_(0, indices, new)
         if sums_current:
             y = self.labels[indices]
-            self.class_sums[0].index_add_(0, y, (new - old).to(torch.float64))
-            self.class_sums[1].index_add_(
-                0, y, (new.clamp_min(0) - old.clamp_min(0)).to(torch.float64)
-            )
+            dtype = self.class_sums.dtype  # float64 unless the module was cast
+            self.class_sums[0].index_add_(0, y, (new - old).to(dtype))
+            self.class_sums[1].index_add_(0, y, (new.clamp_min(0) - old.clamp_min(0)).to(dtype))
             self._sums_of = (self.memory, self.memory._version)
         else:
             self._drop_class_sums()
@@ -213,7 +212,7 @@ class MomentumMemoryBank(nn.Module):
 
     @torch.no_grad()
     def _rebuild_class_sums(self) -> None:
-        rows = self.memory.to(torch.float64)
+        rows = self.memory.to(self.class_sums.dtype)
         self.class_sums.zero_()
         self.class_sums[0].index_add_(0, self.labels, rows)
         self.class_sums[1].index_add_(0, self.labels, rows.clamp_min(0))

@@ -283,3 +283,10 @@ def test_incremental_centroids_track_every_write(copy_on_write, dtype):
     torch.testing.assert_close(bank.centroids(False), fresh(False), **tol)
     bank.memory = torch.randn(300, 8, dtype=dtype)
     torch.testing.assert_close(bank.centroids(), fresh(True), **tol)
+
+
+def test_centroids_after_casting_the_module():
+    bank = MomentumMemoryBank(imbalanced_labels(), dim=8).to(torch.float32)
+    assert bank.class_sums.dtype == torch.float32  # Module.to casts every float buffer
+    bank.update(torch.tensor([0, 1]), torch.randn(2, 8))
+    torch.testing.assert_close(bank.centroids(), reference.centroids(bank.memory, bank.labels, 5))

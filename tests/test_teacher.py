@@ -17,7 +17,7 @@ def perturb(model):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     model.train()
-    model(torch.randn(8, 4))  # moves BatchNorm running statistics
+    model(torch.randn(8, 4, device=next(model.parameters()).device))  # moves BN statistics
 
 
 def test_update_matches_reference_with_warmup():
@@ -84,7 +84,8 @@ def test_no_gradients_reach_teacher():
 
 
 def test_wrapped_and_compiled_students():
-    student = net()
+    # DataParallel wants its module on the first GPU wherever one exists
+    student = net().to("cuda" if torch.cuda.is_available() else "cpu")
     compiled = torch.compile(student, backend="eager")
     assert unwrap_model(compiled) is student
     teacher = EMATeacher(compiled)
