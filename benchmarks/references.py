@@ -1,4 +1,4 @@
-"""Straightforward implementations that a user would otherwise write, from SPEC.md.
+"""Straightforward implementations that a user would otherwise write, from the method page.
 
 Each is the plain way to compute one part of CRCKD: CCD by gathering the ``B x (P+K) x d``
 block of bank rows and exponentiating the scores (as CRD does), class centroids with a Python
@@ -35,7 +35,7 @@ def naive_nce_direction(
         num_positives: ``P``.
         temperature: ``tau``.
         log_normalizer: :math:`\log Z`.
-        eps: added to the denominators, as the released code does (``0`` gives SPEC's formula).
+        eps: added to the denominators, as the released code does (``0`` gives the formula).
 
     Returns:
         The scalar loss :math:`-\frac1B\sum_i[\frac1P\sum_p\log h + \sum_k\log(1-h)]`.
@@ -103,7 +103,7 @@ def loop_centroids(
         memory: ``[N, d]`` bank rows.
         labels: ``[N]`` long class of each row.
         num_classes: ``C``.
-        relu: ReLU the rows first (SPEC §3's default).
+        relu: ReLU the rows first (method §3's default).
 
     Returns:
         ``[C, d]`` L2-normalised centroids.
@@ -124,7 +124,7 @@ def naive_crp(
     teacher_centroids: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """CRP with ``F.kl_div`` on softmaxed sample-to-centroid relations (SPEC §5).
+    """CRP with ``F.kl_div`` on softmaxed sample-to-centroid relations (method §5).
 
     Args:
         student_emb: ``[B, d]`` ``g_S``.
@@ -165,7 +165,7 @@ def numpy_sample(
     num_negatives: int,
     rng: np.random.RandomState | np.random.Generator,
 ) -> np.ndarray:
-    """Class-guided indices drawn per anchor with ``rng.choice`` (SPEC §4).
+    """Class-guided indices drawn per anchor with ``rng.choice`` (method §4).
 
     Column 0 is the anchor's row; ``P-1`` rows of its class follow (without replacement when
     the class has enough rows), then ``K`` rows of other classes (without replacement when

@@ -636,7 +636,7 @@ def _crp_case(bench: Bench, q: dict[str, Any], dtype: torch.dtype) -> dict[str, 
 def check_sampling_structure(
     rows: np.ndarray, anchors: np.ndarray, labels: np.ndarray, num_positives: int
 ) -> None:
-    """Asserts SPEC §4's shape of a sampled index matrix.
+    """Asserts method §4's shape of a sampled index matrix.
 
     Column 0 is the anchor; columns ``1..P-1`` share its class; the rest do not; each part is
     free of repeats wherever its pool is large enough.
@@ -666,7 +666,7 @@ def sampling_uniformity(
 ) -> dict[str, float]:
     """Chi-square per degree of freedom of how often each row is drawn, per anchor and part.
 
-    Under SPEC's distribution every row of the anchor's class (positives) and every row of the
+    Under the method's distribution every row of the anchor's class (positives) and every row of the
     other classes (negatives) is equally likely, so both statistics are close to 1.
 
     Returns:
@@ -897,7 +897,7 @@ def run_ema(bench: Bench) -> dict[str, Any]:
 
 
 class _Net(nn.Module):
-    """ResNet-18 backbone, a 128-d feature layer and a linear classifier (SPEC §1's shape)."""
+    """ResNet-18 backbone, a 128-d feature layer and a linear classifier (method §1's shape)."""
 
     def __init__(self, num_classes: int, feat_dim: int = 128) -> None:
         super().__init__()

@@ -20,7 +20,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METHODS = ("baseline", "mt", "crd", "ccd", "crp", "crckd")
 RECIPES = ("paper", "released-code")
 
-# SPEC §6, the released code's defaults, for the real datasets.
+# method §6, the released code's defaults, for the real datasets.
 DEFAULTS: dict[str, Any] = {
     "dataset": "sample",
     "data_dir": None,
@@ -163,7 +163,7 @@ def loss_weights(config: dict[str, Any], epoch: int) -> dict[str, float]:
     """The weights of KL, CCD and CRP at ``epoch`` (0-based) under the config's recipe.
 
     Paper: ``kl_weight * λ_KL(e)``, ``ccd_weight``, ``crp_weight`` from the start. Released
-    code (SPEC §7.1-7.2): KL and CRP are off before ``begin_epoch``; from it on the CCD weight
+    code (method §7.1-7.2): KL and CRP are off before ``begin_epoch``; from it on the CCD weight
     is applied twice (0.1 becomes 0.01).
     """
     from crckd_losses.functional import sigmoid_rampup

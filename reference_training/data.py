@@ -2,7 +2,7 @@
 
 Everything CPU-bound happens once: each image is decoded and resized to ``image_size`` a
 single time and kept in a cached ``uint8`` tensor file. Training then only draws each sample's view
-parameters (SPEC §2) from a generator seeded by ``(seed, epoch, index)`` and applies them to a
+parameters (method §2) from a generator seeded by ``(seed, epoch, index)`` and applies them to a
 whole batch in one ``grid_sample`` on the training device: the views of a sample do not
 depend on the number of workers, on the rank of a distributed run or on where a resumed run
 restarts.
@@ -374,7 +374,7 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 def draw_view_params(generator: torch.Generator, teacher: bool, degrees: float = 10.0,
                      translate: float = 0.02) -> torch.Tensor:
-    """One view's random parameters (SPEC §2): ``[angle, tx, ty, hflip, vflip, k]``.
+    """One view's random parameters (method §2): ``[angle, tx, ty, hflip, vflip, k]``.
 
     Angle uniform in ±``degrees``; translation uniform in ±``translate`` of the size (as a
     fraction); horizontal flip with p = 0.5. The teacher's view adds a vertical flip
@@ -521,7 +521,7 @@ class GlobalBatchSampler:
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """SPEC §2: ``weight_c = N_total / N_c``."""
+    """method §2: ``weight_c = N_total / N_c``."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     if (counts == 0).any():
         raise ValueError(f"class weights need every class; counts per class are {counts.tolist()}")

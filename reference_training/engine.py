@@ -1,6 +1,6 @@
 """The training engine: one run of one method on one split, with checkpoints, resume and DDP.
 
-Each step (SPEC §2-§6): the student sees view 1, the teacher view 2 (perturbed); the loss is
+Each step (method §2-§6): the student sees view 1, the teacher view 2 (perturbed); the loss is
 weighted CE + λ_KL(e)·KL(p_T ‖ p_S) + λ_CCD·L_CCD + λ_CRP·L_CRP, where L_CCD and L_CRP come
 from :class:`crckd_losses.CRCKDLoss` on the features ``f``; Adam, OneCycleLR stepped every
 iteration, then the EMA teacher update.

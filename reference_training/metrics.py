@@ -1,4 +1,4 @@
-"""The paper's metrics (SPEC §6), computed with scikit-learn from class probabilities."""
+"""The paper's metrics (method §6), computed with scikit-learn from class probabilities."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The student/teacher network of SPEC §1: backbone, global pool, Linear(→128) feature, classifier.
+"""The student/teacher network of method §1: backbone, pool, Linear(→128) feature, classifier.
 
 Backbones: any torchvision classification architecture by name (``densenet121`` as in the
 paper, ``resnet18`` for CPU-scale runs), ``efficientnet_lite0`` with ImageNet weights that
@@ -176,7 +176,7 @@ def build_backbone(name: str, pretrained: bool = False,
 
 
 class Network(nn.Module):
-    """SPEC §1: ``f = Linear(F→feat_dim)(pool(backbone(x)))``, ``logits = Linear(f)``.
+    """method §1: ``f = Linear(F→feat_dim)(pool(backbone(x)))``, ``logits = Linear(f)``.
 
     Takes uint8 or float images ``[B, 3, S, S]`` in ``[0, 255]`` and normalises them itself, so
     the data pipeline stays in uint8 until it reaches the device.

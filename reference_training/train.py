@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder with the official layout (default: see README)")
     p.add_argument("--method", choices=cfgmod.METHODS)
     p.add_argument("--recipe", choices=cfgmod.RECIPES,
-                   help="'paper' (default) or 'released-code' (SPEC §7)")
+                   help="'paper' (default) or 'released-code' (method §7)")
     p.add_argument("--config", help="a JSON or TOML file of config keys")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size")

@@ -1,4 +1,4 @@
-"""Slow, obviously-correct loop implementations written from SPEC.md, for the tests."""
+"""Slow, obviously-correct loop implementations written from the method page, for the tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 
 def nce_direction(anchor, memory, sample_indices, num_positives, temperature, log_z, bank_size):
-    """SPEC §4 with x = exp(u)/Z and h = x/(x+c), one anchor and one column at a time."""
+    """method §4 with x = exp(u)/Z and h = x/(x+c), one anchor and one column at a time."""
     batch, width = sample_indices.shape
     num_negatives = width - num_positives
     c = num_negatives / bank_size

@@ -115,7 +115,7 @@ def test_loop_centroids_and_naive_crp_match_library() -> None:
 
 
 def test_numpy_sampling_has_the_library_structure_and_distribution() -> None:
-    # Same checks the benchmark runs at setup: SPEC §4's structure, and uniform marginals
+    # Same checks the benchmark runs at setup: method §4's structure, and uniform marginals
     # (chi-square per degree of freedom near 1) for both library samplers and both numpy RNGs.
     stats = sections.check_sampling(torch.device("cpu"), draws=150)
     assert set(stats) == {

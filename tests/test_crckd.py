@@ -1,4 +1,4 @@
-"""CRCKDLoss: SPEC's step order, gradients, train/eval, resume."""
+"""CRCKDLoss: the method's step order, gradients, train/eval, resume."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""crckd_losses.functional against loop references from SPEC.md, in float64."""
+"""crckd_losses.functional against loop references written from the method, in float64."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""EMATeacher against the SPEC §2 recurrence; buffers, modes, wrappers, state."""
+"""EMATeacher against the method §2 recurrence; buffers, modes, wrappers, state."""
 
 import pytest
 import reference
