@@ -622,7 +622,40 @@ def _crp_case(bench: Bench, q: dict[str, Any], dtype: torch.dtype) -> dict[str, 
 
         return run
 
-    rows = bench.compare({"library": step(library), "reference": step(reference)},
+    # Per training step, as CRCKDLoss runs it: write the batch's B rows into both banks, then
+    # read the centroids (the library from its running class sums) and take CRP. The
+    # reference writes the same rows into plain tensors and loops over classes.
+    row_idx = torch.randperm(q["N"], generator=g)[: q["B"]].to(dev)
+    feats = g_t.detach()
+    banks = []
+    for m in (m_s, m_t):
+        bank = MomentumMemoryBank(labels, q["d"]).to(dev)
+        with torch.no_grad():
+            bank.memory.copy_(m)
+        banks.append(bank)
+    plain = [m_s.clone(), m_t.clone()]
+
+    def library_step() -> torch.Tensor:
+        for bank in banks:
+            bank.update(row_idx, feats)
+        return functional.categorical_relation_loss(
+            g_s, g_t, banks[0].centroids(), banks[1].centroids(), tau)
+
+    def reference_step() -> torch.Tensor:
+        with torch.no_grad():
+            for m in plain:
+                m[row_idx] = F.normalize(0.5 * m[row_idx] + 0.5 * feats, dim=1)
+        c_s = references.loop_centroids(plain[0], labels, q["C"])
+        c_t = references.loop_centroids(plain[1], labels, q["C"])
+        return references.naive_crp(g_s, g_t, c_s, c_t, tau)
+
+    with torch.no_grad():  # the first step of each, from the same banks, agrees
+        diffs["per-step library vs reference"] = _assert_close(
+            "CRP per step", library_step(), reference_step(), _tolerance(torch.float32))
+
+    rows = bench.compare({"library": step(library), "reference": step(reference),
+                          "library, per step (bank update + running sums)": step(library_step),
+                          "reference, per step (row write + class loop)": step(reference_step)},
                          samples=q["B"])
     return {"params": q, "dtype": str(dtype).replace("torch.", ""), "rows": rows,
             "max_rel_diff": diffs}

@@ -56,8 +56,8 @@ class CRCKDLoss(nn.Module):
         teacher_dim: size of the teacher feature ``f_T``.
         embed_dim: ``d`` (128).
         num_positives: ``P`` (20), at most ``N``.
-        num_negatives: ``K`` (4096), at most ``N``; other-class rows are drawn with
-            replacement for classes that have fewer than ``K`` of them.
+        num_negatives: ``K`` (4096); other-class rows are drawn with replacement for classes
+            that have fewer than ``K`` of them, and a ``K`` above ``N`` warns.
         temperature: ``tau`` for both CCD and CRP (0.07).
         momentum: bank momentum ``m`` (0.5).
         ccd_weight: :math:`\lambda_{CCD}` (0.1).
@@ -112,12 +112,12 @@ class CRCKDLoss(nn.Module):
         self.teacher_head = EmbeddingHead(teacher_dim, embed_dim)
         self.student_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes)
         self.teacher_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes)
-        for name, value in (("num_positives", num_positives), ("num_negatives", num_negatives)):
-            if isinstance(value, int) and value > self.student_bank.size:
-                raise ValueError(
-                    f"{name}={value} is larger than the bank ({self.student_bank.size} rows, "
-                    f"one per label); use at most {self.student_bank.size}"
-                )
+        if isinstance(num_positives, int) and num_positives > self.student_bank.size:
+            raise ValueError(
+                f"num_positives={num_positives} is larger than the bank "
+                f"({self.student_bank.size} rows, one per label); use at most "
+                f"{self.student_bank.size}"
+            )
         self.ccd = ClassGuidedContrastiveLoss(
             num_positives,
             num_negatives,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -248,8 +249,9 @@ class MomentumMemoryBank(nn.Module):
           ``O(B x N)`` random numbers per call.
 
         Raises:
-            ValueError: ``P`` or ``K`` larger than the bank, indices out of range, an unknown
-                ``sampler``.
+            ValueError: ``P`` larger than the bank, indices out of range, an unknown
+                ``sampler``. A ``K`` larger than the bank only warns: the draws then repeat
+                rows, as the released code's do on APTOS.
 
         Args:
             indices: ``[B]`` dataset indices of the anchors.
@@ -264,12 +266,19 @@ class MomentumMemoryBank(nn.Module):
         indices = self._check_indices(indices)
         check_positive_int("num_positives", num_positives)
         check_positive_int("num_negatives", num_negatives)
-        for name, value in (("num_positives", num_positives), ("num_negatives", num_negatives)):
-            if value > self.size:
-                raise ValueError(
-                    f"{name}={value} is larger than the bank ({self.size} rows): every row "
-                    f"would be drawn more than once; use at most {self.size}"
-                )
+        if num_positives > self.size:
+            raise ValueError(
+                f"num_positives={num_positives} is larger than the bank ({self.size} rows); "
+                f"use at most {self.size}"
+            )
+        if num_negatives > self.size:
+            # Allowed (the paper's K = 4096 on a 2,930-image APTOS fold), but worth a word: no
+            # anchor can have K distinct negatives, so every set repeats rows.
+            warnings.warn(
+                f"num_negatives={num_negatives} is larger than the bank ({self.size} rows): "
+                "every anchor's negatives repeat rows (drawn with replacement)",
+                stacklevel=2,
+            )
         if sampler == "shuffle":
             return self._sample_shuffle(indices, num_positives, num_negatives, generator)
         if sampler == "independent":

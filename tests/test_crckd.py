@@ -114,8 +114,8 @@ def test_bad_arguments():
     labels = torch.arange(30) % 3
     with pytest.raises(ValueError, match="ccd_weight"):
         CRCKDLoss(labels, 4, 4, ccd_weight=-1)
-    with pytest.raises(ValueError, match=r"num_negatives=4096 is larger than the bank \(30 rows"):
-        CRCKDLoss(labels, 4, 4)
+    with pytest.raises(ValueError, match=r"num_positives=31 is larger than the bank \(30 rows"):
+        CRCKDLoss(labels, 4, 4, num_positives=31, num_negatives=5)
     crckd = CRCKDLoss(labels, 4, 4, embed_dim=4, num_positives=2, num_negatives=5)
     with pytest.raises(ValueError, match="one batch size"):
         crckd(torch.randn(3, 4), torch.randn(2, 4), torch.arange(3))

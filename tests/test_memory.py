@@ -236,8 +236,16 @@ def test_bad_sample_arguments():
         bank.sample(torch.tensor([0]), 2, 3, sampler="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 200\)"):
         bank.sample(torch.tensor([200]), 2, 3)
-    with pytest.raises(ValueError, match=r"num_negatives=201 is larger than the bank \(200 rows\)"):
-        bank.sample(torch.tensor([0]), 2, 201)
+    with pytest.raises(ValueError, match=r"num_positives=201 is larger than the bank \(200 rows\)"):
+        bank.sample(torch.tensor([0]), 201, 2)
+
+
+def test_more_negatives_than_rows_warns_and_repeats():
+    bank = MomentumMemoryBank(imbalanced_labels(), dim=8)
+    anchors = torch.tensor([0, 1, 2])
+    with pytest.warns(UserWarning, match=r"num_negatives=300 is larger than the bank"):
+        idx = bank.sample(anchors, 3, 300)
+    check_sample(bank, anchors, idx, 3, 300)
 
 
 def test_compile_fullgraph_traces_bank_ops():

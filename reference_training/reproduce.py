@@ -1,0 +1,117 @@
+"""Runs the reproduction grid (docs/reproduction.md) and collects what the docs page shows.
+
+Each (dataset, method, recipe, seed) is one ``train.py`` run under ``--runs``, with the same
+settings file for every method. A run whose folder already holds ``summary.json`` is kept, and
+an interrupted one resumes from its last checkpoint, so the grid can be run in pieces::
+
+    python reference_training/reproduce.py --data-root DATA --datasets ham10000 aptos \\
+        --methods baseline mt crckd --seeds 2020 2021 2022
+
+``DATA`` holds ``ham10000_200x150/`` and ``aptos2019_128x128/`` (or pass ``--ham-dir`` and
+``--aptos-dir``). Afterwards ``--collect`` copies every run's ``summary.json`` (and the plots
+of seed ``--plot-seed``) under ``docs/reproduction_runs/`` and writes the tables with
+``compare.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS_RUNS = ROOT / "docs" / "reproduction_runs"
+PLOTS = ("metrics.png", "losses.png", "confusion_test.png", "embedding_test.png")
+
+
+def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, seed: int) -> Path:
+    """Train one grid point (or resume it); returns its run folder."""
+    out = Path(args.runs) / dataset / f"{method}-{recipe}-s{seed}"
+    if (out / "summary.json").is_file():
+        print(f"[keep] {out}", flush=True)
+        return out
+    data_dir = args.ham_dir if dataset == "ham10000" else args.aptos_dir
+    cmd = [sys.executable, str(ROOT / "reference_training" / "train.py"),
+           "--dataset", dataset, "--data-dir", str(data_dir), "--method", method,
+           "--recipe", recipe, "--seed", str(seed), "--config", args.config,
+           "--no-progress"]
+    cmd += ["--resume", str(out)] if (out / "last.pt").is_file() else ["--out", str(out)]
+    if dataset == "aptos":
+        cmd += ["--fold", str(args.fold)]
+    print(f"[run ] {' '.join(cmd[1:])}", flush=True)
+    start = time.time()
+    subprocess.run(cmd, check=True)
+    print(f"[done] {out} in {time.time() - start:.0f} s", flush=True)
+    return out
+
+
+def collect(args: argparse.Namespace) -> None:
+    """Copy summaries (and one seed's plots) into the docs and write the tables."""
+    runs = sorted(Path(args.runs).glob("*/*/summary.json"))
+    if not runs:
+        raise SystemExit(f"no finished runs under {args.runs}")
+    for summary in runs:
+        run = summary.parent
+        dest = DOCS_RUNS / run.parent.name / run.name
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(summary, dest / "summary.json")
+        if run.name.endswith(f"-s{args.plot_seed}"):
+            for name in PLOTS:
+                if (run / name).is_file():
+                    shutil.copy2(run / name, dest / name)
+    from reference_training.compare import compare
+
+    for dataset_dir in sorted(p for p in DOCS_RUNS.iterdir() if p.is_dir()):
+        folders = sorted(p for p in dataset_dir.iterdir() if (p / "summary.json").is_file())
+        for protocol in ("last", "best"):
+            table = compare(folders, protocol)
+            (dataset_dir / f"table_{protocol}.md").write_text(table + "\n", encoding="utf-8")
+    print(f"collected {len(runs)} runs under {DOCS_RUNS.relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", help="folder holding ham10000_200x150/ and aptos2019_128x128/")
+    p.add_argument("--ham-dir")
+    p.add_argument("--aptos-dir")
+    p.add_argument("--datasets", nargs="+", default=["ham10000", "aptos"],
+                   choices=("ham10000", "aptos"))
+    p.add_argument("--methods", nargs="+",
+                   default=["baseline", "mt", "crd", "ccd", "crp", "crckd"])
+    p.add_argument("--recipes", nargs="+", default=["paper"], choices=("paper", "released-code"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[2020])
+    p.add_argument("--fold", default="1")
+    p.add_argument("--config", default=str(ROOT / "reference_training" / "configs" /
+                                           "cpu_scale.json"))
+    p.add_argument("--runs", default=str(ROOT / "runs" / "reproduction"))
+    p.add_argument("--collect", action="store_true", help="only collect finished runs")
+    p.add_argument("--plot-seed", type=int, default=2020)
+    args = p.parse_args(argv)
+    if args.collect:
+        collect(args)
+        return
+    root = Path(args.data_root) if args.data_root else None
+    args.ham_dir = args.ham_dir or (root / "ham10000_200x150" if root else None)
+    args.aptos_dir = args.aptos_dir or (root / "aptos2019_128x128" if root else None)
+    for dataset in args.datasets:
+        if (args.ham_dir if dataset == "ham10000" else args.aptos_dir) is None:
+            p.error(f"--data-root or --{'ham' if dataset == 'ham10000' else 'aptos'}-dir needed")
+    timings = {}
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            for recipe in args.recipes:
+                for method in args.methods:
+                    start = time.time()
+                    run_one(args, dataset, method, recipe, seed)
+                    timings[f"{dataset}/{method}-{recipe}-s{seed}"] = round(time.time() - start)
+    print(json.dumps(timings, indent=1))
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        sys.path.insert(0, str(ROOT))
+    main()
