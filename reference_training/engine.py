@@ -342,8 +342,12 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
     local = batch_sampler.batch_size // world
     last_probs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     t0 = time.time()
+    # Kept out of metrics.csv, which must not depend on timing or on where a run resumed.
+    epoch_seconds: list[float] = []
+    test_recalls: dict[int, list[float]] = {}
     global_step = start_epoch * steps_per_epoch + start_step
     for epoch in range(start_epoch, config["epochs"]):
+        epoch_start = time.time()
         weights = cfgmod.loss_weights(config, epoch)
         first = start_step if epoch == start_epoch else 0
         if first == 0:
@@ -420,6 +424,8 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
                 raise TrainingInterrupted(f"stopped after {global_step} steps")
         if hasattr(bar, "close"):
             bar.close()
+        if first == 0:
+            epoch_seconds.append(time.time() - epoch_start)
 
         row: dict[str, float] = {"epoch": float(epoch + 1)}
         n = max(meters.get("n", 1.0), 1.0)
@@ -435,6 +441,10 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
             last_probs[part] = (probs, feats)
             for m, v in compute_metrics(part_labels, probs.numpy(), num_classes).items():
                 row[f"{part}_{m}"] = v
+            if part == "test":
+                matrix = confusion(part_labels, probs.numpy(), num_classes)
+                test_recalls[epoch + 1] = [float(matrix[c, c] / max(matrix[c].sum(), 1))
+                                           for c in range(num_classes)]
         history.append(row)
         score = row.get(f"val_{config['select_metric']}", -math.inf)
         if rank == 0:
@@ -460,6 +470,9 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
         "epochs": config["epochs"], "num_negatives": num_negatives,
         "train_seconds_this_session": time.time() - t0, "world_size": world,
         "classes": list(classes),
+        "train_seconds_per_epoch": (float(np.mean(epoch_seconds)) if epoch_seconds
+                                    else None),
+        "test_recall_per_class": _recall_summary(test_recalls, summary, classes),
         "notes": _notes(history, eval_sets, classes),
     })
     if rank == 0:
@@ -503,6 +516,20 @@ def _notes(history: list[dict[str, float]], eval_sets: dict[str, Any],
     if "val" not in eval_sets:
         notes.append("no validation split: only the last-epochs protocol is reported")
     return notes
+
+
+def _recall_summary(recalls: dict[int, list[float]], summary: dict[str, Any],
+                    classes: tuple[str, ...]) -> dict[str, Any]:
+    """Per-class test recall: mean over the protocol's last epochs (those this session saw)
+    and at the best validation epoch, for the imbalance claims of the results page."""
+    out: dict[str, Any] = {}
+    last = [recalls[e] for e in summary["last_epochs"]["epochs"] if e in recalls]
+    if last:
+        out["last_epochs"] = dict(zip(classes, np.mean(last, axis=0).tolist(), strict=True))
+    best = summary.get("best_on_val")
+    if best and best["epoch"] in recalls:
+        out["best_on_val"] = dict(zip(classes, recalls[best["epoch"]], strict=True))
+    return out
 
 
 def _final_plots(history: list[dict[str, float]],

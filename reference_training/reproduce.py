@@ -49,6 +49,22 @@ def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, se
     return out
 
 
+def recall_time_table(folders: list[Path]) -> str:
+    """Per-class test recall (mean of the last epochs) and training seconds per epoch, one
+    row per run, so the rare classes and the cost of each method can be read side by side."""
+    rows = [json.loads((f / "summary.json").read_text(encoding="utf-8")) for f in folders]
+    classes = rows[0]["classes"]
+    head = ["run", *[f"recall {c}" for c in classes], "s/epoch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for folder, s in zip(folders, rows, strict=True):
+        recall = s.get("test_recall_per_class", {}).get("last_epochs", {})
+        cells = [f"{100 * recall[c]:.1f}" if c in recall else "n/a" for c in classes]
+        seconds = s.get("train_seconds_per_epoch")
+        cells.append(f"{seconds:.0f}" if seconds else "n/a")
+        lines.append("| " + " | ".join([folder.name, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def collect(args: argparse.Namespace) -> None:
     """Copy summaries (and one seed's plots) into the docs and write the tables."""
     runs = sorted(Path(args.runs).glob("*/*/summary.json"))
@@ -70,6 +86,8 @@ def collect(args: argparse.Namespace) -> None:
         for protocol in ("last", "best"):
             table = compare(folders, protocol)
             (dataset_dir / f"table_{protocol}.md").write_text(table + "\n", encoding="utf-8")
+        (dataset_dir / "table_recall_time.md").write_text(
+            recall_time_table(folders) + "\n", encoding="utf-8")
     print(f"collected {len(runs)} runs under {DOCS_RUNS.relative_to(ROOT)}")
 
 
