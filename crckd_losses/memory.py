@@ -277,7 +277,7 @@ class MomentumMemoryBank(nn.Module):
             warnings.warn(
                 f"num_negatives={num_negatives} is larger than the bank ({self.size} rows): "
                 "every anchor's negatives repeat rows (drawn with replacement)",
-                stacklevel=2,
+                stacklevel=3,  # past torch.no_grad's wrapper, to the caller of sample()
             )
         if sampler == "shuffle":
             return self._sample_shuffle(indices, num_positives, num_negatives, generator)
