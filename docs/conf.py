@@ -37,7 +37,7 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 # _generated/ holds copied benchmark results: included by benchmarks.md, never pages of their own.
-exclude_patterns = ["_build", "_scripts", "_generated", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_scripts", "_generated", "reproduction_runs", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []
 html_static_path = ["_static"]
 html_theme = "alabaster"

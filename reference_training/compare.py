@@ -69,7 +69,7 @@ def _nanmean(values: list[float]) -> float:
 def _nanstd(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     if len(finite) < 2:
-        return math.nan if not finite else 0.0
+        return math.nan  # a spread needs two runs; one run shows its value alone
     mean = sum(finite) / len(finite)
     return math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
 
