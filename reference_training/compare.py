@@ -18,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from reference_training.config import METHODS  # noqa: E402
 from reference_training.metrics import METRICS, format_table  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def compare(run_dirs: list[str | Path], protocol: str = "last") -> str:
     """The markdown table for ``run_dirs`` (``protocol``: ``"last"`` epochs mean or ``"best"``
     on validation), metrics in %, mean ± std over the runs of a group, ``n`` runs."""
     groups: dict[str, list[dict[str, float]]] = {}
-    for s in load_summaries(run_dirs):
+    for s in sorted(load_summaries(run_dirs), key=run_order):
         name = f"{s['dataset']} / {s['method']} / {s['recipe']} / {s['model']}"
         groups.setdefault(name, []).append(_metrics_of(s, protocol))
     means, stds = {}, {}
@@ -59,6 +60,15 @@ def compare(run_dirs: list[str | Path], protocol: str = "last") -> str:
     title = ("test, mean of the last epochs (paper protocol)" if protocol == "last"
              else "test at the best validation epoch")
     return f"{title}; mean ± std over runs, in %\n\n" + format_table(means, stds=stds)
+
+
+def run_order(summary: dict) -> tuple:
+    """Sort key: dataset, then the methods in the paper's order (baseline, MT, ablations,
+    CRCKD), recipe, model, seed, fold."""
+    method = summary["method"]
+    rank = METHODS.index(method) if method in METHODS else len(METHODS)
+    return (summary["dataset"], rank, method, summary["recipe"], summary["model"],
+            summary.get("seed") or 0, summary.get("fold") or 0)
 
 
 def _nanmean(values: list[float]) -> float:

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_RUNS = ROOT / "docs" / "reproduction_runs"
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from reference_training.compare import compare, load_summaries, run_order  # noqa: E402
+
 PLOTS = ("metrics.png", "losses.png", "confusion_test.png", "embedding_test.png")
 
 
@@ -49,20 +56,77 @@ def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, se
     return out
 
 
-def recall_time_table(folders: list[Path]) -> str:
-    """Per-class test recall (mean of the last epochs) and training seconds per epoch, one
-    row per run, so the rare classes and the cost of each method can be read side by side."""
-    rows = [json.loads((f / "summary.json").read_text(encoding="utf-8")) for f in folders]
-    classes = rows[0]["classes"]
-    head = ["run", *[f"recall {c}" for c in classes], "s/epoch"]
+def _group_name(s: dict[str, Any]) -> str:
+    return f"{s['method']} / {s['recipe']}"
+
+
+def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std`` (sample std; the mean alone for one value), ``n/a`` for none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "n/a"
+    mean = sum(finite) / len(finite)
+    text = f"{scale * mean:.{digits}f}"
+    if len(finite) > 1:
+        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+        text += f" ± {scale * std:.{digits}f}"
+    return text
+
+
+def recall_time_table(summaries: list[dict[str, Any]]) -> str:
+    """Per-class test recall (mean of the last epochs) and training seconds per epoch, one row
+    per method and recipe (mean ± std over its seeds), so the rare classes and the cost of
+    each method can be read side by side."""
+    summaries = sorted(summaries, key=run_order)
+    classes = summaries[0]["classes"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        groups.setdefault(_group_name(s), []).append(s)
+    head = ["method / recipe", "n", *[f"recall {c}" for c in classes], "s/epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for folder, s in zip(folders, rows, strict=True):
-        recall = s.get("test_recall_per_class", {}).get("last_epochs", {})
-        cells = [f"{100 * recall[c]:.1f}" if c in recall else "n/a" for c in classes]
-        seconds = s.get("train_seconds_per_epoch")
-        cells.append(f"{seconds:.0f}" if seconds else "n/a")
-        lines.append("| " + " | ".join([folder.name, *cells]) + " |")
+    for name, runs in groups.items():
+        recalls = [r.get("test_recall_per_class", {}).get("last_epochs", {}) for r in runs]
+        cells = [_mean_std([rec[c] for rec in recalls if c in rec]) for c in classes]
+        cells.append(_mean_std([r.get("train_seconds_per_epoch") for r in runs], 1.0, 0))
+        lines.append("| " + " | ".join([name, str(len(runs)), *cells]) + " |")
     return "\n".join(lines)
+
+
+PAIRS = (("mt", "baseline"), ("crckd", "mt"), ("crckd", "baseline"))
+PAIR_METRICS = ("balanced_accuracy", "f1", "auc")
+
+
+def paired_table(summaries: list[dict[str, Any]], protocol: str = "last") -> str:
+    """Method against method, seed by seed (the same seed gives both runs the same split,
+    initial weights and batch order): the mean ± std of the difference in test metrics, in
+    points, and on how many seeds the first method is ahead. Paper recipe only; ``""`` when
+    no pair of runs shares a seed."""
+    by_key: dict[tuple[str, int], dict[str, float]] = {}
+    for s in summaries:
+        if s["recipe"] != "paper":
+            continue
+        source = (s["last_epochs"]["test"] if protocol == "last"
+                  else (s.get("best_on_val") or {}).get("test"))
+        if source:
+            by_key[(s["method"], int(s["seed"]))] = source
+    head = ["comparison", "seeds", *[f"Δ {m}" for m in PAIR_METRICS],
+            *[f"ahead on {m}" for m in PAIR_METRICS[:2]]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a, b in PAIRS:
+        seeds = sorted(seed for (m, seed) in by_key if m == a and (b, seed) in by_key)
+        if not seeds:
+            continue
+        deltas = {m: [by_key[(a, k)][m] - by_key[(b, k)][m] for k in seeds]
+                  for m in PAIR_METRICS}
+        cells = [_signed(deltas[m]) for m in PAIR_METRICS]
+        cells += [f"{sum(d > 0 for d in deltas[m])}/{len(seeds)}" for m in PAIR_METRICS[:2]]
+        lines.append("| " + " | ".join([f"{a} − {b}", str(len(seeds)), *cells]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _signed(values: list[float]) -> str:
+    text = _mean_std(values, 100.0, 1)
+    return text if text.startswith("-") else "+" + text
 
 
 def collect(args: argparse.Namespace) -> None:
@@ -79,15 +143,20 @@ def collect(args: argparse.Namespace) -> None:
             for name in PLOTS:
                 if (run / name).is_file():
                     shutil.copy2(run / name, dest / name)
-    from reference_training.compare import compare
-
     for dataset_dir in sorted(p for p in DOCS_RUNS.iterdir() if p.is_dir()):
         folders = sorted(p for p in dataset_dir.iterdir() if (p / "summary.json").is_file())
+        summaries = load_summaries(folders)
         for protocol in ("last", "best"):
             table = compare(folders, protocol)
             (dataset_dir / f"table_{protocol}.md").write_text(table + "\n", encoding="utf-8")
+            paired = paired_table(summaries, protocol)
+            target = dataset_dir / f"table_paired_{protocol}.md"
+            if paired:
+                target.write_text(paired + "\n", encoding="utf-8")
+            else:
+                target.unlink(missing_ok=True)
         (dataset_dir / "table_recall_time.md").write_text(
-            recall_time_table(folders) + "\n", encoding="utf-8")
+            recall_time_table(summaries) + "\n", encoding="utf-8")
     print(f"collected {len(runs)} runs under {DOCS_RUNS.relative_to(ROOT)}")
 
 
@@ -130,6 +199,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):
-        sys.path.insert(0, str(ROOT))
     main()

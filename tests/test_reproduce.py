@@ -1,0 +1,56 @@
+"""The reproduction page's tables: grouping, ordering and seed-paired differences."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reference_training.compare import compare  # noqa: E402
+from reference_training.metrics import METRICS  # noqa: E402
+from reference_training.reproduce import paired_table, recall_time_table  # noqa: E402
+
+
+def _summary(method: str, seed: int, bal: float, f1: float, recipe: str = "paper",
+             seconds: float = 10.0) -> dict:
+    test = {m: 0.5 for m in METRICS}
+    test.update({"balanced_accuracy": bal, "f1": f1, "auc": 0.9})
+    return {"dataset": "aptos", "method": method, "recipe": recipe,
+            "model": "m", "seed": seed, "fold": 1, "classes": ["a", "b"],
+            "last_epochs": {"epochs": [7, 8], "test": test}, "best_on_val": None,
+            "test_recall_per_class": {"last_epochs": {"a": bal, "b": f1}},
+            "train_seconds_per_epoch": seconds}
+
+
+def test_paired_table_differences_and_wins() -> None:
+    runs = [_summary("baseline", 1, 0.50, 0.40), _summary("baseline", 2, 0.60, 0.50),
+            _summary("mt", 1, 0.52, 0.38), _summary("mt", 2, 0.64, 0.46),
+            _summary("mt", 3, 0.99, 0.99),  # no baseline with seed 3: left out of the pair
+            _summary("crckd", 1, 0.55, 0.45, recipe="released-code")]  # not the paper recipe
+    table = paired_table(runs)
+    rows = [line for line in table.splitlines() if line.startswith("| mt − baseline")]
+    # balanced accuracy: +2 and +4 points -> mean +3.0, std 1.4; F1: -2 and -4 -> -3.0 ± 1.4
+    assert rows == ["| mt − baseline | 2 | +3.0 ± 1.4 | -3.0 ± 1.4 | +0.0 ± 0.0 | 2/2 | 0/2 |"]
+    assert "crckd" not in table
+    assert paired_table([_summary("baseline", 1, 0.5, 0.4)]) == ""
+
+
+def test_recall_time_table_groups_seeds_in_method_order() -> None:
+    runs = [_summary("crckd", 1, 0.5, 0.4, seconds=12), _summary("baseline", 1, 0.2, 0.4),
+            _summary("crckd", 2, 0.7, 0.4, seconds=14)]
+    lines = recall_time_table(runs).splitlines()
+    assert lines[2].startswith("| baseline / paper | 1 | 20.0 | 40.0 | 10 |")
+    assert lines[3] == "| crckd / paper | 2 | 60.0 ± 14.1 | 40.0 ± 0.0 | 13 ± 1 |"
+
+
+def test_compare_orders_methods_as_the_paper(tmp_path: Path) -> None:
+    for i, (method, seed) in enumerate([("crckd", 1), ("mt", 1), ("baseline", 1), ("crp", 1)]):
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps(_summary(method, seed, 0.5, 0.5)))
+    table = compare(sorted(tmp_path.iterdir()))
+    order = [line.split(" / ")[1] for line in table.splitlines() if line.startswith("| aptos")]
+    assert order == ["baseline", "mt", "crp", "crckd"]
