@@ -56,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
     "centroid_relu": True,
     "fold": None,  # APTOS: 1..5 or "all"
     "cv_seed": 2020,
+    # APTOS: hold out this share of the training fold (stratified) as a validation part, to
+    # compare settings without the test fold; null (the paper) trains on the whole fold.
+    "val_fraction": None,
     "split_seed": 2020,
     "split_file": None,
     "max_images": None,  # a group-stratified subset of the data, for short checks

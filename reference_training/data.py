@@ -253,20 +253,28 @@ def split_grouped(records: Records, seed: int) -> dict[str, np.ndarray]:
     return {"train": np.sort(rest[train]), "val": np.sort(rest[val]), "test": np.sort(test)}
 
 
-def split_folds(records: Records, fold: int, seed: int = 2020,
-                num_folds: int = 5) -> dict[str, np.ndarray]:
+def split_folds(records: Records, fold: int, seed: int = 2020, num_folds: int = 5,
+                val_fraction: float | None = None) -> dict[str, np.ndarray]:
     """APTOS's 5-fold stratified CV (shuffle, seed 2020): fold ``fold`` (1-based) is the test set.
 
-    There is no validation part (the paper has none); the summary then reports only the
-    last-11-epoch protocol.
+    By default there is no validation part (the paper has none); the summary then reports
+    only the last-11-epoch protocol. ``val_fraction`` (in (0, 0.5]) holds out that share of
+    the fold's training part, stratified by class, as a validation part, so that settings
+    can be compared without looking at the test fold. The test fold is unchanged.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold, train_test_split
 
     if not 1 <= fold <= num_folds:
         raise ValueError(f"fold must be in 1..{num_folds}, got {fold}")
     folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
     train, test = list(folds.split(np.zeros(len(records)), records.labels))[fold - 1]
-    return {"train": np.sort(train), "test": np.sort(test)}
+    if not val_fraction:
+        return {"train": np.sort(train), "test": np.sort(test)}
+    if not 0 < val_fraction <= 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
+    train, val = train_test_split(train, test_size=val_fraction, random_state=seed,
+                                  stratify=records.labels[train])
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
 def write_split(path: Path, records: Records, split: dict[str, np.ndarray]) -> None:

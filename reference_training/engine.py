@@ -230,7 +230,8 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
     if config["split_file"]:
         split = datamod.read_split(config["split_file"], records)
     elif config["dataset"] == "aptos":
-        split = datamod.split_folds(records, int(config["fold"] or 1), config["cv_seed"])
+        split = datamod.split_folds(records, int(config["fold"] or 1), config["cv_seed"],
+                                    val_fraction=config["val_fraction"])
     else:
         split = datamod.split_grouped(records, config["split_seed"])
     datamod.check_split(records, split)

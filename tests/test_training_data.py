@@ -98,6 +98,18 @@ def test_aptos_folds_cover_everything_once(tmp_path: Path) -> None:
         datamod.split_folds(records, 6)
 
 
+def test_aptos_inner_validation_comes_from_the_training_fold_only(tmp_path: Path) -> None:
+    records = datamod.read_aptos(make_aptos(tmp_path / "aptos"))
+    plain = datamod.split_folds(records, 2)
+    inner = datamod.split_folds(records, 2, val_fraction=0.2)
+    assert np.array_equal(inner["test"], plain["test"])  # the test fold is untouched
+    assert sorted(np.concatenate([inner["train"], inner["val"]]).tolist()) == \
+        plain["train"].tolist()
+    assert abs(len(inner["val"]) - 0.2 * len(plain["train"])) <= 1
+    with pytest.raises(ValueError, match="val_fraction"):
+        datamod.split_folds(records, 2, val_fraction=0.9)
+
+
 def test_bad_data_fails_fast_naming_the_problem(tmp_path: Path) -> None:
     root = make_ham(tmp_path / "ham", "images")
     csv_path = root / "HAM10000_metadata.csv"
