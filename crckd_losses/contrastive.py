@@ -19,9 +19,8 @@ from ._checks import (
     check_reduction,
     check_same_device,
     check_unit_interval,
-    reduce,
 )
-from .functional import ScorePath, _nce_per_sample, _scores
+from .functional import ScorePath, _ccd_pair
 from .memory import MomentumMemoryBank, Sampler
 
 Normalizer = Literal["first_batch", "ema"]
@@ -217,14 +216,16 @@ class ClassGuidedContrastiveLoss(nn.Module):
         check_finite("student_emb", student_emb)
         check_finite("teacher_emb", teacher_emb)
         bank_size = student_bank.size
-        sample_indices = sample_indices.long()
-        u_s = _scores(student_emb, teacher_bank.memory, sample_indices, self.temperature, self.path)
-        u_t = _scores(teacher_emb, student_bank.memory, sample_indices, self.temperature, self.path)
-        log_z = self._normalizer(u_s, u_t, bank_size)
-        noise = self.num_negatives / bank_size
-        loss_s = _nce_per_sample(u_s, log_z[0], noise, self.num_positives)
-        loss_t = _nce_per_sample(u_t, log_z[1], noise, self.num_positives)
-        return CCDTerms(reduce(loss_s, self.reduction), reduce(loss_t, self.reduction))
+
+        def normalizers(u_s: torch.Tensor, u_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            log_z = self._normalizer(u_s, u_t, bank_size)
+            return log_z[0], log_z[1]
+
+        return CCDTerms(*_ccd_pair(
+            student_emb, teacher_emb, student_bank.memory, teacher_bank.memory,
+            sample_indices.long(), self.num_positives, self.temperature, self.path,
+            normalizers, self.reduction,
+        ))
 
     @torch.no_grad()
     def _normalizer(self, u_s: torch.Tensor, u_t: torch.Tensor, bank_size: int) -> torch.Tensor:

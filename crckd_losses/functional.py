@@ -11,7 +11,8 @@ so they stay finite under float16/bfloat16 autocast.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from ._checks import (
 )
 
 ScorePath = Literal["auto", "dense", "gather"]
+LogZ: TypeAlias = "torch.Tensor | float"
 
 #: The dense path (one ``B x N`` matmul, then a gather of the sampled columns) is taken while
 #: ``N <= DENSE_PATH_FACTOR * (P + K)``. Past that, gathering the ``B x (P+K) x d`` rows costs
@@ -126,6 +128,12 @@ def contrastive_scores(
         >>> contrastive_scores(g, bank, idx).shape
         torch.Size([4, 6])
     """
+    _check_score_args(anchor, memory, sample_indices, temperature, path)
+    return _scores(anchor, memory, sample_indices.long(), temperature, path)
+
+
+def _check_score_args(anchor: torch.Tensor, memory: torch.Tensor, sample_indices: torch.Tensor,
+                      temperature: float, path: str) -> None:
     check_float("anchor", anchor, 2)
     check_float("memory", memory, 2)
     check_index("sample_indices", sample_indices, 2)
@@ -144,7 +152,6 @@ def contrastive_scores(
         raise ValueError(f"path must be 'auto', 'dense' or 'gather', got {path!r}")
     check_positive_float("temperature", temperature)
     check_range("sample_indices", sample_indices, memory.shape[0])
-    return _scores(anchor, memory, sample_indices.long(), temperature, path)
 
 
 def _scores(
@@ -326,16 +333,43 @@ def class_guided_contrastive_loss(
             f"sample_indices has {sample_indices.shape[1]} columns; need num_positives="
             f"{num_positives} plus at least one negative"
         )
-    noise = num_negatives / bank_size
-    u_s = contrastive_scores(student_emb, teacher_memory, sample_indices, temperature, path)
-    u_t = _scores(teacher_emb, student_memory, sample_indices.long(), temperature, path)
-    if student_log_normalizer is None:
-        student_log_normalizer = estimate_log_normalizer(u_s, bank_size)
-    if teacher_log_normalizer is None:
-        teacher_log_normalizer = estimate_log_normalizer(u_t, bank_size)
-    loss_s = nce_loss(u_s, student_log_normalizer, noise, num_positives, reduction)
-    loss_t = nce_loss(u_t, teacher_log_normalizer, noise, num_positives, reduction)
-    return loss_s, loss_t
+    _check_score_args(student_emb, teacher_memory, sample_indices, temperature, path)
+    check_reduction(reduction)
+
+    def normalizers(u_s: torch.Tensor, u_t: torch.Tensor) -> tuple[LogZ, LogZ]:
+        return (estimate_log_normalizer(u_s, bank_size) if student_log_normalizer is None
+                else student_log_normalizer,
+                estimate_log_normalizer(u_t, bank_size) if teacher_log_normalizer is None
+                else teacher_log_normalizer)
+
+    return _ccd_pair(student_emb, teacher_emb, student_memory, teacher_memory,
+                     sample_indices.long(), num_positives, temperature, path, normalizers,
+                     reduction)
+
+
+
+def _ccd_pair(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    student_memory: torch.Tensor,
+    teacher_memory: torch.Tensor,
+    sample_indices: torch.Tensor,
+    num_positives: int,
+    temperature: float,
+    path: ScorePath,
+    normalizers: Callable[[torch.Tensor, torch.Tensor], tuple[LogZ, LogZ]],
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Both CCD directions from checked arguments (long ``sample_indices``): the scores of
+    each, :math:`\log Z` of each from ``normalizers(u_s, u_t)``, then the NCE terms. Shared by
+    :func:`class_guided_contrastive_loss` and :class:`~crckd_losses.ClassGuidedContrastiveLoss`,
+    which keeps its own :math:`Z`."""
+    u_s = _scores(student_emb, teacher_memory, sample_indices, temperature, path)
+    u_t = _scores(teacher_emb, student_memory, sample_indices, temperature, path)
+    log_z_s, log_z_t = normalizers(u_s, u_t)
+    noise = (sample_indices.shape[1] - num_positives) / student_memory.shape[0]
+    return (reduce(_nce_per_sample(u_s, log_z_s, noise, num_positives), reduction),
+            reduce(_nce_per_sample(u_t, log_z_t, noise, num_positives), reduction))
 
 
 def class_centroids(
