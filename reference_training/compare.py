@@ -3,8 +3,9 @@
 Usage::
 
     python reference_training/compare.py runs/a runs/b ... [--out table.md] [--protocol last|best]
+        [--part test|val]
 
-Runs are grouped by (dataset, method, recipe, model); each group is one row.
+Runs are grouped by (dataset, method, recipe, model, tag); each group is one row.
 """
 
 from __future__ import annotations
@@ -36,29 +37,39 @@ def load_summaries(run_dirs: list[str | Path]) -> list[dict]:
     return summaries
 
 
-def _metrics_of(summary: dict, protocol: str) -> dict[str, float]:
+def metrics_of(summary: dict, protocol: str, part: str = "test") -> dict[str, float]:
+    """A run's metrics (fractions) under ``protocol`` (``"last"``/``"best"``) on ``part``
+    (``"test"``/``"val"``); NaN where the run has none (no validation split)."""
     if protocol == "best":
         best = summary.get("best_on_val")
-        source = best["test"] if best else {}
+        source = best[part] if best else {}
     else:
-        source = summary["last_epochs"]["test"]
+        source = summary["last_epochs"].get(part) or {}
     return {m: (math.nan if source.get(m) is None else float(source[m])) for m in METRICS}
 
 
-def compare(run_dirs: list[str | Path], protocol: str = "last") -> str:
+def group_name(summary: dict) -> str:
+    """Runs with one group name are pooled: dataset, method, recipe, model and tag."""
+    name = f"{summary['dataset']} / {summary['method']} / {summary['recipe']} / {summary['model']}"
+    return name + (f" / {summary['tag']}" if summary.get("tag") else "")
+
+
+def compare(run_dirs: list[str | Path], protocol: str = "last", part: str = "test") -> str:
     """The markdown table for ``run_dirs`` (``protocol``: ``"last"`` epochs mean or ``"best"``
-    on validation), metrics in %, mean ± std over the runs of a group, ``n`` runs."""
+    on validation; ``part``: the ``"test"`` or ``"val"`` metrics), in %, mean ± std over the
+    runs of a group, ``n`` runs."""
+    if part not in ("test", "val"):
+        raise ValueError(f"part must be 'test' or 'val', got {part!r}")
     groups: dict[str, list[dict[str, float]]] = {}
     for s in sorted(load_summaries(run_dirs), key=run_order):
-        name = f"{s['dataset']} / {s['method']} / {s['recipe']} / {s['model']}"
-        groups.setdefault(name, []).append(_metrics_of(s, protocol))
+        groups.setdefault(group_name(s), []).append(metrics_of(s, protocol, part))
     means, stds = {}, {}
     for name, rows in groups.items():
         label = f"{name} (n={len(rows)})"
         means[label] = {m: _nanmean([r[m] for r in rows]) for m in METRICS}
         stds[label] = {m: _nanstd([r[m] for r in rows]) for m in METRICS}
-    title = ("test, mean of the last epochs (paper protocol)" if protocol == "last"
-             else "test at the best validation epoch")
+    title = (f"{part}, mean of the last epochs (paper protocol)" if protocol == "last"
+             else f"{part} at the best validation epoch")
     return f"{title}; mean ± std over runs, in %\n\n" + format_table(means, stds=stds)
 
 
@@ -68,7 +79,7 @@ def run_order(summary: dict) -> tuple:
     method = summary["method"]
     rank = METHODS.index(method) if method in METHODS else len(METHODS)
     return (summary["dataset"], rank, method, summary["recipe"], summary["model"],
-            summary.get("seed") or 0, summary.get("fold") or 0)
+            summary.get("tag") or "", summary.get("seed") or 0, summary.get("fold") or 0)
 
 
 def _nanmean(values: list[float]) -> float:
@@ -89,8 +100,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("runs", nargs="+", help="run folders (or folders of fold runs)")
     parser.add_argument("--out", help="write the table to this markdown file")
     parser.add_argument("--protocol", choices=("last", "best"), default="last")
+    parser.add_argument("--part", choices=("test", "val"), default="test",
+                        help="report the test metrics (default) or the validation ones")
     args = parser.parse_args(argv)
-    table = compare(args.runs, args.protocol)
+    table = compare(args.runs, args.protocol, args.part)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n", encoding="utf-8")

@@ -74,6 +74,9 @@ DEFAULTS: dict[str, Any] = {
     "cache_dir": None,
     "eval_batch_size": 256,
     "progress": True,
+    # A free-text label for runs that change a setting (e.g. "val, EMA 0.9"); it is kept in
+    # summary.json and shown by compare, so such runs are never pooled with the plain ones.
+    "tag": None,
 }
 
 # The sample runs on 2 CPU cores in minutes: a small pretrained backbone, small images.

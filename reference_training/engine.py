@@ -467,7 +467,7 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
     summary = _summarise(history, config, has_val)
     summary.update({
         "dataset": config["dataset"], "method": config["method"], "recipe": config["recipe"],
-        "model": config["model"], "seed": seed, "fold": config["fold"],
+        "model": config["model"], "seed": seed, "fold": config["fold"], "tag": config["tag"],
         "epochs": config["epochs"], "num_negatives": num_negatives,
         "train_seconds_this_session": time.time() - t0, "world_size": world,
         "classes": list(classes),

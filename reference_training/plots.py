@@ -85,3 +85,30 @@ def plot_embedding(features: np.ndarray, labels: np.ndarray, classes: tuple[str,
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_method_curves(curves: dict[str, list[list[dict[str, float]]]], part: str,
+                       metrics: tuple[str, ...], path: Path, title: str = "") -> None:
+    """Per-epoch ``part`` metrics of several methods: the mean over each method's runs (line)
+    and their range (band). ``curves`` maps a label to its runs' ``metrics.csv`` rows."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        key = f"{part}_{metric}"
+        for label, runs in curves.items():
+            length = min(len(rows) for rows in runs)
+            values = np.array([[100 * float(r[key]) for r in rows[:length]] for rows in runs])
+            epochs = [int(float(r["epoch"])) for r in runs[0][:length]]
+            line, = ax.plot(epochs, values.mean(0), label=f"{label} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(),
+                                alpha=0.15)
+        ax.set_title(f"{part} {metric} (%)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

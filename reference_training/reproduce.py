@@ -16,8 +16,10 @@ of seed ``--plot-seed``) under ``docs/reproduction_runs/`` and writes the tables
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -30,14 +32,18 @@ DOCS_RUNS = ROOT / "docs" / "reproduction_runs"
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from reference_training.compare import compare, load_summaries, run_order  # noqa: E402
+from reference_training.compare import compare, group_name, load_summaries, run_order  # noqa: E402
+from reference_training.config import load_file  # noqa: E402
 
 PLOTS = ("metrics.png", "losses.png", "confusion_test.png", "embedding_test.png")
+CURVE_METRICS = ("balanced_accuracy", "f1", "auc")
 
 
 def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, seed: int) -> Path:
     """Train one grid point (or resume it); returns its run folder."""
-    out = Path(args.runs) / dataset / f"{method}-{recipe}-s{seed}"
+    tag = load_file(args.config).get("tag")
+    suffix = "-" + re.sub(r"[^A-Za-z0-9.]+", "-", tag).strip("-") if tag else ""
+    out = Path(args.runs) / dataset / f"{method}-{recipe}-s{seed}{suffix}"
     if (out / "summary.json").is_file():
         print(f"[keep] {out}", flush=True)
         return out
@@ -129,35 +135,72 @@ def _signed(values: list[float]) -> str:
     return text if text.startswith("-") else "+" + text
 
 
+def _read_history(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "metrics.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _curves(folders: list[Path]) -> dict[str, list[list[dict[str, str]]]]:
+    """Each run's ``metrics.csv`` rows, by group (method, recipe, tag), in method order."""
+    pairs = [(json.loads((f / "summary.json").read_text(encoding="utf-8")), f) for f in folders
+             if (f / "metrics.csv").is_file()]
+    curves: dict[str, list[list[dict[str, str]]]] = {}
+    for summary, folder in sorted(pairs, key=lambda p: run_order(p[0])):
+        label = group_name(summary).split(" / ", 1)[1].replace(f" / {summary['model']}", "")
+        curves.setdefault(label, []).append(_read_history(folder))
+    return curves
+
+
 def collect(args: argparse.Namespace) -> None:
-    """Copy summaries (and one seed's plots) into the docs and write the tables."""
+    """Copy summaries and metrics (and one seed's plots) into the docs; write the tables and
+    the method curves. Tagged runs (a setting changed, see ``tag``) get their own tables on the
+    validation part, and never enter the main tables."""
+    from reference_training import plots
+
     runs = sorted(Path(args.runs).glob("*/*/summary.json"))
     if not runs:
         raise SystemExit(f"no finished runs under {args.runs}")
     for summary in runs:
         run = summary.parent
-        dest = DOCS_RUNS / run.parent.name / run.name
+        dest = Path(args.docs_out) / run.parent.name / run.name
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy2(summary, dest / "summary.json")
-        if run.name.endswith(f"-s{args.plot_seed}"):
+        if (run / "metrics.csv").is_file():
+            shutil.copy2(run / "metrics.csv", dest / "metrics.csv")
+        if json.loads(summary.read_text(encoding="utf-8")).get("seed") == args.plot_seed:
             for name in PLOTS:
                 if (run / name).is_file():
                     shutil.copy2(run / name, dest / name)
-    for dataset_dir in sorted(p for p in DOCS_RUNS.iterdir() if p.is_dir()):
+    for dataset_dir in sorted(p for p in Path(args.docs_out).iterdir() if p.is_dir()):
         folders = sorted(p for p in dataset_dir.iterdir() if (p / "summary.json").is_file())
         summaries = load_summaries(folders)
+        main = [f for f, s in zip(folders, summaries, strict=True) if not s.get("tag")]
+        tagged = [f for f, s in zip(folders, summaries, strict=True) if s.get("tag")]
+        main_summaries = [s for s in summaries if not s.get("tag")]
         for protocol in ("last", "best"):
-            table = compare(folders, protocol)
+            table = compare(main, protocol)
             (dataset_dir / f"table_{protocol}.md").write_text(table + "\n", encoding="utf-8")
-            paired = paired_table(summaries, protocol)
+            paired = paired_table(main_summaries, protocol)
             target = dataset_dir / f"table_paired_{protocol}.md"
             if paired:
                 target.write_text(paired + "\n", encoding="utf-8")
             else:
                 target.unlink(missing_ok=True)
         (dataset_dir / "table_recall_time.md").write_text(
-            recall_time_table(summaries) + "\n", encoding="utf-8")
-    print(f"collected {len(runs)} runs under {DOCS_RUNS.relative_to(ROOT)}")
+            recall_time_table(main_summaries) + "\n", encoding="utf-8")
+        paper = [f for f, s in zip(folders, summaries, strict=True)
+                 if not s.get("tag") and s["recipe"] == "paper"]
+        plots.plot_method_curves(_curves(paper), "test", CURVE_METRICS,
+                                 dataset_dir / "curves_test.png",
+                                 f"{dataset_dir.name}: test metrics per epoch, paper recipe")
+        if tagged:
+            tables = [compare(tagged, protocol, "val") for protocol in ("last", "best")]
+            (dataset_dir / "table_tagged_val.md").write_text("\n\n".join(tables) + "\n",
+                                                             encoding="utf-8")
+            plots.plot_method_curves(_curves(tagged), "val", CURVE_METRICS,
+                                     dataset_dir / "curves_tagged_val.png",
+                                     f"{dataset_dir.name}: validation metrics per epoch")
+    print(f"collected {len(runs)} runs under {args.docs_out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", default=str(ROOT / "runs" / "reproduction"))
     p.add_argument("--collect", action="store_true", help="only collect finished runs")
     p.add_argument("--plot-seed", type=int, default=2020)
+    p.add_argument("--docs-out", default=str(DOCS_RUNS),
+                   help="where --collect writes (default: the docs' folder)")
     args = p.parse_args(argv)
     if args.collect:
         collect(args)

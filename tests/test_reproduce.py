@@ -54,3 +54,36 @@ def test_compare_orders_methods_as_the_paper(tmp_path: Path) -> None:
     table = compare(sorted(tmp_path.iterdir()))
     order = [line.split(" / ")[1] for line in table.splitlines() if line.startswith("| aptos")]
     assert order == ["baseline", "mt", "crp", "crckd"]
+
+
+def _write_run(folder: Path, summary: dict, curve: list[float]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    keys = [f"{part}_{m}" for part in ("val", "test") for m in METRICS]
+    lines = [",".join(["epoch", *keys])]
+    lines += [",".join([str(e + 1), *[str(v)] * len(keys)]) for e, v in enumerate(curve)]
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_collect_keeps_tagged_runs_out_of_the_main_tables(tmp_path: Path) -> None:
+    from reference_training.reproduce import main
+
+    runs = tmp_path / "runs"
+    for method, seed, bal in (("baseline", 1, 0.5), ("baseline", 2, 0.6),
+                              ("crckd", 1, 0.55), ("crckd", 2, 0.7)):
+        _write_run(runs / "aptos" / f"{method}-paper-s{seed}",
+                   _summary(method, seed, bal, 0.4), [0.3, bal])
+    tagged = _summary("mt", 1, 0.99, 0.99)
+    tagged["tag"] = "val, EMA 0.9"
+    tagged["last_epochs"]["val"] = {m: 0.25 for m in METRICS}
+    _write_run(runs / "aptos" / "mt-paper-s1-val-EMA-0.9", tagged, [0.2, 0.25])
+    out = tmp_path / "docs"
+    main(["--collect", "--runs", str(runs), "--docs-out", str(out), "--plot-seed", "1"])
+    table = (out / "aptos" / "table_last.md").read_text()
+    assert "(n=2)" in table and "mt" not in table and "99.00" not in table
+    paired = (out / "aptos" / "table_paired_last.md").read_text()
+    assert "| crckd − baseline | 2 | +7.5 ± 3.5 |" in paired
+    tagged_table = (out / "aptos" / "table_tagged_val.md").read_text()
+    assert "aptos / mt / paper / m / val, EMA 0.9 (n=1) | 25.00" in tagged_table
+    for name in ("curves_test.png", "curves_tagged_val.png", "crckd-paper-s1/metrics.csv"):
+        assert (out / "aptos" / name).is_file()
