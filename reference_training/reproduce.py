@@ -193,13 +193,25 @@ def collect(args: argparse.Namespace) -> None:
         plots.plot_method_curves(_curves(paper), "test", CURVE_METRICS,
                                  dataset_dir / "curves_test.png",
                                  f"{dataset_dir.name}: test metrics per epoch, paper recipe")
-        if tagged:
-            tables = [compare(tagged, protocol, "val") for protocol in ("last", "best")]
+        by_folder = dict(zip(folders, summaries, strict=True))
+        with_val = [f for f in tagged if by_folder[f]["last_epochs"].get("val")]
+        if with_val:
+            tables = [compare(with_val, protocol, "val") for protocol in ("last", "best")]
             (dataset_dir / "table_tagged_val.md").write_text("\n\n".join(tables) + "\n",
                                                              encoding="utf-8")
-            plots.plot_method_curves(_curves(tagged), "val", CURVE_METRICS,
+            plots.plot_method_curves(_curves(with_val), "val", CURVE_METRICS,
                                      dataset_dir / "curves_tagged_val.png",
                                      f"{dataset_dir.name}: validation metrics per epoch")
+        on_test = [f for f in tagged if f not in with_val]
+        if on_test:
+            # A setting changed and run on the test fold: beside the plain runs of the same
+            # method, recipe and seed, so the difference is seed-paired.
+            keys = {(by_folder[f]["method"], by_folder[f]["recipe"], by_folder[f]["seed"])
+                    for f in on_test}
+            plain = [f for f in main if (by_folder[f]["method"], by_folder[f]["recipe"],
+                                         by_folder[f]["seed"]) in keys]
+            (dataset_dir / "table_tagged_test.md").write_text(
+                compare(plain + on_test, "last") + "\n", encoding="utf-8")
     print(f"collected {len(runs)} runs under {args.docs_out}")
 
 

@@ -77,10 +77,20 @@ def test_collect_keeps_tagged_runs_out_of_the_main_tables(tmp_path: Path) -> Non
     tagged["tag"] = "val, EMA 0.9"
     tagged["last_epochs"]["val"] = {m: 0.25 for m in METRICS}
     _write_run(runs / "aptos" / "mt-paper-s1-val-EMA-0.9", tagged, [0.2, 0.25])
+    on_test = _summary("crckd", 2, 0.8, 0.8)
+    on_test["tag"] = "EMA 0.9"
+    _write_run(runs / "aptos" / "crckd-paper-s2-EMA-0.9", on_test, [0.5, 0.8])
     out = tmp_path / "docs"
     main(["--collect", "--runs", str(runs), "--docs-out", str(out), "--plot-seed", "1"])
+    # the tagged test-fold run, beside the plain run of its method and seed only
+    test_rows = [line for line in (out / "aptos" / "table_tagged_test.md").read_text()
+                 .splitlines() if line.startswith("| aptos")]
+    assert [row.split(" | ")[0] for row in test_rows] == [
+        "| aptos / crckd / paper / m (n=1)", "| aptos / crckd / paper / m / EMA 0.9 (n=1)"]
+    assert "| 70.00 |" in test_rows[0] and "| 80.00 |" in test_rows[1]
     table = (out / "aptos" / "table_last.md").read_text()
     assert "(n=2)" in table and "mt" not in table and "99.00" not in table
+    assert "EMA" not in table
     paired = (out / "aptos" / "table_paired_last.md").read_text()
     assert "| crckd − baseline | 2 | +7.5 ± 3.5 |" in paired
     tagged_table = (out / "aptos" / "table_tagged_val.md").read_text()
