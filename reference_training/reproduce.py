@@ -36,6 +36,7 @@ from reference_training.compare import compare, group_name, load_summaries, run_
 from reference_training.config import load_file  # noqa: E402
 
 PLOTS = ("metrics.png", "losses.png", "confusion_test.png", "embedding_test.png")
+PATH_KEYS = ("data_dir", "out", "cache_dir", "split_file", "weights")
 CURVE_METRICS = ("balanced_accuracy", "f1", "auc")
 
 
@@ -167,6 +168,12 @@ def collect(args: argparse.Namespace) -> None:
         shutil.copy2(summary, dest / "summary.json")
         if (run / "metrics.csv").is_file():
             shutil.copy2(run / "metrics.csv", dest / "metrics.csv")
+        if (run / "config.json").is_file():
+            # Every setting of the run, less the keys that name folders of the machine it ran on.
+            config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+            settings = {k: v for k, v in config.items() if k not in PATH_KEYS}
+            (dest / "config.json").write_text(json.dumps(settings, indent=2) + "\n",
+                                              encoding="utf-8")
         if json.loads(summary.read_text(encoding="utf-8")).get("seed") == args.plot_seed:
             for name in PLOTS:
                 if (run / name).is_file():

@@ -80,6 +80,8 @@ def test_collect_keeps_tagged_runs_out_of_the_main_tables(tmp_path: Path) -> Non
     on_test = _summary("crckd", 2, 0.8, 0.8)
     on_test["tag"] = "EMA 0.9"
     _write_run(runs / "aptos" / "crckd-paper-s2-EMA-0.9", on_test, [0.5, 0.8])
+    (runs / "aptos" / "crckd-paper-s2-EMA-0.9" / "config.json").write_text(json.dumps(
+        {"ema_decay": 0.9, "data_dir": "/somewhere/aptos", "out": "/somewhere/runs"}))
     out = tmp_path / "docs"
     main(["--collect", "--runs", str(runs), "--docs-out", str(out), "--plot-seed", "1"])
     # the tagged test-fold run, beside the plain run of its method and seed only
@@ -95,5 +97,7 @@ def test_collect_keeps_tagged_runs_out_of_the_main_tables(tmp_path: Path) -> Non
     assert "| crckd − baseline | 2 | +7.5 ± 3.5 |" in paired
     tagged_table = (out / "aptos" / "table_tagged_val.md").read_text()
     assert "aptos / mt / paper / m / val, EMA 0.9 (n=1) | 25.00" in tagged_table
+    settings = json.loads((out / "aptos" / "crckd-paper-s2-EMA-0.9" / "config.json").read_text())
+    assert settings == {"ema_decay": 0.9}  # no folder of the machine it ran on
     for name in ("curves_test.png", "curves_tagged_val.png", "crckd-paper-s1/metrics.csv"):
         assert (out / "aptos" / name).is_file()
