@@ -347,7 +347,6 @@ def class_guided_contrastive_loss(
                      reduction)
 
 
-
 def _ccd_pair(
     student_emb: torch.Tensor,
     teacher_emb: torch.Tensor,

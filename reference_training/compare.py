@@ -75,7 +75,7 @@ def compare(run_dirs: list[str | Path], protocol: str = "last", part: str = "tes
 
 def run_order(summary: dict) -> tuple:
     """Sort key: dataset, then the methods in the paper's order (baseline, MT, ablations,
-    CRCKD), recipe, model, seed, fold."""
+    CRCKD), recipe, model, tag, seed, fold."""
     method = summary["method"]
     rank = METHODS.index(method) if method in METHODS else len(METHODS)
     return (summary["dataset"], rank, method, summary["recipe"], summary["model"],
