@@ -141,10 +141,11 @@ def _read_history(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _curves(folders: list[Path]) -> dict[str, list[list[dict[str, str]]]]:
-    """Each run's ``metrics.csv`` rows, by group (method, recipe, tag), in method order."""
-    pairs = [(json.loads((f / "summary.json").read_text(encoding="utf-8")), f) for f in folders
-             if (f / "metrics.csv").is_file()]
+def _curves(folders: list[Path], summaries: dict[Path, dict[str, Any]],
+            ) -> dict[str, list[list[dict[str, str]]]]:
+    """Each run's ``metrics.csv`` rows, by group (method, recipe, tag), in method order;
+    ``summaries`` holds the runs' summaries, already read."""
+    pairs = [(summaries[f], f) for f in folders if (f / "metrics.csv").is_file()]
     curves: dict[str, list[list[dict[str, str]]]] = {}
     for summary, folder in sorted(pairs, key=lambda p: run_order(p[0])):
         label = group_name(summary).split(" / ", 1)[1].replace(f" / {summary['model']}", "")
@@ -195,18 +196,17 @@ def collect(args: argparse.Namespace) -> None:
                 target.unlink(missing_ok=True)
         (dataset_dir / "table_recall_time.md").write_text(
             recall_time_table(main_summaries) + "\n", encoding="utf-8")
-        paper = [f for f, s in zip(folders, summaries, strict=True)
-                 if not s.get("tag") and s["recipe"] == "paper"]
-        plots.plot_method_curves(_curves(paper), "test", CURVE_METRICS,
+        by_folder = dict(zip(folders, summaries, strict=True))
+        paper = [f for f in main if by_folder[f]["recipe"] == "paper"]
+        plots.plot_method_curves(_curves(paper, by_folder), "test", CURVE_METRICS,
                                  dataset_dir / "curves_test.png",
                                  f"{dataset_dir.name}: test metrics per epoch, paper recipe")
-        by_folder = dict(zip(folders, summaries, strict=True))
         with_val = [f for f in tagged if by_folder[f]["last_epochs"].get("val")]
         if with_val:
             tables = [compare(with_val, protocol, "val") for protocol in ("last", "best")]
             (dataset_dir / "table_tagged_val.md").write_text("\n\n".join(tables) + "\n",
                                                              encoding="utf-8")
-            plots.plot_method_curves(_curves(with_val), "val", CURVE_METRICS,
+            plots.plot_method_curves(_curves(with_val, by_folder), "val", CURVE_METRICS,
                                      dataset_dir / "curves_tagged_val.png",
                                      f"{dataset_dir.name}: validation metrics per epoch")
         on_test = [f for f in tagged if f not in with_val]
