@@ -304,6 +304,10 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
     dataset = datamod.TwoViewDataset(images[train_idx], train_labels, seed)
 
     history: list[dict[str, float]] = []
+    # Kept out of metrics.csv, which must not depend on timing or on where a run resumed, but
+    # in the checkpoint, so that a resumed run's summary still covers every epoch.
+    epoch_seconds: list[float] = []
+    test_recalls: dict[int, list[float]] = {}
     start_epoch, start_step, meters = 0, 0, {}
     best_score = -math.inf
     if resume:
@@ -318,6 +322,9 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], generator)
         history, meters = list(state["history"]), dict(state["meters"])
+        # Older checkpoints lack these two; the summary then covers this session's epochs.
+        test_recalls = {int(e): list(r) for e, r in state.get("test_recalls", {}).items()}
+        epoch_seconds = list(state.get("epoch_seconds", []))
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
         best_score = float(state["best_score"])
         say(f"resumed {out_dir} at epoch {start_epoch + 1}, step {start_step}")
@@ -333,6 +340,7 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": _rng_state(generator),
             "history": history, "meters": meters, "best_score": best_score,
+            "test_recalls": test_recalls, "epoch_seconds": epoch_seconds,
         }, out_dir / "last.pt")
 
     say(f"method {config['method']} ({config['recipe']} recipe), model {config['model']} "
@@ -343,9 +351,6 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
     local = batch_sampler.batch_size // world
     last_probs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     t0 = time.time()
-    # Kept out of metrics.csv, which must not depend on timing or on where a run resumed.
-    epoch_seconds: list[float] = []
-    test_recalls: dict[int, list[float]] = {}
     global_step = start_epoch * steps_per_epoch + start_step
     for epoch in range(start_epoch, config["epochs"]):
         epoch_start = time.time()
@@ -521,7 +526,7 @@ def _notes(history: list[dict[str, float]], eval_sets: dict[str, Any],
 
 def _recall_summary(recalls: dict[int, list[float]], summary: dict[str, Any],
                     classes: tuple[str, ...]) -> dict[str, Any]:
-    """Per-class test recall: mean over the protocol's last epochs (those this session saw)
+    """Per-class test recall: mean over the protocol's last epochs (those the checkpoint kept)
     and at the best validation epoch, for the imbalance claims of the results page."""
     out: dict[str, Any] = {}
     last = [recalls[e] for e in summary["last_epochs"]["epochs"] if e in recalls]

@@ -98,6 +98,12 @@ def test_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(tmp_path: P
     a = (Path(straight["out"]) / "metrics.csv").read_text()
     b = (Path(broken["out"]) / "metrics.csv").read_text()
     assert a == b
+    # The summary still covers the epochs of the interrupted session.
+    ja = json.loads((Path(straight["out"]) / "summary.json").read_text())
+    jb = json.loads((Path(broken["out"]) / "summary.json").read_text())
+    assert set(ja["test_recall_per_class"]) == {"last_epochs", "best_on_val"}
+    assert jb["test_recall_per_class"] == ja["test_recall_per_class"]
+    assert jb["train_seconds_per_epoch"] is not None
     sa = torch.load(Path(straight["out"]) / "last.pt", weights_only=True)
     sb = torch.load(Path(broken["out"]) / "last.pt", weights_only=True)
     for part in ("student", "teacher", "crckd"):
