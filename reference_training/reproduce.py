@@ -1,8 +1,9 @@
 """Runs the reproduction grid (docs/reproduction.md) and collects what the docs page shows.
 
-Each (dataset, method, recipe, seed) is one ``train.py`` run under ``--runs``, with the same
-settings file for every method. A run whose folder already holds ``summary.json`` is kept, and
-an interrupted one resumes from its last checkpoint, so the grid can be run in pieces::
+Each (dataset, method, recipe, seed, APTOS fold) is one ``train.py`` run under ``--runs``, with
+the same settings file for every method. A run whose folder already holds ``summary.json`` is
+kept, and an interrupted one resumes from its last checkpoint, so the grid can be run in
+pieces::
 
     python reference_training/reproduce.py --data-root DATA --datasets ham10000 aptos \\
         --methods baseline mt crckd --seeds 2020 2021 2022
@@ -10,7 +11,9 @@ an interrupted one resumes from its last checkpoint, so the grid can be run in p
 ``DATA`` holds ``ham10000_200x150/`` and ``aptos2019_128x128/`` (or pass ``--ham-dir`` and
 ``--aptos-dir``). Afterwards ``--collect`` copies every run's ``summary.json`` (and the plots
 of seed ``--plot-seed``) under ``docs/reproduction_runs/`` and writes the tables with
-``compare.py``.
+``compare.py``. ``--folds 1 2 3 4 5`` runs more APTOS folds: the main tables stay on fold 1
+(all seeds), and the seeds run on several folds get cross-validation tables of their own
+(``table_folds_*.md``: mean ± std over the folds, and method against method fold by fold).
 """
 
 from __future__ import annotations
@@ -40,11 +43,20 @@ PATH_KEYS = ("data_dir", "out", "cache_dir", "split_file", "weights")
 CURVE_METRICS = ("balanced_accuracy", "f1", "auc")
 
 
-def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, seed: int) -> Path:
+def run_folder_name(method: str, recipe: str, seed: int, fold: int = 1, tag: str | None = None,
+                    ) -> str:
+    """``<method>-<recipe>-s<seed>[-fold<k>][-<tag>]``: fold 1 (and HAM10000's one split) has
+    no fold part, so the folders of earlier fold-1 runs keep their names."""
+    name = f"{method}-{recipe}-s{seed}" + (f"-fold{fold}" if fold != 1 else "")
+    return name + ("-" + re.sub(r"[^A-Za-z0-9.]+", "-", tag).strip("-") if tag else "")
+
+
+def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, seed: int,
+            fold: int = 1) -> Path:
     """Train one grid point (or resume it); returns its run folder."""
-    tag = load_file(args.config).get("tag")
-    suffix = "-" + re.sub(r"[^A-Za-z0-9.]+", "-", tag).strip("-") if tag else ""
-    out = Path(args.runs) / dataset / f"{method}-{recipe}-s{seed}{suffix}"
+    fold = fold if dataset == "aptos" else 1
+    name = run_folder_name(method, recipe, seed, fold, load_file(args.config).get("tag"))
+    out = Path(args.runs) / dataset / name
     if (out / "summary.json").is_file():
         print(f"[keep] {out}", flush=True)
         return out
@@ -55,7 +67,7 @@ def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, se
            "--no-progress"]
     cmd += ["--resume", str(out)] if (out / "last.pt").is_file() else ["--out", str(out)]
     if dataset == "aptos":
-        cmd += ["--fold", str(args.fold)]
+        cmd += ["--fold", str(fold)]
     print(f"[run ] {' '.join(cmd[1:])}", flush=True)
     start = time.time()
     subprocess.run(cmd, check=True)
@@ -103,11 +115,12 @@ PAIRS = (("mt", "baseline"), ("crckd", "mt"), ("crckd", "baseline"))
 PAIR_METRICS = ("balanced_accuracy", "f1", "auc")
 
 
-def paired_table(summaries: list[dict[str, Any]], protocol: str = "last") -> str:
+def paired_table(summaries: list[dict[str, Any]], protocol: str = "last", by: str = "seed",
+                 ) -> str:
     """Method against method, seed by seed (the same seed gives both runs the same split,
-    initial weights and batch order): the mean ± std of the difference in test metrics, in
-    points, and on how many seeds the first method is ahead. Paper recipe only; ``""`` when
-    no pair of runs shares a seed."""
+    initial weights and batch order), or fold by fold with ``by="fold"`` (runs of one seed):
+    the mean ± std of the difference in test metrics, in points, and on how many seeds (folds)
+    the first method is ahead. Paper recipe only; ``""`` when no pair of runs shares a key."""
     by_key: dict[tuple[str, int], dict[str, float]] = {}
     for s in summaries:
         if s["recipe"] != "paper":
@@ -115,19 +128,19 @@ def paired_table(summaries: list[dict[str, Any]], protocol: str = "last") -> str
         source = (s["last_epochs"]["test"] if protocol == "last"
                   else (s.get("best_on_val") or {}).get("test"))
         if source:
-            by_key[(s["method"], int(s["seed"]))] = source
-    head = ["comparison", "seeds", *[f"Δ {m}" for m in PAIR_METRICS],
+            by_key[(s["method"], int(s.get(by) or 1))] = source
+    head = ["comparison", f"{by}s", *[f"Δ {m}" for m in PAIR_METRICS],
             *[f"ahead on {m}" for m in PAIR_METRICS[:2]]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a, b in PAIRS:
-        seeds = sorted(seed for (m, seed) in by_key if m == a and (b, seed) in by_key)
-        if not seeds:
+        keys = sorted(k for (m, k) in by_key if m == a and (b, k) in by_key)
+        if not keys:
             continue
-        deltas = {m: [by_key[(a, k)][m] - by_key[(b, k)][m] for k in seeds]
+        deltas = {m: [by_key[(a, k)][m] - by_key[(b, k)][m] for k in keys]
                   for m in PAIR_METRICS}
         cells = [_signed(deltas[m]) for m in PAIR_METRICS]
-        cells += [f"{sum(d > 0 for d in deltas[m])}/{len(seeds)}" for m in PAIR_METRICS[:2]]
-        lines.append("| " + " | ".join([f"{a} − {b}", str(len(seeds)), *cells]) + " |")
+        cells += [f"{sum(d > 0 for d in deltas[m])}/{len(keys)}" for m in PAIR_METRICS[:2]]
+        lines.append("| " + " | ".join([f"{a} − {b}", str(len(keys)), *cells]) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -175,16 +188,23 @@ def collect(args: argparse.Namespace) -> None:
             settings = {k: v for k, v in config.items() if k not in PATH_KEYS}
             (dest / "config.json").write_text(json.dumps(settings, indent=2) + "\n",
                                               encoding="utf-8")
-        if json.loads(summary.read_text(encoding="utf-8")).get("seed") == args.plot_seed:
+        meta = json.loads(summary.read_text(encoding="utf-8"))
+        if meta.get("seed") == args.plot_seed and int(meta.get("fold") or 1) == 1:
             for name in PLOTS:
                 if (run / name).is_file():
                     shutil.copy2(run / name, dest / name)
     for dataset_dir in sorted(p for p in Path(args.docs_out).iterdir() if p.is_dir()):
         folders = sorted(p for p in dataset_dir.iterdir() if (p / "summary.json").is_file())
         summaries = load_summaries(folders)
-        main = [f for f, s in zip(folders, summaries, strict=True) if not s.get("tag")]
+        untagged = [(f, s) for f, s in zip(folders, summaries, strict=True) if not s.get("tag")]
+        # The main tables hold fold 1 (HAM10000's one split has no other); a method and seed
+        # also run on other folds gets the cross-validation tables below, with its fold 1.
+        main = [f for f, s in untagged if int(s.get("fold") or 1) == 1]
         tagged = [f for f, s in zip(folders, summaries, strict=True) if s.get("tag")]
-        main_summaries = [s for s in summaries if not s.get("tag")]
+        main_summaries = [s for f, s in untagged if f in main]
+        cv_keys = {(s["method"], s["recipe"], s["seed"]) for f, s in untagged if f not in main}
+        cv = [(f, s) for f, s in untagged if (s["method"], s["recipe"], s["seed"]) in cv_keys]
+        _write_fold_tables(dataset_dir, cv)
         for protocol in ("last", "best"):
             table = compare(main, protocol)
             (dataset_dir / f"table_{protocol}.md").write_text(table + "\n", encoding="utf-8")
@@ -222,6 +242,19 @@ def collect(args: argparse.Namespace) -> None:
     print(f"collected {len(runs)} runs under {args.docs_out}")
 
 
+def _write_fold_tables(dataset_dir: Path, cv: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Cross-validation tables of the runs in ``cv`` (seeds run on several folds): mean ± std
+    over the folds, and method against method fold by fold, in both protocols."""
+    for protocol in ("last", "best"):
+        target = dataset_dir / f"table_folds_{protocol}.md"
+        paired = paired_table([s for _, s in cv], protocol, by="fold") if cv else ""
+        if not cv:
+            target.unlink(missing_ok=True)
+            continue
+        text = compare([f for f, _ in cv], protocol)
+        target.write_text(text + ("\n\n" + paired if paired else "") + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", help="folder holding ham10000_200x150/ and aptos2019_128x128/")
@@ -233,7 +266,9 @@ def main(argv: list[str] | None = None) -> None:
                    default=["baseline", "mt", "crd", "ccd", "crp", "crckd"])
     p.add_argument("--recipes", nargs="+", default=["paper"], choices=("paper", "released-code"))
     p.add_argument("--seeds", nargs="+", type=int, default=[2020])
-    p.add_argument("--fold", default="1")
+    p.add_argument("--folds", "--fold", nargs="+", type=int, default=[1],
+                   choices=range(1, 6), metavar="FOLD",
+                   help="APTOS folds to run (1..5; default 1); HAM10000 has one split")
     p.add_argument("--config", default=str(ROOT / "reference_training" / "configs" /
                                            "cpu_scale.json"))
     p.add_argument("--runs", default=str(ROOT / "runs" / "reproduction"))
@@ -255,10 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     for dataset in args.datasets:
         for seed in args.seeds:
             for recipe in args.recipes:
-                for method in args.methods:
-                    start = time.time()
-                    run_one(args, dataset, method, recipe, seed)
-                    timings[f"{dataset}/{method}-{recipe}-s{seed}"] = round(time.time() - start)
+                for fold in (args.folds if dataset == "aptos" else [1]):
+                    for method in args.methods:
+                        start = time.time()
+                        out = run_one(args, dataset, method, recipe, seed, fold)
+                        timings[f"{dataset}/{out.name}"] = round(time.time() - start)
     print(json.dumps(timings, indent=1))
 
 

@@ -101,3 +101,46 @@ def test_collect_keeps_tagged_runs_out_of_the_main_tables(tmp_path: Path) -> Non
     assert settings == {"ema_decay": 0.9}  # no folder of the machine it ran on
     for name in ("curves_test.png", "curves_tagged_val.png", "crckd-paper-s1/metrics.csv"):
         assert (out / "aptos" / name).is_file()
+
+
+def test_run_folder_names_keep_fold_one_unsuffixed() -> None:
+    from reference_training.reproduce import run_folder_name
+
+    assert run_folder_name("mt", "paper", 2020) == "mt-paper-s2020"
+    assert run_folder_name("mt", "paper", 2020, fold=3) == "mt-paper-s2020-fold3"
+    name = run_folder_name("mt", "paper", 2020, 2, "val, EMA 0.9")
+    assert name == "mt-paper-s2020-fold2-val-EMA-0.9"
+
+
+def test_collect_gives_other_folds_their_own_tables(tmp_path: Path) -> None:
+    from reference_training.reproduce import main
+
+    runs = tmp_path / "runs"
+    # seed 1 on folds 1-3 for baseline and crckd; seed 2 on fold 1 only; an ablation on fold 1
+    for method, seed, fold, bal in (("baseline", 1, 1, 0.50), ("baseline", 1, 2, 0.40),
+                                    ("baseline", 1, 3, 0.60), ("crckd", 1, 1, 0.55),
+                                    ("crckd", 1, 2, 0.42), ("crckd", 1, 3, 0.59),
+                                    ("baseline", 2, 1, 0.70), ("crp", 1, 1, 0.90)):
+        summary = _summary(method, seed, bal, 0.4)
+        summary["fold"] = fold
+        name = f"{method}-paper-s{seed}" + (f"-fold{fold}" if fold != 1 else "")
+        _write_run(runs / "aptos" / name, summary, [0.3, bal])
+    out = tmp_path / "docs"
+    main(["--collect", "--runs", str(runs), "--docs-out", str(out), "--plot-seed", "1"])
+    def bal_acc(table: str) -> dict[str, str]:
+        """Row label -> balanced accuracy cell (columns: auc, accuracy, precision, bal. acc.)."""
+        rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| aptos")]
+        return {row[0].removeprefix("| aptos / "): row[4] for row in rows}
+
+    # fold 1 only: baseline seeds 1 and 2 (50, 70), crckd seed 1, crp seed 1
+    assert bal_acc((out / "aptos" / "table_last.md").read_text()) == {
+        "baseline / paper / m (n=2)": "60.00 ± 14.14", "crp / paper / m (n=1)": "90.00",
+        "crckd / paper / m (n=1)": "55.00"}
+    folds = (out / "aptos" / "table_folds_last.md").read_text()
+    # folds 1-3 of seed 1: baseline 50, 40, 60; crckd 55, 42, 59; no crp, no seed 2
+    assert bal_acc(folds) == {"baseline / paper / m (n=3)": "50.00 ± 10.00",
+                              "crckd / paper / m (n=3)": "52.00 ± 8.89"}
+    # crckd - baseline fold by fold: +5, +2, -1 -> +2.0 ± 3.0, ahead on 2 of 3 (F1 ties: 0/3)
+    paired = [line for line in folds.splitlines() if line.startswith("| crckd − baseline")]
+    assert len(paired) == 1 and paired[0].startswith("| crckd − baseline | 3 | +2.0 ± 3.0 |")
+    assert paired[0].endswith("| 2/3 | 0/3 |") and "| folds |" in folds
