@@ -1,0 +1,64 @@
+"""reference_training/inspect_banks.py: the bank diagnostics on banks whose answers are known."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reference_training.inspect_banks import bank_stats, inspect_run, main  # noqa: E402
+
+
+def _bank() -> tuple[torch.Tensor, torch.Tensor]:
+    # class 0: two rows on e1; class 1: one row on e2 and one on e1 (the last is misplaced)
+    memory = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    return memory, torch.tensor([0, 0, 1, 1])
+
+
+def test_bank_stats_on_a_known_bank() -> None:
+    memory, labels = _bank()
+    stats = bank_stats(memory, labels, 2, tau=0.5, num_negatives=2)
+    # centroids: class 0 -> e1; class 1 -> normalise(0.5, 0.5)
+    assert stats["centroid cos"] == pytest.approx(1 / math.sqrt(2))
+    # rows of class 0 nearest to centroid 0 (1 > 0.707); class 1: e2 -> centroid 1, e1 -> 0
+    assert stats["nearest-centroid bal. acc."] == pytest.approx((1.0 + 0.5) / 2)
+    s = 1 / math.sqrt(2)
+    own0 = math.exp(1 / 0.5) / (math.exp(1 / 0.5) + math.exp(s / 0.5))  # e1 row, class 0
+    own1_e2 = math.exp(s / 0.5) / (math.exp(0.0) + math.exp(s / 0.5))  # e2 row, class 1
+    own1_e1 = math.exp(s / 0.5) / (math.exp(1 / 0.5) + math.exp(s / 0.5))  # e1 row, class 1
+    assert stats["CRP target on own class"] == pytest.approx((own0 + (own1_e2 + own1_e1) / 2) / 2)
+    assert stats["rows/K"] == 2.0
+    assert stats["with repl."] == 0.0  # every anchor has 2 rows of the other class, K = 2
+    assert bank_stats(memory, labels, 2, 0.5, num_negatives=3)["with repl."] == 1.0
+
+
+def test_inspect_run_reads_a_checkpoint_and_refuses_runs_without_banks(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    memory, labels = _bank()
+    crckd = {"teacher_bank.memory": memory, "teacher_bank.labels": labels,
+             "teacher_bank.class_sums": torch.zeros(2, 2, 2),
+             "ccd.log_normalizer": torch.tensor([8.75, 8.5])}
+    config = {"dataset": "aptos", "method": "crckd", "num_negatives": 4096, "temperature": 0.5}
+    run = tmp_path / "crckd-paper-s1"
+    run.mkdir()
+    torch.save({"config": config, "crckd": crckd}, run / "last.pt")
+    (run / "summary.json").write_text(json.dumps({"num_negatives": 2}))  # the K the run used
+    row = inspect_run(run)
+    assert row["run"] == "aptos / crckd-paper-s1" and row["rows"] == 4
+    assert row["rows/K"] == 2.0 and row["log Z"] == "8.8 / 8.5"
+    main([str(run)])
+    assert "| aptos / crckd-paper-s1 | 4 | 2.00 | 0.00 | 0.71 | 0.75 |" in capsys.readouterr().out
+    bare = tmp_path / "mt-paper-s1"
+    bare.mkdir()
+    torch.save({"config": {**config, "method": "mt"}, "crckd": {}}, bare / "last.pt")
+    with pytest.raises(SystemExit, match="no memory bank"):
+        inspect_run(bare)
+    with pytest.raises(SystemExit, match="no last.pt"):
+        inspect_run(tmp_path)
