@@ -11,7 +11,8 @@ run, with ``tau`` and ``K`` of the run:
 - ``rows/K``: bank rows over negatives per anchor; below 1 every anchor draws its negatives
   with replacement.
 - ``with repl.``: share of anchors (bank rows) whose class leaves fewer than ``K`` rows of
-  other classes, so that their negatives repeat.
+  other classes, so that their negatives repeat. CRD's instance-level negatives are always
+  drawn with replacement (1.00).
 - ``centroid cos``: mean cosine between two different class centroids (ReLU, as in the loss).
 - ``nearest-centroid bal. acc.``: each bank row assigned to its nearest centroid, recall per
   class, averaged over classes: how well the bank separates the classes.
@@ -39,8 +40,10 @@ from crckd_losses.functional import class_centroids  # noqa: E402
 
 
 def bank_stats(memory: torch.Tensor, labels: torch.Tensor, num_classes: int, tau: float,
-               num_negatives: int, relu: bool = True) -> dict[str, float]:
-    """The table's numbers for one bank (``memory`` ``[N, d]``, ``labels`` ``[N]``)."""
+               num_negatives: int, relu: bool = True, instance: bool = False,
+               ) -> dict[str, float]:
+    """The table's numbers for one bank (``memory`` ``[N, d]``, ``labels`` ``[N]``);
+    ``instance``: the run drew CRD's negatives (any class, always with replacement)."""
     memory = memory.double()
     labels = labels.long()
     n = memory.shape[0]
@@ -60,7 +63,8 @@ def bank_stats(memory: torch.Tensor, labels: torch.Tensor, num_classes: int, tau
     k = present.sum()
     return {
         "rows/K": n / num_negatives,
-        "with repl.": float(((n - counts[labels]) < num_negatives).double().mean()),
+        "with repl.": 1.0 if instance else float(
+            ((n - counts[labels]) < num_negatives).double().mean()),
         "centroid cos": float(cos[pair].mean()),
         "nearest-centroid bal. acc.": float((recall[present] / counts[present]).sum() / k),
         "CRP target on own class": float((mass[present] / counts[present]).sum() / k),
@@ -85,7 +89,8 @@ def inspect_run(folder: Path) -> dict[str, Any]:
     tau = float(config.get("temperature") or 0.07)
     row: dict[str, Any] = {"run": f"{config['dataset']} / {folder.name}", "rows": len(labels)}
     row.update(bank_stats(memory, labels, num_classes, tau, k,
-                          bool(config.get("centroid_relu", True))))
+                          bool(config.get("centroid_relu", True)),
+                          config.get("contrast") == "instance"))
     log_z = crckd.get("ccd.log_normalizer")
     row["log Z"] = " / ".join(f"{v:.1f}" for v in log_z.tolist()) if log_z is not None else "n/a"
     return row

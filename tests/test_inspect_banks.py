@@ -37,6 +37,7 @@ def test_bank_stats_on_a_known_bank() -> None:
     assert stats["rows/K"] == 2.0
     assert stats["with repl."] == 0.0  # every anchor has 2 rows of the other class, K = 2
     assert bank_stats(memory, labels, 2, 0.5, num_negatives=3)["with repl."] == 1.0
+    assert bank_stats(memory, labels, 2, 0.5, num_negatives=2, instance=True)["with repl."] == 1.0
 
 
 def test_inspect_run_reads_a_checkpoint_and_refuses_runs_without_banks(
