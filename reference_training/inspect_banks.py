@@ -20,6 +20,15 @@ run, with ``tau`` and ``K`` of the run:
   its own class, averaged per class and then over classes. The bank row stands in for the
   teacher embedding it was built from.
 - ``log Z``: the two frozen NCE normalisers (student-anchored, teacher-anchored).
+
+With ``--images`` (the run's data must be readable, at the path in its config or
+``--data-dir``), the run's teacher, network and head as saved, also embeds the training and
+test images (no augmentation) and scores them against the bank's centroids, as CRP does:
+
+- ``train NC`` / ``test NC``: nearest-centroid balanced accuracy of those embeddings; the gap
+  between the two says how much of the class structure the teacher hands to CCD and CRP holds
+  on images it did not train on.
+- ``test CRP own``: the CRP target's mass on the true class, test images.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from crckd_losses import EmbeddingHead  # noqa: E402
 from crckd_losses.functional import class_centroids  # noqa: E402
 
 
@@ -71,8 +81,60 @@ def bank_stats(memory: torch.Tensor, labels: torch.Tensor, num_classes: int, tau
     }
 
 
-def inspect_run(folder: Path) -> dict[str, Any]:
-    """Reads ``folder/last.pt`` and returns the row of the table for its teacher bank."""
+def nearest_centroid(embeddings: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
+                     tau: float) -> tuple[float, float]:
+    """Balanced accuracy of assigning each (L2-normalised) embedding to its nearest centroid,
+    and the softmax(embedding · centroidsᵀ / tau) mass on the true class, averaged per class
+    and then over the classes present."""
+    labels = labels.long()
+    num_classes = centroids.shape[0]
+    scores = embeddings.double() @ centroids.double().T
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    present = counts > 0
+    hit = torch.zeros(num_classes, dtype=torch.float64).index_add_(
+        0, labels, (scores.argmax(1) == labels).double())
+    own = torch.softmax(scores / tau, dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
+    mass = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, own)
+    k = present.sum()
+    return (float((hit[present] / counts[present]).sum() / k),
+            float((mass[present] / counts[present]).sum() / k))
+
+
+@torch.no_grad()
+def embed_parts(folder: Path, state: dict[str, Any], data_dir: str | None,
+                batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The run's teacher embeddings (network, then teacher head) of its training and test
+    images, without augmentation: ``{part: (embeddings [n, d], labels [n])}``."""
+    from reference_training import data as datamod
+    from reference_training.models import build_network
+
+    config, crckd = state["config"], state["crckd"]
+    records = datamod.read_dataset(config["dataset"], data_dir or config["data_dir"])
+    split = datamod.read_split(folder / "split.csv", records)
+    images = datamod.load_images(records, config["image_size"], config.get("cache_dir"), 0,
+                                 False)
+    network = build_network(config["model"], len(records.classes), config["feat_dim"])
+    teacher = {k.removeprefix("module."): v for k, v in state["teacher"].items()
+               if k.startswith("module.")}
+    network.load_state_dict(teacher)
+    head = EmbeddingHead(config["feat_dim"], config["embed_dim"])
+    head.load_state_dict({k.removeprefix("teacher_head."): v for k, v in crckd.items()
+                          if k.startswith("teacher_head.")})
+    network.eval()
+    head.eval()
+    parts = {}
+    for part in ("train", "test"):
+        index = torch.as_tensor(split[part])
+        chunks = [head(network(images[index[i:i + batch_size]])[1])
+                  for i in range(0, len(index), batch_size)]
+        parts[part] = (torch.cat(chunks), torch.as_tensor(records.labels[split[part]]))
+    return parts
+
+
+def inspect_run(folder: Path, images: bool = False, data_dir: str | None = None,
+                ) -> dict[str, Any]:
+    """Reads ``folder/last.pt`` and returns the row of the table for its teacher bank (and,
+    with ``images``, for its teacher's embeddings of the training and test images)."""
     path = folder / "last.pt"
     if not path.is_file():
         raise SystemExit(f"{folder}: no last.pt (only CCD/CRP runs that were kept have one)")
@@ -93,14 +155,23 @@ def inspect_run(folder: Path) -> dict[str, Any]:
                           config.get("contrast") == "instance"))
     log_z = crckd.get("ccd.log_normalizer")
     row["log Z"] = " / ".join(f"{v:.1f}" for v in log_z.tolist()) if log_z is not None else "n/a"
+    if images:
+        centroids = class_centroids(memory.double(), labels, num_classes,
+                                    relu=bool(config.get("centroid_relu", True)))
+        parts = embed_parts(folder, state, data_dir)
+        row["train NC"] = nearest_centroid(*parts["train"], centroids, tau)[0]
+        row["test NC"], row["test CRP own"] = nearest_centroid(*parts["test"], centroids, tau)
     return row
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders holding last.pt")
+    p.add_argument("--images", action="store_true",
+                   help="also embed the training and test images with the run's teacher")
+    p.add_argument("--data-dir", help="the dataset's folder, if not the one in the run's config")
     args = p.parse_args(argv)
-    rows = [inspect_run(Path(folder)) for folder in args.runs]
+    rows = [inspect_run(Path(folder), args.images, args.data_dir) for folder in args.runs]
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

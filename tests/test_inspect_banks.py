@@ -63,3 +63,37 @@ def test_inspect_run_reads_a_checkpoint_and_refuses_runs_without_banks(
         inspect_run(bare)
     with pytest.raises(SystemExit, match="no last.pt"):
         inspect_run(tmp_path)
+
+
+def test_nearest_centroid_on_known_embeddings() -> None:
+    from reference_training.inspect_banks import nearest_centroid
+
+    centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # class 2: no test image
+    embeddings = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    bal_acc, own = nearest_centroid(embeddings, labels, centroids, tau=1.0)
+    assert bal_acc == pytest.approx((0.5 + 1.0) / 2)  # the second class-0 row is nearer to 1
+    p = torch.softmax(embeddings @ centroids.T, dim=1)
+    assert own == pytest.approx(float(((p[0, 0] + p[1, 0]) / 2 + p[2, 1]) / 2))
+
+
+def test_images_embeds_a_real_run_with_its_saved_teacher(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_training_data import make_ham
+    from test_training_runs import tiny_config
+
+    from reference_training import engine
+
+    data = make_ham(tmp_path / "HAM10000", "parts")
+    config = tiny_config(tmp_path, data, method="crckd", epochs=1)
+    engine.train(config, log=False)
+    row = inspect_run(Path(config["out"]), images=True)
+    for key in ("train NC", "test NC", "test CRP own", "nearest-centroid bal. acc."):
+        assert 0.0 <= row[key] <= 1.0, key
+    # a teacher whose weights do not fit the network is an error, not a silent partial load
+    state = torch.load(Path(config["out"]) / "last.pt", weights_only=False)
+    state["teacher"] = {k: v for k, v in state["teacher"].items() if "classifier" not in k}
+    torch.save(state, Path(config["out"]) / "last.pt")
+    with pytest.raises(RuntimeError, match="classifier"):
+        inspect_run(Path(config["out"]), images=True)
