@@ -244,11 +244,12 @@ def collect(args: argparse.Namespace) -> None:
 
 def _write_fold_tables(dataset_dir: Path, cv: list[tuple[Path, dict[str, Any]]]) -> None:
     """Cross-validation tables of the runs in ``cv`` (seeds run on several folds): mean ± std
-    over the folds, and method against method fold by fold, in both protocols."""
+    over the folds, and method against method fold by fold, in both protocols (the
+    best-on-validation one only where the runs had a validation part)."""
     for protocol in ("last", "best"):
         target = dataset_dir / f"table_folds_{protocol}.md"
         paired = paired_table([s for _, s in cv], protocol, by="fold") if cv else ""
-        if not cv:
+        if not cv or (protocol == "best" and not any(s.get("best_on_val") for _, s in cv)):
             target.unlink(missing_ok=True)
             continue
         text = compare([f for f, _ in cv], protocol)
