@@ -244,7 +244,8 @@ def collect(args: argparse.Namespace) -> None:
 
 def _write_fold_tables(dataset_dir: Path, cv: list[tuple[Path, dict[str, Any]]]) -> None:
     """Cross-validation tables of the runs in ``cv`` (seeds run on several folds): mean ± std
-    over the folds, and method against method fold by fold, in both protocols (the
+    over the folds, per-class recall and seconds per epoch over the folds, and method against
+    method fold by fold, in both protocols (the
     best-on-validation one only where the runs had a validation part)."""
     for protocol in ("last", "best"):
         target = dataset_dir / f"table_folds_{protocol}.md"
@@ -254,6 +255,11 @@ def _write_fold_tables(dataset_dir: Path, cv: list[tuple[Path, dict[str, Any]]])
             continue
         text = compare([f for f, _ in cv], protocol)
         target.write_text(text + ("\n\n" + paired if paired else "") + "\n", encoding="utf-8")
+    recall = dataset_dir / "table_folds_recall_time.md"
+    if cv:
+        recall.write_text(recall_time_table([s for _, s in cv]) + "\n", encoding="utf-8")
+    else:
+        recall.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

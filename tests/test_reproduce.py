@@ -144,5 +144,8 @@ def test_collect_gives_other_folds_their_own_tables(tmp_path: Path) -> None:
     paired = [line for line in folds.splitlines() if line.startswith("| crckd − baseline")]
     assert len(paired) == 1 and paired[0].startswith("| crckd − baseline | 3 | +2.0 ± 3.0 |")
     assert paired[0].endswith("| 2/3 | 0/3 |") and "| folds |" in folds
+    recall = (out / "aptos" / "table_folds_recall_time.md").read_text().splitlines()
+    # recall of class "a" is the balanced accuracy given to _summary: baseline 50, 40, 60
+    assert recall[2].startswith("| baseline / paper | 3 | 50.0 ± 10.0 |") and len(recall) == 4
     # no validation part in these runs: no best-on-validation table of n/a cells
     assert not (out / "aptos" / "table_folds_best.md").exists()
