@@ -62,22 +62,14 @@ def bank_stats(memory: torch.Tensor, labels: torch.Tensor, num_classes: int, tau
     centroids = class_centroids(memory, labels, num_classes, relu=relu)
     cos = centroids @ centroids.T
     pair = present.unsqueeze(0) & present.unsqueeze(1) & ~torch.eye(num_classes, dtype=torch.bool)
-    scores = memory @ centroids.T  # [N, C]
-    scores[:, ~present] = float("-inf")
-    nearest = scores.argmax(dim=1)
-    own_mass = torch.softmax(scores / tau, dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
-    recall = torch.zeros(num_classes, dtype=torch.float64)
-    mass = torch.zeros(num_classes, dtype=torch.float64)
-    recall.index_add_(0, labels, (nearest == labels).double())
-    mass.index_add_(0, labels, own_mass)
-    k = present.sum()
+    separation, own_mass = nearest_centroid(memory, labels, centroids, tau)
     return {
         "rows/K": n / num_negatives,
         "with repl.": 1.0 if instance else float(
             ((n - counts[labels]) < num_negatives).double().mean()),
         "centroid cos": float(cos[pair].mean()),
-        "nearest-centroid bal. acc.": float((recall[present] / counts[present]).sum() / k),
-        "CRP target on own class": float((mass[present] / counts[present]).sum() / k),
+        "nearest-centroid bal. acc.": separation,
+        "CRP target on own class": own_mass,
     }
 
 
@@ -85,10 +77,12 @@ def nearest_centroid(embeddings: torch.Tensor, labels: torch.Tensor, centroids: 
                      tau: float) -> tuple[float, float]:
     """Balanced accuracy of assigning each (L2-normalised) embedding to its nearest centroid,
     and the softmax(embedding · centroidsᵀ / tau) mass on the true class, averaged per class
-    and then over the classes present."""
+    and then over the classes present. A zero centroid (a class with no bank rows) is never
+    chosen and gets no mass."""
     labels = labels.long()
     num_classes = centroids.shape[0]
     scores = embeddings.double() @ centroids.double().T
+    scores[:, centroids.abs().sum(dim=1) == 0] = float("-inf")
     counts = torch.bincount(labels, minlength=num_classes).double()
     present = counts > 0
     hit = torch.zeros(num_classes, dtype=torch.float64).index_add_(
