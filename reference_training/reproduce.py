@@ -51,6 +51,11 @@ def run_folder_name(method: str, recipe: str, seed: int, fold: int = 1, tag: str
     return name + ("-" + re.sub(r"[^A-Za-z0-9.]+", "-", tag).strip("-") if tag else "")
 
 
+def _fold(summary: dict[str, Any]) -> int:
+    """The run's APTOS fold; 1 for HAM10000's one split."""
+    return int(summary.get("fold") or 1)
+
+
 def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, seed: int,
             fold: int = 1) -> Path:
     """Train one grid point (or resume it); returns its run folder."""
@@ -189,7 +194,7 @@ def collect(args: argparse.Namespace) -> None:
             (dest / "config.json").write_text(json.dumps(settings, indent=2) + "\n",
                                               encoding="utf-8")
         meta = json.loads(summary.read_text(encoding="utf-8"))
-        if meta.get("seed") == args.plot_seed and int(meta.get("fold") or 1) == 1:
+        if meta.get("seed") == args.plot_seed and _fold(meta) == 1:
             for name in PLOTS:
                 if (run / name).is_file():
                     shutil.copy2(run / name, dest / name)
@@ -199,10 +204,10 @@ def collect(args: argparse.Namespace) -> None:
         untagged = [(f, s) for f, s in zip(folders, summaries, strict=True) if not s.get("tag")]
         # The main tables hold fold 1 (HAM10000's one split has no other); a method and seed
         # also run on other folds gets the cross-validation tables below, with its fold 1.
-        main = [f for f, s in untagged if int(s.get("fold") or 1) == 1]
+        main = [f for f, s in untagged if _fold(s) == 1]
         tagged = [f for f, s in zip(folders, summaries, strict=True) if s.get("tag")]
-        main_summaries = [s for f, s in untagged if f in main]
-        cv_keys = {(s["method"], s["recipe"], s["seed"]) for f, s in untagged if f not in main}
+        main_summaries = [s for _, s in untagged if _fold(s) == 1]
+        cv_keys = {(s["method"], s["recipe"], s["seed"]) for _, s in untagged if _fold(s) != 1}
         cv = [(f, s) for f, s in untagged if (s["method"], s["recipe"], s["seed"]) in cv_keys]
         _write_fold_tables(dataset_dir, cv)
         for protocol in ("last", "best"):
@@ -245,14 +250,14 @@ def collect(args: argparse.Namespace) -> None:
 def _write_fold_tables(dataset_dir: Path, cv: list[tuple[Path, dict[str, Any]]]) -> None:
     """Cross-validation tables of the runs in ``cv`` (seeds run on several folds): mean ± std
     over the folds, per-class recall and seconds per epoch over the folds, and method against
-    method fold by fold, in both protocols (the
-    best-on-validation one only where the runs had a validation part)."""
+    method fold by fold, in both protocols (the best-on-validation one only where the runs
+    had a validation part)."""
     for protocol in ("last", "best"):
         target = dataset_dir / f"table_folds_{protocol}.md"
-        paired = paired_table([s for _, s in cv], protocol, by="fold") if cv else ""
         if not cv or (protocol == "best" and not any(s.get("best_on_val") for _, s in cv)):
             target.unlink(missing_ok=True)
             continue
+        paired = paired_table([s for _, s in cv], protocol, by="fold")
         text = compare([f for f, _ in cv], protocol)
         target.write_text(text + ("\n\n" + paired if paired else "") + "\n", encoding="utf-8")
     recall = dataset_dir / "table_folds_recall_time.md"
