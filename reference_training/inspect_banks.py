@@ -94,19 +94,28 @@ def nearest_centroid(embeddings: torch.Tensor, labels: torch.Tensor, centroids: 
             float((mass[present] / counts[present]).sum() / k))
 
 
+def run_images(folder: Path, config: dict[str, Any], data_dir: str | None = None,
+               ) -> tuple[Any, dict[str, Any], torch.Tensor]:
+    """A finished run's records, its split (``folder/split.csv``) and all its images decoded at
+    the run's size: ``(records, split, images [N, 3, S, S] uint8)``."""
+    from reference_training import data as datamod
+
+    records = datamod.read_dataset(config["dataset"], data_dir or config["data_dir"])
+    split = datamod.read_split(folder / "split.csv", records)
+    images = datamod.load_images(records, config["image_size"], config.get("cache_dir"), 0,
+                                 False)
+    return records, split, images
+
+
 @torch.no_grad()
 def embed_parts(folder: Path, state: dict[str, Any], data_dir: str | None,
                 batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The run's teacher embeddings (network, then teacher head) of its training and test
     images, without augmentation: ``{part: (embeddings [n, d], labels [n])}``."""
-    from reference_training import data as datamod
     from reference_training.models import build_network
 
     config, crckd = state["config"], state["crckd"]
-    records = datamod.read_dataset(config["dataset"], data_dir or config["data_dir"])
-    split = datamod.read_split(folder / "split.csv", records)
-    images = datamod.load_images(records, config["image_size"], config.get("cache_dir"), 0,
-                                 False)
+    records, split, images = run_images(folder, config, data_dir)
     network = build_network(config["model"], len(records.classes), config["feat_dim"])
     teacher = {k.removeprefix("module."): v for k, v in state["teacher"].items()
                if k.startswith("module.")}
