@@ -29,6 +29,15 @@ test images (no augmentation) and scores them against the bank's centroids, as C
   between the two says how much of the class structure the teacher hands to CCD and CRP holds
   on images it did not train on.
 - ``test CRP own``: the CRP target's mass on the true class, test images.
+
+With ``--lesions``, it prints instead, per class of the run's training split, how often CCD's
+class positives are another image of the anchor's own lesion (``group`` in ``split.csv``;
+HAM10000 holds several images of many lesions, APTOS one per image):
+
+- ``rows``: training images of the class.
+- ``with a sibling``: share of them whose lesion has another training image.
+- ``sibling positives``: expected number of such images among an anchor's ``P-1`` class
+  positives (drawn uniformly from the class's rows), and that number in % of ``P-1``.
 """
 
 from __future__ import annotations
@@ -167,20 +176,58 @@ def inspect_run(folder: Path, images: bool = False, data_dir: str | None = None,
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="run folders holding last.pt")
-    p.add_argument("--images", action="store_true",
-                   help="also embed the training and test images with the run's teacher")
-    p.add_argument("--data-dir", help="the dataset's folder, if not the one in the run's config")
-    args = p.parse_args(argv)
-    rows = [inspect_run(Path(folder), args.images, args.data_dir) for folder in args.runs]
+def sibling_positives(split_csv: Path, num_positives: int) -> list[dict[str, Any]]:
+    """Per class of the training part of ``split_csv`` (columns ``group``, ``label``,
+    ``split``): the ``--lesions`` table's rows. The ``P-1`` class positives of an anchor are a
+    uniform draw without replacement from its class's ``n_c`` rows (its own row among them),
+    so each other image of its lesion is drawn with probability ``min(1, (P-1)/n_c)``."""
+    import csv
+    from collections import Counter
+
+    with open(split_csv, newline="", encoding="utf-8") as f:
+        train = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    per_group = Counter(r["group"] for r in train)
+    per_class = Counter(r["label"] for r in train)
+    rows = []
+    for label in sorted(per_class):
+        n = per_class[label]
+        siblings = [per_group[r["group"]] - 1 for r in train if r["label"] == label]
+        draw = min(1.0, (num_positives - 1) / n)
+        expected = sum(siblings) * draw / n
+        rows.append({"class": label, "rows": n,
+                     "with a sibling": sum(1 for k in siblings if k > 0) / n,
+                     "sibling positives": expected,
+                     "% of P-1": 100 * expected / max(num_positives - 1, 1)})
+    return rows
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
         cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
         print("| " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run folders holding last.pt")
+    p.add_argument("--images", action="store_true",
+                   help="also embed the training and test images with the run's teacher")
+    p.add_argument("--data-dir", help="the dataset's folder, if not the one in the run's config")
+    p.add_argument("--lesions", action="store_true",
+                   help="instead: per class, how often CCD's positives share the anchor's lesion")
+    args = p.parse_args(argv)
+    if args.lesions:
+        for folder in args.runs:
+            config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+            print(f"{folder} (P = {config['num_positives']}):\n")
+            _print_table(sibling_positives(Path(folder) / "split.csv",
+                                           int(config["num_positives"])))
+        return
+    _print_table([inspect_run(Path(folder), args.images, args.data_dir)
+                  for folder in args.runs])
 
 
 if __name__ == "__main__":

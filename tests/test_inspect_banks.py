@@ -97,3 +97,29 @@ def test_images_embeds_a_real_run_with_its_saved_teacher(tmp_path: Path) -> None
     torch.save(state, Path(config["out"]) / "last.pt")
     with pytest.raises(RuntimeError, match="classifier"):
         inspect_run(Path(config["out"]), images=True)
+
+
+def test_sibling_positives_counts_images_of_the_anchors_lesion(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from reference_training.inspect_banks import sibling_positives
+
+    split = tmp_path / "split.csv"
+    # class a: lesions L1 (2 images), L2 (1); class b: L3 (3 images), one more in test
+    split.write_text("image_id,group,label,split\n"
+                     "i1,L1,a,train\ni2,L1,a,train\ni3,L2,a,train\n"
+                     "i4,L3,b,train\ni5,L3,b,train\ni6,L3,b,train\ni7,L3,b,test\n")
+    rows = {r["class"]: r for r in sibling_positives(split, num_positives=2)}
+    # P-1 = 1 positive drawn from n_c rows: each sibling is drawn with probability 1/n_c
+    assert rows["a"]["rows"] == 3 and rows["a"]["with a sibling"] == pytest.approx(2 / 3)
+    assert rows["a"]["sibling positives"] == pytest.approx((1 + 1 + 0) / 3 / 3)
+    assert rows["b"]["with a sibling"] == 1.0  # the test image does not count
+    assert rows["b"]["sibling positives"] == pytest.approx(2 / 3)
+    assert rows["b"]["% of P-1"] == pytest.approx(100 * 2 / 3)
+    # P-1 above the class size: every sibling is drawn
+    assert sibling_positives(split, 10)[1]["sibling positives"] == pytest.approx(2.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    split.rename(run / "split.csv")
+    (run / "config.json").write_text(json.dumps({"num_positives": 2}))
+    main(["--lesions", str(run)])
+    assert "| b | 3 | 1.00 | 0.67 | 66.67 |" in capsys.readouterr().out
