@@ -226,25 +226,47 @@ def collect(args: argparse.Namespace) -> None:
         plots.plot_method_curves(_curves(paper, by_folder), "test", CURVE_METRICS,
                                  dataset_dir / "curves_test.png",
                                  f"{dataset_dir.name}: test metrics per epoch, paper recipe")
-        with_val = [f for f in tagged if by_folder[f]["last_epochs"].get("val")]
-        if with_val:
-            tables = [compare(with_val, protocol, "val") for protocol in ("last", "best")]
-            (dataset_dir / "table_tagged_val.md").write_text("\n\n".join(tables) + "\n",
-                                                             encoding="utf-8")
-            plots.plot_method_curves(_curves(with_val, by_folder), "val", CURVE_METRICS,
-                                     dataset_dir / "curves_tagged_val.png",
-                                     f"{dataset_dir.name}: validation metrics per epoch")
-        on_test = [f for f in tagged if f not in with_val]
-        if on_test:
-            # A setting changed and run on the test fold: beside the plain runs of the same
-            # method, recipe and seed, so the difference is seed-paired.
-            keys = {(by_folder[f]["method"], by_folder[f]["recipe"], by_folder[f]["seed"])
-                    for f in on_test}
-            plain = [f for f in main if (by_folder[f]["method"], by_folder[f]["recipe"],
-                                         by_folder[f]["seed"]) in keys]
-            (dataset_dir / "table_tagged_test.md").write_text(
-                compare(plain + on_test, "last") + "\n", encoding="utf-8")
+        _write_tagged_tables(dataset_dir, main, tagged, by_folder)
     print(f"collected {len(runs)} runs under {args.docs_out}")
+
+
+def _write_tagged_tables(dataset_dir: Path, main: list[Path], tagged: list[Path],
+                         by_folder: dict[Path, dict[str, Any]]) -> None:
+    """Tables of the tagged runs (a setting changed, see ``tag``): on validation, and on test
+    beside the plain runs of the same method, recipe and seed where they trained on the same
+    images."""
+    from reference_training import plots
+
+    def key(folder: Path) -> tuple[str, str, int]:
+        return (by_folder[folder]["method"], by_folder[folder]["recipe"],
+                by_folder[folder]["seed"])
+
+    def has_val(folder: Path) -> bool:
+        return bool(by_folder[folder]["last_epochs"].get("val"))
+
+    with_val = [f for f in tagged if has_val(f)]
+    # Plain runs that have a validation part themselves (HAM10000's one split) go beside
+    # the tagged runs of their method, recipe and seed: the same training and validation
+    # images, so the setting is compared seed-paired on validation, then on test.
+    plain_val = [f for f in main if has_val(f) and key(f) in {key(t) for t in with_val}]
+    if with_val:
+        tables = [compare(plain_val + with_val, protocol, "val")
+                  for protocol in ("last", "best")]
+        (dataset_dir / "table_tagged_val.md").write_text("\n\n".join(tables) + "\n",
+                                                         encoding="utf-8")
+        plots.plot_method_curves(_curves(plain_val + with_val, by_folder), "val",
+                                 CURVE_METRICS, dataset_dir / "curves_tagged_val.png",
+                                 f"{dataset_dir.name}: validation metrics per epoch")
+    # Tagged runs trained on the same images as a plain run: those with no validation part
+    # (a setting chosen on validation, then run on the test fold), and those whose plain
+    # run has the same validation part. APTOS's validation runs train on less of the fold.
+    on_test = [f for f in tagged
+               if not has_val(f) or key(f) in {key(p) for p in plain_val}]
+    if on_test:
+        keys = {key(f) for f in on_test}
+        plain = [f for f in main if key(f) in keys]
+        (dataset_dir / "table_tagged_test.md").write_text(
+            compare(plain + on_test, "last") + "\n", encoding="utf-8")
 
 
 def _write_fold_tables(dataset_dir: Path, cv: list[tuple[Path, dict[str, Any]]]) -> None:

@@ -149,3 +149,38 @@ def test_collect_gives_other_folds_their_own_tables(tmp_path: Path) -> None:
     assert recall[2].startswith("| baseline / paper | 3 | 50.0 ± 10.0 |") and len(recall) == 4
     # no validation part in these runs: no best-on-validation table of n/a cells
     assert not (out / "aptos" / "table_folds_best.md").exists()
+
+
+def test_collect_puts_tagged_runs_beside_plain_runs_with_the_same_validation_part(
+        tmp_path: Path) -> None:
+    # HAM10000 has one split: plain runs have a validation part, so a tagged run (a setting
+    # changed) is compared with the plain run of its method and seed on validation and on test
+    from reference_training.reproduce import main
+
+    runs = tmp_path / "runs" / "ham10000"
+
+    def ham(method: str, seed: int, val: float, test: float, tag: str | None = None) -> dict:
+        summary = _summary(method, seed, test, test)
+        summary["dataset"] = "ham10000"
+        summary["last_epochs"]["val"] = {m: val for m in METRICS}
+        if tag:
+            summary["tag"] = tag
+        return summary
+
+    _write_run(runs / "mt-paper-s1", ham("mt", 1, 0.61, 0.62), [0.5, 0.6])
+    _write_run(runs / "mt-paper-s2", ham("mt", 2, 0.11, 0.12), [0.5, 0.6])  # no tagged twin
+    _write_run(runs / "mt-paper-s1-EMA-0.9", ham("mt", 1, 0.63, 0.64, "EMA 0.9"), [0.5, 0.6])
+    out = tmp_path / "docs"
+    main(["--collect", "--runs", str(tmp_path / "runs"), "--docs-out", str(out),
+          "--plot-seed", "1"])
+    val = (out / "ham10000" / "table_tagged_val.md").read_text()
+    rows = [line.split(" | ")[:2] for line in val.split("at the best")[0].splitlines()
+            if line.startswith("| ham10000")]
+    assert rows == [["| ham10000 / mt / paper / m (n=1)", "61.00"],
+                    ["| ham10000 / mt / paper / m / EMA 0.9 (n=1)", "63.00"]]
+    test = (out / "ham10000" / "table_tagged_test.md").read_text()
+    assert "| ham10000 / mt / paper / m (n=1) | 90.00 |" in test  # auc 0.9 in _summary
+    assert "12.00" not in test and "11.00" not in val  # seed 2 has no tagged run
+    assert "| ham10000 / mt / paper / m / EMA 0.9 (n=1) |" in test
+    main_table = (out / "ham10000" / "table_last.md").read_text()
+    assert "EMA" not in main_table
