@@ -207,9 +207,7 @@ def collect(args: argparse.Namespace) -> None:
         main = [f for f, s in untagged if _fold(s) == 1]
         tagged = [f for f, s in zip(folders, summaries, strict=True) if s.get("tag")]
         main_summaries = [s for _, s in untagged if _fold(s) == 1]
-        cv_keys = {(s["method"], s["recipe"], s["seed"]) for _, s in untagged if _fold(s) != 1}
-        cv = [(f, s) for f, s in untagged if (s["method"], s["recipe"], s["seed"]) in cv_keys]
-        _write_fold_tables(dataset_dir, cv)
+        _write_fold_tables(dataset_dir, untagged)
         for protocol in ("last", "best"):
             table = compare(main, protocol)
             (dataset_dir / f"table_{protocol}.md").write_text(table + "\n", encoding="utf-8")
@@ -269,24 +267,47 @@ def _write_tagged_tables(dataset_dir: Path, main: list[Path], tagged: list[Path]
             compare(plain + on_test, "last") + "\n", encoding="utf-8")
 
 
-def _write_fold_tables(dataset_dir: Path, cv: list[tuple[Path, dict[str, Any]]]) -> None:
-    """Cross-validation tables of the runs in ``cv`` (seeds run on several folds): mean ± std
-    over the folds, per-class recall and seconds per epoch over the folds, and method against
-    method fold by fold, in both protocols (the best-on-validation one only where the runs
-    had a validation part)."""
-    for protocol in ("last", "best"):
-        target = dataset_dir / f"table_folds_{protocol}.md"
-        if not cv or (protocol == "best" and not any(s.get("best_on_val") for _, s in cv)):
-            target.unlink(missing_ok=True)
-            continue
-        paired = paired_table([s for _, s in cv], protocol, by="fold")
-        text = compare([f for f, _ in cv], protocol)
-        target.write_text(text + ("\n\n" + paired if paired else "") + "\n", encoding="utf-8")
+def _write_fold_tables(dataset_dir: Path, untagged: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Cross-validation tables, from the untagged runs: the seeds run on the most folds (more
+    than one) give the mean ± std over the folds, per-class recall and seconds per epoch over
+    the folds, and method against method fold by fold; a fold other than 1 where a method ran
+    with several seeds gets its own table, method against method seed by seed. Both protocols,
+    the best-on-validation one only where the runs had a validation part."""
+    folds: dict[tuple[str, str, int], set[int]] = {}
+    for _, s in untagged:
+        folds.setdefault((s["method"], s["recipe"], s["seed"]), set()).add(_fold(s))
+    most = max((len(v) for v in folds.values()), default=0)
+    cv = [(f, s) for f, s in untagged
+          if most > 1 and len(folds[(s["method"], s["recipe"], s["seed"])]) == most]
+    _write_tables(dataset_dir, "table_folds", cv, "fold")
     recall = dataset_dir / "table_folds_recall_time.md"
     if cv:
         recall.write_text(recall_time_table([s for _, s in cv]) + "\n", encoding="utf-8")
     else:
         recall.unlink(missing_ok=True)
+    for stale in dataset_dir.glob("table_fold[0-9]*.md"):
+        stale.unlink()
+    for fold in sorted({_fold(s) for _, s in untagged} - {1}):
+        runs = [(f, s) for f, s in untagged if _fold(s) == fold]
+        seeds: dict[tuple[str, str], set[int]] = {}
+        for _, s in runs:
+            seeds.setdefault((s["method"], s["recipe"]), set()).add(s["seed"])
+        if max(len(v) for v in seeds.values()) > 1:
+            _write_tables(dataset_dir, f"table_fold{fold}", runs, "seed")
+
+
+def _write_tables(dataset_dir: Path, stem: str, runs: list[tuple[Path, dict[str, Any]]],
+                  by: str) -> None:
+    """``<stem>_last.md`` and ``<stem>_best.md``: the runs pooled, then method against method
+    paired ``by`` seed or fold; a protocol no run has is removed, not written empty."""
+    for protocol in ("last", "best"):
+        target = dataset_dir / f"{stem}_{protocol}.md"
+        if not runs or (protocol == "best" and not any(s.get("best_on_val") for _, s in runs)):
+            target.unlink(missing_ok=True)
+            continue
+        paired = paired_table([s for _, s in runs], protocol, by=by)
+        text = compare([f for f, _ in runs], protocol)
+        target.write_text(text + ("\n\n" + paired if paired else "") + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:

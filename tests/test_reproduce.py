@@ -151,6 +151,37 @@ def test_collect_gives_other_folds_their_own_tables(tmp_path: Path) -> None:
     assert not (out / "aptos" / "table_folds_best.md").exists()
 
 
+
+def test_collect_gives_a_fold_run_with_several_seeds_its_own_seed_table(tmp_path: Path) -> None:
+    from reference_training.reproduce import main
+
+    runs = tmp_path / "runs"
+    # seed 1 on folds 1-3; seed 2 on folds 1 and 3 only (fewer folds: not in the CV table)
+    for method, seed, fold, bal in (("baseline", 1, 1, 0.50), ("baseline", 1, 2, 0.40),
+                                    ("baseline", 1, 3, 0.60), ("crckd", 1, 1, 0.55),
+                                    ("crckd", 1, 2, 0.42), ("crckd", 1, 3, 0.59),
+                                    ("baseline", 2, 1, 0.70), ("crckd", 2, 1, 0.75),
+                                    ("baseline", 2, 3, 0.30), ("crckd", 2, 3, 0.20)):
+        summary = _summary(method, seed, bal, 0.4)
+        summary["fold"] = fold
+        name = f"{method}-paper-s{seed}" + (f"-fold{fold}" if fold != 1 else "")
+        _write_run(runs / "aptos" / name, summary, [0.3, bal])
+    out = tmp_path / "docs"
+    (out / "aptos").mkdir(parents=True)
+    (out / "aptos" / "table_fold2_last.md").write_text("from an earlier collect")
+    main(["--collect", "--runs", str(runs), "--docs-out", str(out), "--plot-seed", "1"])
+    folds = (out / "aptos" / "table_folds_last.md").read_text()
+    assert "(n=3)" in folds and "(n=5)" not in folds and "(n=2)" not in folds
+    fold3 = (out / "aptos" / "table_fold3_last.md").read_text()
+    # fold 3, seeds 1 and 2: crckd - baseline = -1 and -10 -> -5.5 ± 6.4, ahead in 0 of 2
+    assert "| aptos / crckd / paper / m (n=2) | 90.00 ± 0.00 |" in fold3
+    paired = [line for line in fold3.splitlines() if line.startswith("| crckd − baseline")]
+    assert paired == ["| crckd − baseline | 2 | -5.5 ± 6.4 | +0.0 ± 0.0 | +0.0 ± 0.0 | 0/2 | 0/2 |"]
+    assert "| seeds |" in fold3
+    # fold 2 has one seed: no table, and the one an earlier collect left is gone
+    assert not (out / "aptos" / "table_fold2_last.md").exists()
+    assert not (out / "aptos" / "table_fold3_best.md").exists()
+
 def test_collect_puts_tagged_runs_beside_plain_runs_with_the_same_validation_part(
         tmp_path: Path) -> None:
     # HAM10000 has one split: plain runs have a validation part, so a tagged run (a setting
