@@ -201,7 +201,8 @@ def sibling_positives(split_csv: Path, num_positives: int) -> list[dict[str, Any
     return rows
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """``rows`` as one markdown table, floats to two decimals."""
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
@@ -223,10 +224,10 @@ def main(argv: list[str] | None = None) -> None:
         for folder in args.runs:
             config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
             print(f"{folder} (P = {config['num_positives']}):\n")
-            _print_table(sibling_positives(Path(folder) / "split.csv",
+            print_table(sibling_positives(Path(folder) / "split.csv",
                                            int(config["num_positives"])))
         return
-    _print_table([inspect_run(Path(folder), args.images, args.data_dir)
+    print_table([inspect_run(Path(folder), args.images, args.data_dir)
                   for folder in args.runs])
 
 

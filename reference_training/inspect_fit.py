@@ -34,7 +34,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from crckd_losses.functional import class_centroids  # noqa: E402
-from reference_training.inspect_banks import nearest_centroid, run_images  # noqa: E402
+from reference_training.inspect_banks import (  # noqa: E402
+    nearest_centroid,
+    print_table,
+    run_images,
+)
 
 
 def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -114,12 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     for folder in args.runs:
         rows.append(inspect_run(Path(folder), args.data_dir))
         print(f"[done] {folder}", file=sys.stderr, flush=True)
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
-        print("| " + " | ".join(cells) + " |")
+    print_table(rows)
 
 
 if __name__ == "__main__":
