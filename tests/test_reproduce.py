@@ -65,6 +65,16 @@ def _write_run(folder: Path, summary: dict, curve: list[float]) -> None:
     (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
 
 
+
+def _write_fold_runs(runs: Path, specs: list[tuple[str, int, int, float]]) -> None:
+    """APTOS runs ``(method, seed, fold, balanced accuracy)`` under ``runs/aptos``, named as
+    ``reproduce.py`` names them."""
+    for method, seed, fold, bal in specs:
+        summary = _summary(method, seed, bal, 0.4)
+        summary["fold"] = fold
+        name = f"{method}-paper-s{seed}" + (f"-fold{fold}" if fold != 1 else "")
+        _write_run(runs / "aptos" / name, summary, [0.3, bal])
+
 def test_collect_keeps_tagged_runs_out_of_the_main_tables(tmp_path: Path) -> None:
     from reference_training.reproduce import main
 
@@ -117,14 +127,10 @@ def test_collect_gives_other_folds_their_own_tables(tmp_path: Path) -> None:
 
     runs = tmp_path / "runs"
     # seed 1 on folds 1-3 for baseline and crckd; seed 2 on fold 1 only; an ablation on fold 1
-    for method, seed, fold, bal in (("baseline", 1, 1, 0.50), ("baseline", 1, 2, 0.40),
-                                    ("baseline", 1, 3, 0.60), ("crckd", 1, 1, 0.55),
-                                    ("crckd", 1, 2, 0.42), ("crckd", 1, 3, 0.59),
-                                    ("baseline", 2, 1, 0.70), ("crp", 1, 1, 0.90)):
-        summary = _summary(method, seed, bal, 0.4)
-        summary["fold"] = fold
-        name = f"{method}-paper-s{seed}" + (f"-fold{fold}" if fold != 1 else "")
-        _write_run(runs / "aptos" / name, summary, [0.3, bal])
+    _write_fold_runs(runs, [("baseline", 1, 1, 0.50), ("baseline", 1, 2, 0.40),
+                            ("baseline", 1, 3, 0.60), ("crckd", 1, 1, 0.55),
+                            ("crckd", 1, 2, 0.42), ("crckd", 1, 3, 0.59),
+                            ("baseline", 2, 1, 0.70), ("crp", 1, 1, 0.90)])
     out = tmp_path / "docs"
     main(["--collect", "--runs", str(runs), "--docs-out", str(out), "--plot-seed", "1"])
     def bal_acc(table: str) -> dict[str, str]:
@@ -157,15 +163,11 @@ def test_collect_gives_a_fold_run_with_several_seeds_its_own_seed_table(tmp_path
 
     runs = tmp_path / "runs"
     # seed 1 on folds 1-3; seed 2 on folds 1 and 3 only (fewer folds: not in the CV table)
-    for method, seed, fold, bal in (("baseline", 1, 1, 0.50), ("baseline", 1, 2, 0.40),
-                                    ("baseline", 1, 3, 0.60), ("crckd", 1, 1, 0.55),
-                                    ("crckd", 1, 2, 0.42), ("crckd", 1, 3, 0.59),
-                                    ("baseline", 2, 1, 0.70), ("crckd", 2, 1, 0.75),
-                                    ("baseline", 2, 3, 0.30), ("crckd", 2, 3, 0.20)):
-        summary = _summary(method, seed, bal, 0.4)
-        summary["fold"] = fold
-        name = f"{method}-paper-s{seed}" + (f"-fold{fold}" if fold != 1 else "")
-        _write_run(runs / "aptos" / name, summary, [0.3, bal])
+    _write_fold_runs(runs, [("baseline", 1, 1, 0.50), ("baseline", 1, 2, 0.40),
+                            ("baseline", 1, 3, 0.60), ("crckd", 1, 1, 0.55),
+                            ("crckd", 1, 2, 0.42), ("crckd", 1, 3, 0.59),
+                            ("baseline", 2, 1, 0.70), ("crckd", 2, 1, 0.75),
+                            ("baseline", 2, 3, 0.30), ("crckd", 2, 3, 0.20)])
     out = tmp_path / "docs"
     (out / "aptos").mkdir(parents=True)
     (out / "aptos" / "table_fold2_last.md").write_text("from an earlier collect")
