@@ -56,6 +56,11 @@ def _fold(summary: dict[str, Any]) -> int:
     return int(summary.get("fold") or 1)
 
 
+def _run_key(summary: dict[str, Any]) -> tuple[str, str, int]:
+    """``(method, recipe, seed)``: what pairs a run with its twin on another fold or setting."""
+    return summary["method"], summary["recipe"], summary["seed"]
+
+
 def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, seed: int,
             fold: int = 1) -> Path:
     """Train one grid point (or resume it); returns its run folder."""
@@ -236,8 +241,7 @@ def _write_tagged_tables(dataset_dir: Path, main: list[Path], tagged: list[Path]
     from reference_training import plots
 
     def key(folder: Path) -> tuple[str, str, int]:
-        return (by_folder[folder]["method"], by_folder[folder]["recipe"],
-                by_folder[folder]["seed"])
+        return _run_key(by_folder[folder])
 
     def has_val(folder: Path) -> bool:
         return bool(by_folder[folder]["last_epochs"].get("val"))
@@ -246,7 +250,8 @@ def _write_tagged_tables(dataset_dir: Path, main: list[Path], tagged: list[Path]
     # Plain runs that have a validation part themselves (HAM10000's one split) go beside
     # the tagged runs of their method, recipe and seed: the same training and validation
     # images, so the setting is compared seed-paired on validation, then on test.
-    plain_val = [f for f in main if has_val(f) and key(f) in {key(t) for t in with_val}]
+    tagged_val_keys = {key(t) for t in with_val}
+    plain_val = [f for f in main if has_val(f) and key(f) in tagged_val_keys]
     if with_val:
         tables = [compare(plain_val + with_val, protocol, "val")
                   for protocol in ("last", "best")]
@@ -258,8 +263,8 @@ def _write_tagged_tables(dataset_dir: Path, main: list[Path], tagged: list[Path]
     # Tagged runs trained on the same images as a plain run: those with no validation part
     # (a setting chosen on validation, then run on the test fold), and those whose plain
     # run has the same validation part. APTOS's validation runs train on less of the fold.
-    on_test = [f for f in tagged
-               if not has_val(f) or key(f) in {key(p) for p in plain_val}]
+    plain_val_keys = {key(p) for p in plain_val}
+    on_test = [f for f in tagged if not has_val(f) or key(f) in plain_val_keys]
     if on_test:
         keys = {key(f) for f in on_test}
         plain = [f for f in main if key(f) in keys]
@@ -275,10 +280,10 @@ def _write_fold_tables(dataset_dir: Path, untagged: list[tuple[Path, dict[str, A
     the best-on-validation one only where the runs had a validation part."""
     folds: dict[tuple[str, str, int], set[int]] = {}
     for _, s in untagged:
-        folds.setdefault((s["method"], s["recipe"], s["seed"]), set()).add(_fold(s))
+        folds.setdefault(_run_key(s), set()).add(_fold(s))
     most = max((len(v) for v in folds.values()), default=0)
     cv = [(f, s) for f, s in untagged
-          if most > 1 and len(folds[(s["method"], s["recipe"], s["seed"])]) == most]
+          if most > 1 and len(folds[_run_key(s)]) == most]
     _write_tables(dataset_dir, "table_folds", cv, "fold")
     recall = dataset_dir / "table_folds_recall_time.md"
     if cv:
