@@ -7,7 +7,14 @@ unless switched off with :func:`set_value_checks`, and are skipped while ``torch
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import torch
+
+_LIBRARY_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 _VALUE_CHECKS = True
 
@@ -121,3 +128,48 @@ def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return per_sample.sum()
     return per_sample
+
+
+def as_label_tensor(name: str, labels: object) -> torch.Tensor:
+    """``labels`` as a 1-D, non-empty long tensor: a tensor, a numpy array or any sequence of
+    integers (a torchvision dataset's ``.targets``). Floats and bools are refused."""
+    if isinstance(labels, torch.Tensor):
+        t = labels.detach()
+    else:
+        try:
+            t = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"{name} must be a tensor, array or sequence of integer class ids, got "
+                f"{type(labels).__name__} ({error})"
+            ) from None
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(
+            f"{name} must hold integer class ids, got dtype {t.dtype}; convert them, e.g. "
+            f"torch.as_tensor({name}).long() if they are whole numbers"
+        )
+    if t.dim() != 1:
+        raise ValueError(f"{name} must have 1 dimension, got shape {tuple(t.shape)}")
+    check_nonempty(name, t)
+    return t.long()
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    """``value`` must be one of ``allowed`` (the options of a string setting)."""
+    if not isinstance(value, str) or value not in allowed:
+        listed = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} must be one of {listed}, got {value!r}")
+    return value
+
+
+def warn_at_caller(message: str) -> None:
+    """A ``UserWarning`` that points at the first frame outside this library and torch (the
+    user's own line), however deep inside modules and wrappers it was raised."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        (_LIBRARY_DIR, _TORCH_DIR)
+    ):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, stacklevel=level)

@@ -10,6 +10,7 @@ from torch import nn
 
 from . import distributed
 from ._checks import (
+    check_choice,
     check_finite,
     check_float,
     check_index,
@@ -20,10 +21,12 @@ from ._checks import (
     check_same_device,
     check_unit_interval,
 )
-from .functional import ScorePath, _ccd_pair
-from .memory import MomentumMemoryBank, Sampler
+from .functional import SCORE_PATHS, ScorePath, _ccd_pair
+from .memory import MomentumMemoryBank
+from .sampling import SAMPLERS, Sampler
 
 Normalizer = Literal["first_batch", "ema"]
+NORMALIZERS: tuple[Normalizer, ...] = ("first_batch", "ema")
 
 
 class CCDTerms(NamedTuple):
@@ -63,8 +66,9 @@ class ClassGuidedContrastiveLoss(nn.Module):
         temperature: ``tau`` (0.07).
         normalizer: ``"first_batch"`` or ``"ema"``.
         normalizer_momentum: EMA momentum for ``normalizer="ema"``, in ``[0, 1)``.
-        sampler: how :meth:`MomentumMemoryBank.sample` draws rows (``"shuffle"`` or
-            ``"independent"``).
+        sampler: how :meth:`MomentumMemoryBank.sample` draws rows: ``"independent"`` (the
+            method's law for every anchor) or ``"shuffle"`` (faster; anchors of one class
+            share one permutation).
         path: ``"auto"``, ``"dense"`` or ``"gather"`` (see
             :func:`crckd_losses.functional.contrastive_scores`).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -99,7 +103,7 @@ class ClassGuidedContrastiveLoss(nn.Module):
         temperature: float = 0.07,
         normalizer: Normalizer = "first_batch",
         normalizer_momentum: float = 0.9,
-        sampler: Sampler = "shuffle",
+        sampler: Sampler = "independent",
         path: ScorePath = "auto",
         reduction: str = "mean",
     ) -> None:
@@ -107,16 +111,10 @@ class ClassGuidedContrastiveLoss(nn.Module):
         self.num_positives = check_positive_int("num_positives", num_positives)
         self.num_negatives = check_positive_int("num_negatives", num_negatives)
         self.temperature = check_positive_float("temperature", temperature)
-        if normalizer not in ("first_batch", "ema"):
-            raise ValueError(f"normalizer must be 'first_batch' or 'ema', got {normalizer!r}")
-        self.normalizer = normalizer
+        self.normalizer = check_choice("normalizer", normalizer, NORMALIZERS)
         self.normalizer_momentum = check_unit_interval("normalizer_momentum", normalizer_momentum)
-        if sampler not in ("shuffle", "independent"):
-            raise ValueError(f"sampler must be 'shuffle' or 'independent', got {sampler!r}")
-        self.sampler: Sampler = sampler
-        if path not in ("auto", "dense", "gather"):
-            raise ValueError(f"path must be 'auto', 'dense' or 'gather', got {path!r}")
-        self.path: ScorePath = path
+        self.sampler: Sampler = check_choice("sampler", sampler, SAMPLERS)  # type: ignore[assignment]
+        self.path: ScorePath = check_choice("path", path, SCORE_PATHS)  # type: ignore[assignment]
         self.reduction = check_reduction(reduction)
         self.register_buffer("log_normalizer", torch.zeros(2, dtype=torch.float64))
         self.register_buffer("normalizer_initialized", torch.zeros((), dtype=torch.bool))

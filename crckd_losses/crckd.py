@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ._checks import check_float, check_index, check_unit_interval
+from ._checks import check_finite, check_float, check_index, check_unit_interval
 from .contrastive import ClassGuidedContrastiveLoss, Normalizer
 from .functional import ScorePath
 from .heads import EmbeddingHead
-from .memory import MomentumMemoryBank, Sampler
+from .memory import MomentumMemoryBank
 from .relation import CategoricalRelationLoss
+from .sampling import Sampler
 
 
 class CRCKDOutput(NamedTuple):
@@ -51,13 +53,17 @@ class CRCKDLoss(nn.Module):
     run resumes all of them.
 
     Args:
-        labels: ``[N]`` integer labels of the training set; the banks' size and row classes.
+        labels: ``[N]`` integer class ids of the training set (a tensor, a numpy array or a
+            sequence such as a torchvision dataset's ``.targets``), in ``[0, C)`` with every
+            class present; the banks' size and row classes.
         student_dim: size of the student feature ``f_S`` (128 in the paper).
         teacher_dim: size of the teacher feature ``f_T``.
         embed_dim: ``d`` (128).
         num_positives: ``P`` (20), at most ``N``.
-        num_negatives: ``K`` (4096); other-class rows are drawn with replacement for classes
-            that have fewer than ``K`` of them, and a ``K`` above ``N`` warns.
+        num_negatives: ``K`` (4096); other-class rows are drawn with replacement for anchors
+            whose classes have fewer than ``K`` of them. A ``K`` above ``N`` warns once, here,
+            with the largest value that fits the data
+            (:attr:`MomentumMemoryBank.max_distinct_negatives`).
         temperature: ``tau`` for both CCD and CRP (0.07).
         momentum: bank momentum ``m`` (0.5).
         ccd_weight: :math:`\lambda_{CCD}` (0.1).
@@ -65,7 +71,8 @@ class CRCKDLoss(nn.Module):
         normalizer: see :class:`ClassGuidedContrastiveLoss`.
         normalizer_momentum: see :class:`ClassGuidedContrastiveLoss`.
         centroid_relu: ReLU the bank rows before averaging (method §3, the default).
-        sampler: ``"shuffle"`` or ``"independent"`` (see :meth:`MomentumMemoryBank.sample`).
+        sampler: ``"independent"`` (the method's law) or ``"shuffle"`` (faster, anchors of one
+            class correlated; see :meth:`MomentumMemoryBank.sample`).
         path: ``"auto"``, ``"dense"`` or ``"gather"``.
         num_classes: ``C``; defaults to ``labels.max() + 1``.
 
@@ -83,7 +90,7 @@ class CRCKDLoss(nn.Module):
 
     def __init__(
         self,
-        labels: torch.Tensor,
+        labels: torch.Tensor | Sequence[int],
         student_dim: int,
         teacher_dim: int,
         embed_dim: int = 128,
@@ -96,7 +103,7 @@ class CRCKDLoss(nn.Module):
         normalizer: Normalizer = "first_batch",
         normalizer_momentum: float = 0.9,
         centroid_relu: bool = True,
-        sampler: Sampler = "shuffle",
+        sampler: Sampler = "independent",
         path: ScorePath = "auto",
         num_classes: int | None = None,
     ) -> None:
@@ -118,6 +125,8 @@ class CRCKDLoss(nn.Module):
                 f"({self.student_bank.size} rows, one per label); use at most "
                 f"{self.student_bank.size}"
             )
+        if isinstance(num_negatives, int) and not isinstance(num_negatives, bool):
+            self.student_bank.warn_if_negatives_repeat(num_negatives)
         self.ccd = ClassGuidedContrastiveLoss(
             num_positives,
             num_negatives,
@@ -157,6 +166,16 @@ class CRCKDLoss(nn.Module):
                 f"student_feat and teacher_feat must have one batch size, got "
                 f"{student_feat.shape[0]} and {teacher_feat.shape[0]}"
             )
+        for name, feat, head, dim_name in (
+            ("student_feat", student_feat, self.student_head, "student_dim"),
+            ("teacher_feat", teacher_feat, self.teacher_head, "teacher_dim"),
+        ):
+            if feat.shape[1] != head.linear.in_features:
+                raise ValueError(
+                    f"{name} must have {head.linear.in_features} columns ({dim_name}), got "
+                    f"shape {tuple(feat.shape)}"
+                )
+            check_finite(name, feat)
         g_s = self.student_head(student_feat)
         g_t = self.teacher_head(teacher_feat.detach())
         terms = self.ccd.terms(

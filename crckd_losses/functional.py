@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import (
+    check_choice,
     check_finite,
     check_float,
     check_index,
@@ -30,7 +31,23 @@ from ._checks import (
     reduce,
 )
 
+__all__ = [
+    "DENSE_PATH_FACTOR",
+    "SCORE_PATHS",
+    "ScorePath",
+    "categorical_relation_loss",
+    "choose_score_path",
+    "class_centroids",
+    "class_guided_contrastive_loss",
+    "consistency_kl",
+    "contrastive_scores",
+    "estimate_log_normalizer",
+    "nce_loss",
+    "sigmoid_rampup",
+]
+
 ScorePath = Literal["auto", "dense", "gather"]
+SCORE_PATHS: tuple[ScorePath, ...] = ("auto", "dense", "gather")
 LogZ: TypeAlias = "torch.Tensor | float"
 
 #: The dense path (one ``B x N`` matmul, then a gather of the sampled columns) is taken while
@@ -148,8 +165,7 @@ def _check_score_args(anchor: torch.Tensor, memory: torch.Tensor, sample_indices
             f"sample_indices must have one row per anchor ({anchor.shape[0]}), "
             f"got shape {tuple(sample_indices.shape)}"
         )
-    if path not in ("auto", "dense", "gather"):
-        raise ValueError(f"path must be 'auto', 'dense' or 'gather', got {path!r}")
+    check_choice("path", path, SCORE_PATHS)
     check_positive_float("temperature", temperature)
     check_range("sample_indices", sample_indices, memory.shape[0])
 

@@ -17,7 +17,9 @@ class EmbeddingHead(nn.Module):
         out_dim: size of the embedding ``g`` (128 in the paper).
 
     Shapes:
-        ``[B, in_dim]`` float -> ``[B, out_dim]`` with unit L2 norm per row.
+        ``[B, in_dim]`` float -> ``[B, out_dim]`` with unit L2 norm per row. Outside autocast,
+        a feature of another floating dtype than the weights (float64 from a float64 model)
+        is cast to the weights' dtype; cast the head (``.double()``) to compute in float64.
 
     Examples:
         >>> head = EmbeddingHead(16, 8)
@@ -39,4 +41,9 @@ class EmbeddingHead(nn.Module):
                 f"features must have {self.linear.in_features} columns, got shape "
                 f"{tuple(features.shape)}"
             )
+        weight = self.linear.weight
+        if features.dtype != weight.dtype and not torch.is_autocast_enabled(features.device.type):
+            # A float64 (or float16) feature meets float32 weights: compute in the weights'
+            # dtype, as autocast would, instead of failing inside nn.Linear.
+            features = features.to(weight.dtype)
         return F.normalize(self.linear(features), dim=1)

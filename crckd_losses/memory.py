@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,8 @@ from torch import nn
 
 from . import distributed
 from ._checks import (
+    as_label_tensor,
+    check_choice,
     check_finite,
     check_float,
     check_index,
@@ -21,10 +23,10 @@ from ._checks import (
     check_same_device,
     check_unit_interval,
     value_checks_enabled,
+    warn_at_caller,
 )
 from .functional import class_centroids
-
-Sampler = Literal["shuffle", "independent"]
+from .sampling import SAMPLERS, ClassLayout, Sampler, class_guided_indices
 
 
 class MomentumMemoryBank(nn.Module):
@@ -75,7 +77,7 @@ class MomentumMemoryBank(nn.Module):
 
     def __init__(
         self,
-        labels: torch.Tensor,
+        labels: torch.Tensor | Sequence[int],
         dim: int = 128,
         momentum: float = 0.5,
         num_classes: int | None = None,
@@ -84,13 +86,11 @@ class MomentumMemoryBank(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        check_index("labels", labels, 1)
-        check_nonempty("labels", labels)
+        labels = as_label_tensor("labels", labels)
         check_positive_int("dim", dim)
         self.momentum = check_unit_interval("momentum", momentum)
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        labels = labels.detach().long()
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
         low, high = int(labels.min()), int(labels.max())
         if low < 0:
             raise ValueError(f"labels must be >= 0, got a minimum of {low}")
@@ -103,7 +103,9 @@ class MomentumMemoryBank(nn.Module):
         empty = (counts == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
-                f"every class needs at least one row in labels; classes {empty} have none"
+                f"every class in [0, {num_classes}) needs at least one row in labels; classes "
+                f"{empty} have none. The bank only groups rows by class, so give it consecutive "
+                "class ids: labels = torch.unique(labels, return_inverse=True)[1]"
             )
         if num_classes < 2:
             raise ValueError("labels must hold at least 2 classes, so that negatives exist")
@@ -115,13 +117,12 @@ class MomentumMemoryBank(nn.Module):
         rows = torch.rand(labels.shape[0], dim, generator=generator, dtype=dtype, device="cpu")
         self.register_buffer("memory", (rows * 2 - 1).mul_(bound).to(labels.device))
         self.register_buffer("labels", labels)
-        # Class-sorted index order, built once: class c occupies
-        # _order[_class_start[c] : _class_start[c] + _class_count[c]].
-        self.register_buffer("_order", torch.argsort(labels, stable=True), persistent=False)
-        self.register_buffer("_class_count", counts, persistent=False)
-        self.register_buffer(
-            "_class_start", torch.cumsum(counts, 0) - counts, persistent=False
-        )
+        # Class-sorted index order, built once (see sampling.ClassLayout).
+        layout = ClassLayout.from_labels(labels, num_classes)
+        self.register_buffer("_order", layout.order, persistent=False)
+        self.register_buffer("_class_count", layout.sizes, persistent=False)
+        self.register_buffer("_class_start", layout.starts, persistent=False)
+        self._warned_negatives = False
         # Per-class sums of the rows ([0]) and of their ReLU ([1]), float64, kept current by
         # update() in O(B d) so that centroids() need not reduce the whole bank every step.
         # They are saved with the bank, so a resumed run continues from the very same sums.
@@ -157,12 +158,19 @@ class MomentumMemoryBank(nn.Module):
 
         :math:`M[i] \leftarrow \mathrm{normalise}(m M[i] + (1-m) f_i)`.
 
+        An index may appear more than once (a sampler with replacement, such as
+        ``WeightedRandomSampler``, or two ranks holding one sample): its row is then updated
+        once, from the **last** occurrence's feature, as if the earlier writes had been
+        overwritten (under ``torch.distributed``, the highest rank's last occurrence). The
+        running class sums behind :meth:`centroids` count each row once, so the centroids
+        always equal those of a full reduction of the rows. No host sync is needed for this.
+
         Under ``torch.distributed`` the indices and features of all ranks are gathered first,
         so every rank holds the same bank; the first update also copies rank 0's initial rows
         to every rank. A call that raises leaves the bank unchanged.
 
         Args:
-            indices: ``[B]`` integer dataset indices, distinct within a step.
+            indices: ``[B]`` integer dataset indices.
             features: ``[B, d]`` float embeddings (detached here).
         """
         indices = self._check_indices(indices)
@@ -183,17 +191,25 @@ class MomentumMemoryBank(nn.Module):
         self._synced = True
         indices, features = distributed.gather_for_update(indices, features.detach())
         sums_current = self._class_sums_current()
+        winner = _last_occurrence(indices, self.size)
         old = self.memory.index_select(0, indices)
-        new = F.normalize(old * self.momentum + features.to(old.dtype) * (1 - self.momentum), dim=1)
+        # Every copy of a repeated index computes the same new row (from the last copy's
+        # feature), so the duplicate writes agree whatever order the device applies them in.
+        update = features.index_select(0, winner).to(old.dtype)
+        new = F.normalize(old * self.momentum + update * (1 - self.momentum), dim=1)
         if self.copy_on_write:
             self.memory = self.memory.index_copy(0, indices, new)
         else:
             self.memory.index_copy_(0, indices, new)
         if sums_current:
-            y = self.labels[indices]
+            # Each changed row counted once: only the last copy of an index adds its change.
             dtype = self.class_sums.dtype  # float64 unless the module was cast
-            self.class_sums[0].index_add_(0, y, (new - old).to(dtype))
-            self.class_sums[1].index_add_(0, y, (new.clamp_min(0) - old.clamp_min(0)).to(dtype))
+            counted = winner == torch.arange(winner.shape[0], device=winner.device)
+            counted = counted.unsqueeze(1).to(dtype)
+            y = self.labels[indices]
+            self.class_sums[0].index_add_(0, y, (new - old).to(dtype) * counted)
+            self.class_sums[1].index_add_(
+                0, y, (new.clamp_min(0) - old.clamp_min(0)).to(dtype) * counted)
             self._sums_of = (self.memory, self.memory._version)
         else:
             self._drop_class_sums()
@@ -219,6 +235,35 @@ class MomentumMemoryBank(nn.Module):
         self.class_sums[1].index_add_(0, self.labels, rows.clamp_min(0))
         self._sums_of = (self.memory, self.memory._version)
 
+    @property
+    def layout(self) -> ClassLayout:
+        """The bank's class-sorted row order (:class:`~crckd_losses.sampling.ClassLayout`)."""
+        return ClassLayout(self.labels, self._order, self._class_start, self._class_count)
+
+    @property
+    def max_distinct_negatives(self) -> int:
+        """The largest ``K`` for which every anchor's negatives are distinct rows: ``N`` minus
+        the size of the largest class. Above it, anchors of the largest class (and, past
+        ``N - n_c``, of class ``c``) draw their negatives with replacement."""
+        return self.size - int(self._class_count.max())
+
+    def warn_if_negatives_repeat(self, num_negatives: int) -> None:
+        """Warn, once per bank, when ``num_negatives`` is larger than the bank itself, so that
+        every anchor's negatives repeat rows. The warning points at the user's own line.
+
+        Args:
+            num_negatives: ``K``.
+        """
+        if num_negatives > self.size and not self._warned_negatives:
+            self._warned_negatives = True
+            warn_at_caller(
+                f"num_negatives={num_negatives} is larger than the bank ({self.size} rows): "
+                "every anchor's negatives are drawn with replacement. The largest value with "
+                f"distinct negatives for every anchor is {self.max_distinct_negatives} "
+                f"(bank size minus its largest class); pass num_negatives=min(4096, "
+                f"{self.max_distinct_negatives}) or similar to fit this dataset"
+            )
+
     @torch.no_grad()
     def sample(
         self,
@@ -226,39 +271,34 @@ class MomentumMemoryBank(nn.Module):
         num_positives: int,
         num_negatives: int,
         generator: torch.Generator | None = None,
-        sampler: Sampler = "shuffle",
+        sampler: Sampler = "independent",
     ) -> torch.Tensor:
         """Class-guided row indices for each anchor (method §4), vectorised on the bank's device.
 
         Column 0 is the anchor's own row; columns ``1..P-1`` are rows of the anchor's class,
-        without replacement while the class has at least ``P-1`` rows; the last ``K`` columns
-        are rows of other classes, without replacement while at least ``K`` exist.
+        a uniform draw without replacement where the class has at least ``P-1`` rows and
+        i.i.d. with replacement otherwise; the last ``K`` columns are rows of other classes,
+        without replacement where at least ``K`` exist and i.i.d. with replacement otherwise.
 
-        Two samplers give each anchor exactly that distribution:
+        - ``"independent"`` (default): every anchor's draw has exactly that law, independently
+          of the others. It costs ``O(B x N)`` random numbers and a ``topk`` per call.
+        - ``"shuffle"`` (faster on a CPU where ``K`` is large): each anchor's draw has the same
+          law on its own, but anchors of one class in one call take windows of one shared
+          permutation, so their sets are not independent of each other.
 
-        - ``"shuffle"`` (default, fast): one random permutation of the bank per call; each
-          anchor takes a window, at its own random offset, of its class's rows and of the other
-          classes' rows in that permutation. Anchors of one class in one batch draw from the
-          same shuffle, so their sets are correlated (not independent); each set on its own is
-          a uniform draw. When a class has fewer rows than the window, the window wraps, so
-          each row appears as evenly as possible instead of i.i.d. with replacement. Its
-          working memory is a few ``C x N`` and ``C x (N + K)`` int64 tables per call, so it
-          grows with the number of classes.
-        - ``"independent"``: a fresh uniform draw for every anchor, as the released code does
-          per item (with replacement, i.i.d., where too few rows exist). It costs
-          ``O(B x N)`` random numbers per call.
+        See :mod:`crckd_losses.sampling` for both. ``K`` larger than the whole bank warns once
+        per bank (:meth:`warn_if_negatives_repeat`).
 
         Raises:
             ValueError: ``P`` larger than the bank, indices out of range, an unknown
-                ``sampler``. A ``K`` larger than the bank only warns: the draws then repeat
-                rows, as the released code's do on APTOS.
+                ``sampler``.
 
         Args:
             indices: ``[B]`` dataset indices of the anchors.
             num_positives: ``P >= 1`` (column 0 included).
             num_negatives: ``K >= 1``.
             generator: a ``torch.Generator`` on the bank's device, for reproducible draws.
-            sampler: ``"shuffle"`` or ``"independent"``.
+            sampler: ``"independent"`` or ``"shuffle"``.
 
         Returns:
             ``[B, P+K]`` long tensor of row indices.
@@ -266,122 +306,15 @@ class MomentumMemoryBank(nn.Module):
         indices = self._check_indices(indices)
         check_positive_int("num_positives", num_positives)
         check_positive_int("num_negatives", num_negatives)
+        check_choice("sampler", sampler, SAMPLERS)
         if num_positives > self.size:
             raise ValueError(
                 f"num_positives={num_positives} is larger than the bank ({self.size} rows); "
                 f"use at most {self.size}"
             )
-        if num_negatives > self.size:
-            # Allowed (the paper's K = 4096 on a 2,930-image APTOS fold), but worth a word: no
-            # anchor can have K distinct negatives, so every set repeats rows.
-            warnings.warn(
-                f"num_negatives={num_negatives} is larger than the bank ({self.size} rows): "
-                "every anchor's negatives repeat rows (drawn with replacement)",
-                stacklevel=3,  # past torch.no_grad's wrapper, to the caller of sample()
-            )
-        if sampler == "shuffle":
-            return self._sample_shuffle(indices, num_positives, num_negatives, generator)
-        if sampler == "independent":
-            return self._sample_independent(indices, num_positives, num_negatives, generator)
-        raise ValueError(f"sampler must be 'shuffle' or 'independent', got {sampler!r}")
-
-    def _sample_shuffle(
-        self,
-        indices: torch.Tensor,
-        num_positives: int,
-        num_negatives: int,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        n, device = self.size, self.memory.device
-        y = self.labels[indices]
-        # One uniform shuffle of the bank. For class c, `same[c]` lists its rows and `other[c]`
-        # the rows of every other class, each in shuffled order (so each a uniform random
-        # permutation of its set), compacted to the front of a row of length n.
-        perm = torch.randperm(n, device=device, generator=generator)
-        classes = torch.arange(self.num_classes, device=device)
-        is_same = self.labels[perm].unsqueeze(0) == classes[:, None]  # [C, N]
-        same_rank = torch.cumsum(is_same, dim=1) - 1
-        other_rank = torch.arange(n, device=device) - same_rank - 1
-        slots = torch.where(is_same, same_rank, other_rank + n)  # same: [0, n_c), other: n + ...
-        table = torch.empty(self.num_classes, 2 * n, dtype=torch.long, device=device)
-        table.scatter_(1, slots, perm.expand(self.num_classes, n))
-        count = self._class_count
-        offsets = torch.rand(indices.shape[0], 2, device=device, generator=generator,
-                             dtype=torch.float64)
-        parts = [indices.unsqueeze(1)]
-        if num_positives > 1:
-            parts.append(self._windows(table[:, :n], count, y, offsets[:, 0], num_positives - 1))
-        parts.append(self._windows(table[:, n:], n - count, y, offsets[:, 1], num_negatives))
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def _windows(
-        rows: torch.Tensor,
-        length: torch.Tensor,
-        y: torch.Tensor,
-        offset: torch.Tensor,
-        width: int,
-    ) -> torch.Tensor:
-        """``width`` consecutive entries of the cyclic sequence ``rows[c, :length[c]]`` per anchor,
-        starting at ``floor(offset * length)``: a uniform draw without replacement while
-        ``length >= width``, and each entry as often as possible beside the others otherwise."""
-        classes, n = rows.shape
-        span = n - 1 + width  # the furthest a window can reach: start <= n - 1
-        position = torch.arange(span, device=rows.device).unsqueeze(0) % length[:, None]
-        cyclic = rows.gather(1, position)  # [C, span], row c repeats its first length[c] entries
-        start = (offset * length[y]).long().clamp_max(length[y] - 1)
-        # Each window is a contiguous slice of one row: unfold makes them views, indexing copies.
-        return cyclic.unfold(1, width, 1)[y, start]
-
-    def _sample_independent(
-        self,
-        indices: torch.Tensor,
-        num_positives: int,
-        num_negatives: int,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        n = self.size
-        y = self.labels[indices]
-        count = self._class_count[y]
-        same = self.labels.unsqueeze(0) == y.unsqueeze(1)  # [B, N]
-        parts = [indices.unsqueeze(1)]
-        if num_positives > 1:
-            parts.append(
-                self._draw(same, count, num_positives - 1, self._class_start[y], generator)
-            )
-        rest_start = torch.zeros_like(y)
-        parts.append(self._draw(~same, n - count, num_negatives, rest_start, generator, y=y))
-        return torch.cat(parts, dim=1)
-
-    def _draw(
-        self,
-        allowed: torch.Tensor,
-        available: torch.Tensor,
-        k: int,
-        class_start: torch.Tensor,
-        generator: torch.Generator | None,
-        y: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``k`` allowed rows per anchor: without replacement where ``available >= k``."""
-        device = allowed.device
-        keys = torch.rand(allowed.shape, device=device, generator=generator)
-        keys = keys.masked_fill(~allowed, 2.0)
-        k_top = min(k, allowed.shape[1])
-        without = keys.topk(k_top, dim=1, largest=False, sorted=False).indices
-        if k_top < k:  # only rows with too few allowed rows need it, and those are replaced
-            without = without.repeat(1, -(-k // k_top))[:, :k]
-        # With replacement: uniform positions in the allowed set, mapped through the
-        # class-sorted order (for negatives, skipping the anchor's class block).
-        u = torch.rand(allowed.shape[0], k, device=device, generator=generator, dtype=torch.float64)
-        pos = (u * available[:, None]).long().clamp_max(available[:, None] - 1)
-        if y is None:
-            replaced = self._order[class_start[:, None] + pos]
-        else:
-            block_start = self._class_start[y][:, None]
-            block_count = self._class_count[y][:, None]
-            pos = torch.where(pos >= block_start, pos + block_count, pos)
-            replaced = self._order[pos]
-        return torch.where((available >= k)[:, None], without, replaced)
+        self.warn_if_negatives_repeat(num_negatives)
+        return class_guided_indices(self.layout, indices, num_positives, num_negatives,
+                                    generator, sampler)
 
     @torch.no_grad()
     def centroids(self, relu: bool = True) -> torch.Tensor:
@@ -474,3 +407,12 @@ class MomentumMemoryBank(nn.Module):
             self._sums_of = (self.memory, self.memory._version)  # loaded together: consistent
         else:
             self._drop_class_sums()
+
+
+def _last_occurrence(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """For each position of ``indices``, the position of the last occurrence of its value
+    (``[B]`` long; the position itself where the value does not come again)."""
+    positions = torch.arange(indices.shape[0], device=indices.device)
+    last = torch.full((size,), -1, dtype=torch.long, device=indices.device)
+    last.scatter_reduce_(0, indices, positions, reduce="amax")
+    return last.index_select(0, indices)

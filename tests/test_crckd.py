@@ -119,8 +119,58 @@ def test_bad_arguments():
     crckd = CRCKDLoss(labels, 4, 4, embed_dim=4, num_positives=2, num_negatives=5)
     with pytest.raises(ValueError, match="one batch size"):
         crckd(torch.randn(3, 4), torch.randn(2, 4), torch.arange(3))
-    with pytest.raises(ValueError, match="features must have 4 columns"):
+    with pytest.raises(ValueError, match=r"student_feat must have 4 columns \(student_dim\)"):
         crckd(torch.randn(3, 5), torch.randn(3, 4), torch.arange(3))
+    with pytest.raises(ValueError, match=r"teacher_feat must have 4 columns \(teacher_dim\)"):
+        crckd(torch.randn(3, 4), torch.randn(3, 6), torch.arange(3))
+
+
+@pytest.mark.parametrize("which", ["student_feat", "teacher_feat"])
+def test_non_finite_feature_names_the_callers_argument_and_leaves_banks(which):
+    labels = torch.arange(30) % 3
+    crckd = CRCKDLoss(labels, 4, 4, embed_dim=4, num_positives=2, num_negatives=5)
+    feats = {"student_feat": torch.randn(3, 4), "teacher_feat": torch.randn(3, 4)}
+    feats[which][1, 2] = float("nan")
+    before = [crckd.student_bank.memory.clone(), crckd.teacher_bank.memory.clone()]
+    with pytest.raises(ValueError, match=f"^{which} contains NaN or Inf"):
+        crckd(feats["student_feat"], feats["teacher_feat"], torch.arange(3))
+    assert torch.equal(crckd.student_bank.memory, before[0])
+    assert torch.equal(crckd.teacher_bank.memory, before[1])
+
+
+def test_float64_features_with_float32_heads():
+    labels = [0, 1, 2] * 10  # a plain list, as torchvision's .targets
+    crckd = CRCKDLoss(labels, 4, 4, embed_dim=4, num_positives=2, num_negatives=5)
+    f_s = torch.randn(3, 4, dtype=D64, requires_grad=True)
+    out = crckd(f_s, torch.randn(3, 4, dtype=D64), torch.arange(3))
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and f_s.grad.dtype == D64
+    assert bool(torch.isfinite(f_s.grad).all())
+
+
+def test_too_many_negatives_warns_once_at_construction(recwarn):
+    labels = torch.tensor([0] * 20 + [1] * 8 + [2] * 4)
+    crckd = CRCKDLoss(labels, 4, 4, embed_dim=4, num_positives=2, num_negatives=4096)
+    for _ in range(3):
+        crckd(torch.randn(3, 4), torch.randn(3, 4), torch.arange(3))
+    warned = [w for w in recwarn if issubclass(w.category, UserWarning)]
+    assert len(warned) == 1, [str(w.message) for w in warned]
+    assert warned[0].filename == __file__
+    assert "num_negatives=4096 is larger than the bank (32 rows)" in str(warned[0].message)
+    assert "num_negatives=min(4096, 12)" in str(warned[0].message)
+
+
+def test_functional_exports_only_its_public_names():
+    functions = {name for name in dir(CF) if callable(getattr(CF, name))
+                 and getattr(getattr(CF, name), "__module__", None) == CF.__name__
+                 and not name.startswith("_") and not isinstance(getattr(CF, name), type)}
+    assert functions <= set(CF.__all__)
+    assert {"DENSE_PATH_FACTOR", "SCORE_PATHS", "ScorePath"} <= set(CF.__all__)
+    assert not [name for name in CF.__all__ if name.startswith("_")]
+    assert all(hasattr(CF, name) for name in CF.__all__)
+    namespace: dict[str, object] = {}
+    exec("from crckd_losses.functional import *", namespace)
+    assert "_scores" not in namespace and "reduce" not in namespace
 
 
 def test_indexed_dataset():

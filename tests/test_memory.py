@@ -83,10 +83,61 @@ def test_sample_with_too_few_rows_repeats(sampler):
     anchors = torch.tensor([0, 5])
     idx = bank.sample(anchors, num_positives=6, num_negatives=7, sampler=sampler)
     check_sample(bank, anchors, idx, 6, 7)
-    # class 0 has 3 rows, 5 positives requested: every row of the class shows up at least once
-    if sampler == "shuffle":
-        assert set(idx[0, 1:6].tolist()) == {0, 1, 2}
-        assert set(idx[0, 6:].tolist()) == {3, 4, 5, 6}
+
+
+@pytest.mark.parametrize("sampler", ["shuffle", "independent"])
+def test_sample_with_too_few_rows_is_iid(sampler):
+    """Method §4: where too few rows exist, each column is an i.i.d. uniform draw. The counts
+    of one row over K draws are then Binomial(K, 1/L), not the near-constant counts that
+    cycling through the rows would give."""
+    labels = torch.tensor([0] * 4 + [1] * 6)
+    bank = MomentumMemoryBank(labels, dim=4)
+    g = torch.Generator().manual_seed(3)
+    draws, k_pos, k_neg = 2000, 9, 15  # 8 same-class columns over 4 rows; 15 over 6 rows
+    idx = bank.sample(torch.zeros(draws, dtype=torch.long), k_pos, k_neg, generator=g,
+                      sampler=sampler)
+    for cols, rows, k in ((slice(1, k_pos), range(0, 4), k_pos - 1),
+                          (slice(k_pos, None), range(4, 10), k_neg)):
+        counts = torch.stack([(idx[:, cols] == r).sum(1) for r in rows]).double()  # [L, draws]
+        p = 1 / len(rows)
+        mean, var = k * p, k * p * (1 - p)
+        assert float(counts.mean()) == pytest.approx(mean, rel=0.02)
+        assert float(counts.var()) == pytest.approx(var, rel=0.1)
+
+
+def overlap_moments(bank, anchors, k, sampler, draws, seed):
+    g = torch.Generator().manual_seed(seed)
+    overlaps = []
+    for _ in range(draws):
+        idx = bank.sample(anchors, 1, k, generator=g, sampler=sampler)
+        a, b = (set(row.tolist()) for row in idx[:, 1:])
+        overlaps.append(len(a & b))
+    values = torch.tensor(overlaps, dtype=torch.float64)
+    return float(values.mean()), float(values.var())
+
+
+def test_independent_sampler_anchors_are_independent():
+    """Two anchors of one class: with independent uniform K-subsets of the L other-class rows,
+    their overlap is hypergeometric (mean K^2/L, variance K (K/L) (1-K/L) (L-K)/(L-1))."""
+    labels = torch.tensor([0] * 20 + [1] * 40)
+    bank = MomentumMemoryBank(labels, dim=4)
+    big, k = 40, 20
+    mean, var = overlap_moments(bank, torch.tensor([0, 1]), k, "independent", 3000, 0)
+    expected_var = k * (k / big) * (1 - k / big) * (big - k) / (big - 1)
+    assert mean == pytest.approx(k * k / big, rel=0.03)
+    assert var == pytest.approx(expected_var, rel=0.15)
+
+
+def test_shuffle_sampler_correlates_anchors_of_one_class():
+    """The documented departure of "shuffle": two anchors of one class take arcs of one cycle,
+    so the overlap has the independent draw's mean but a far larger variance."""
+    labels = torch.tensor([0] * 20 + [1] * 40)
+    bank = MomentumMemoryBank(labels, dim=4)
+    big, k = 40, 20
+    mean, var = overlap_moments(bank, torch.tensor([0, 1]), k, "shuffle", 3000, 0)
+    expected_var = k * (k / big) * (1 - k / big) * (big - k) / (big - 1)
+    assert mean == pytest.approx(k * k / big, rel=0.05)
+    assert var > 5 * expected_var
 
 
 @pytest.mark.parametrize("sampler", ["shuffle", "independent"])
@@ -193,10 +244,15 @@ def test_state_dict_from_other_dataset_rejected():
 @pytest.mark.parametrize(
     "labels, kwargs, error, match",
     [
-        (torch.tensor([0.0, 1.0]), {}, TypeError, "labels must be an integer"),
+        (torch.tensor([0.0, 1.0]), {}, TypeError, "labels must hold integer class ids"),
+        ([0.5, 1.0], {}, TypeError, "labels must hold integer class ids"),
+        (torch.tensor([True, False]), {}, TypeError, "labels must hold integer class ids"),
+        ("ab", {}, TypeError, "labels must be a tensor, array or sequence"),
+        (torch.tensor([[0, 1]]), {}, ValueError, "labels must have 1 dimension"),
         (torch.tensor([0, 1, -1]), {}, ValueError, "labels must be >= 0"),
         (torch.tensor([0, 0, 0]), {}, ValueError, "at least 2 classes"),
-        (torch.tensor([0, 2, 2]), {}, ValueError, r"classes \[1\] have none"),
+        (torch.tensor([0, 2, 2]), {}, ValueError,
+         r"classes \[1\] have none.*torch.unique\(labels, return_inverse=True\)\[1\]"),
         (torch.tensor([0, 1, 5]), {"num_classes": 3}, ValueError, r"labels must lie in \[0, 3\)"),
         (torch.tensor([], dtype=torch.long), {}, ValueError, "empty"),
         (torch.tensor([0, 1]), {"momentum": 1.0}, ValueError, "momentum"),
@@ -240,12 +296,56 @@ def test_bad_sample_arguments():
         bank.sample(torch.tensor([0]), 201, 2)
 
 
-def test_more_negatives_than_rows_warns_and_repeats():
+def test_more_negatives_than_rows_warns_once_at_the_callers_line(recwarn):
     bank = MomentumMemoryBank(imbalanced_labels(), dim=8)
     anchors = torch.tensor([0, 1, 2])
-    with pytest.warns(UserWarning, match=r"num_negatives=300 is larger than the bank"):
-        idx = bank.sample(anchors, 3, 300)
+    fits = 200 - int(torch.bincount(bank.labels).max())
+    assert bank.max_distinct_negatives == fits
+    idx = bank.sample(anchors, 3, 300)
     check_sample(bank, anchors, idx, 3, 300)
+    bank.sample(anchors, 3, 300)
+    warned = [w for w in recwarn if issubclass(w.category, UserWarning)]
+    assert len(warned) == 1
+    assert "num_negatives=300 is larger than the bank (200 rows)" in str(warned[0].message)
+    assert f"num_negatives=min(4096, {fits})" in str(warned[0].message)
+    assert warned[0].filename == __file__
+
+
+def test_labels_as_list_or_numpy():
+    np = pytest.importorskip("numpy")
+    as_list = [0, 1, 1, 2, 0]
+    for labels in (as_list, tuple(as_list), np.array(as_list), np.array(as_list, np.int32)):
+        bank = MomentumMemoryBank(labels, dim=4)
+        assert bank.labels.dtype == torch.long
+        assert bank.labels.tolist() == as_list
+
+
+def test_repeated_indices_last_write_wins():
+    labels = imbalanced_labels()
+    bank = MomentumMemoryBank(labels, dim=8, dtype=torch.float64)
+    before = bank.memory.clone()
+    feats = F.normalize(torch.randn(4, 8, dtype=torch.float64), dim=1)
+    bank.update(torch.tensor([3, 7, 3, 3]), feats)
+    expected = reference.bank_update(before, torch.tensor([7, 3]), feats[[1, 3]], 0.5)
+    torch.testing.assert_close(bank.memory, expected, rtol=1e-12, atol=1e-12)
+
+
+@given(seed=st.integers(0, 10_000), copy_on_write=st.booleans())
+def test_repeated_indices_keep_centroids_exact(seed, copy_on_write):
+    """Hundreds of updates whose indices repeat (within a batch, as a sampler with replacement
+    gives): the running class sums stay those of a full reduction of the rows."""
+    g = torch.Generator().manual_seed(seed)
+    labels = imbalanced_labels(60, seed=seed)
+    bank = MomentumMemoryBank(labels, dim=6, dtype=torch.float64, copy_on_write=copy_on_write)
+    bank.centroids()
+    for _ in range(300):
+        rows = torch.randint(0, 60, (24,), generator=g)  # about 4 repeats per batch
+        bank.update(rows, torch.randn(24, 6, generator=g, dtype=torch.float64))
+    for relu in (True, False):
+        torch.testing.assert_close(bank.centroids(relu), reference.centroids(
+            bank.memory, labels, 5, relu), rtol=1e-10, atol=1e-12)
+    sums = torch.zeros(5, 6, dtype=torch.float64).index_add_(0, labels, bank.memory)
+    torch.testing.assert_close(bank.class_sums[0], sums, rtol=1e-10, atol=1e-12)
 
 
 def test_compile_fullgraph_traces_bank_ops():
