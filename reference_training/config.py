@@ -14,6 +14,7 @@ from typing import Any
 
 import tomllib
 
+from .data import DATASETS, OWN_DATASETS
 from .models import efficientnet_lite_available
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -54,7 +55,14 @@ DEFAULTS: dict[str, Any] = {
     "normalizer": "first_batch",
     "sampler": "shuffle",
     "centroid_relu": True,
-    "fold": None,  # APTOS: 1..5 or "all"
+    "fold": None,  # APTOS: 1..5 or "all"; folder and csv: 1..num_folds or "all" for k-fold CV
+    "num_folds": 5,  # folder and csv with a fold (APTOS has 5)
+    # --dataset csv: the CSV (paths relative to data_dir) and its columns; a group column
+    # (patient or lesion) keeps each group's images in one part of the split.
+    "csv": None,
+    "image_column": "image",
+    "label_column": "label",
+    "group_column": None,
     "cv_seed": 2020,
     # APTOS: hold out this share of the training fold (stratified) as a validation part, to
     # compare settings without the test fold; null (the paper) trains on the whole fold.
@@ -138,9 +146,13 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Checks values and fills the derived ones (``rampup_epochs``, ``begin_epoch``)."""
     if config["recipe"] not in RECIPES:
         raise ValueError(f"--recipe must be one of {list(RECIPES)}, got {config['recipe']!r}")
-    if config["dataset"] not in ("sample", "ham10000", "aptos"):
-        raise ValueError(f"--dataset must be sample, ham10000 or aptos, got {config['dataset']!r}")
-    for key in ("epochs", "batch_size", "image_size"):
+    if config["dataset"] not in DATASETS:
+        raise ValueError(f"--dataset must be one of {list(DATASETS)}, got {config['dataset']!r}")
+    if config["dataset"] in OWN_DATASETS and not config["data_dir"]:
+        raise ValueError(f"--dataset {config['dataset']} needs --data-dir DIR")
+    if config["dataset"] == "csv" and not config["csv"]:
+        raise ValueError("--dataset csv needs --csv FILE (image paths relative to --data-dir)")
+    for key in ("epochs", "batch_size", "image_size", "num_folds"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {config[key]!r}")
     if config["contrast"] not in ("class", "instance"):

@@ -1,4 +1,8 @@
-"""Datasets of the paper read from their official layouts, splits, the decode cache and views.
+"""Datasets read from their layouts, splits, the decode cache and views.
+
+The paper's datasets (HAM10000, APTOS 2019, the shipped sample) are read from their official
+layouts; any other labelled image set from a folder per class (``folder``) or a CSV of paths
+and labels (``csv``).
 
 Everything CPU-bound happens once: each image is decoded and resized to ``image_size`` a
 single time and kept in a cached ``uint8`` tensor file. Training then only draws each sample's view
@@ -28,6 +32,14 @@ APTOS_CLASSES = ("0", "1", "2", "3", "4")
 HAM10000_COLUMNS = ("lesion_id", "image_id", "dx")
 APTOS_COLUMNS = ("id_code", "diagnosis")
 HAM10000_IMAGE_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "images", ".")
+# Datasets of the user's own, read from a layout rather than a named dataset.
+OWN_DATASETS = ("folder", "csv")
+DATASETS = ("sample", "ham10000", "aptos", *OWN_DATASETS)
+# The files a class folder may hold (as torchvision's ImageFolder, less the rare formats).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                  ".gif")
+# Pillow modes of more than 8 bits per pixel: scaled to 0..255 by the image's own range.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data" / "ham10000_sample"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / "cache"
@@ -38,11 +50,13 @@ class Records:
     """A dataset as read from its label file: one entry per image.
 
     Attributes:
-        name: ``"ham10000"``, ``"aptos"`` or ``"sample"``.
+        name: ``"ham10000"``, ``"aptos"``, ``"sample"``, ``"folder"`` or ``"csv"``.
         paths: image files.
         labels: ``[N]`` int64 class indices.
-        groups: what must not be split apart (HAM10000's ``lesion_id``; the image id else).
-        ids: image ids as the label file names them.
+        groups: what must not be split apart (HAM10000's ``lesion_id``, a CSV's group column;
+            the image id else).
+        ids: image ids as the label file names them (for ``folder`` and ``csv``, the path
+            relative to the data folder).
         classes: class names, index = label.
     """
 
@@ -71,16 +85,17 @@ class Records:
         )
 
 
-def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
+def _read_csv(path: Path, columns: Sequence[str], fix: str = "") -> list[dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"label file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         missing = [c for c in columns if c not in header]
         if missing:
             raise ValueError(
                 f"{path}: missing column(s) {missing}; expected {list(columns)}, found {header}"
+                + fix
             )
         rows = list(reader)
     if not rows:
@@ -181,6 +196,128 @@ def read_aptos(data_dir: str | Path) -> Records:
                    csv_path)
 
 
+def _lines(numbers: Sequence[int], limit: int = 5) -> str:
+    """``"2, 5, 9"`` or ``"2, 5, 9, 11, 12 and 3 more"``."""
+    text = ", ".join(str(n) for n in numbers[:limit])
+    return text + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
+
+
+def _class_order(names: Sequence[str]) -> tuple[str, ...]:
+    """Class names in sorted order: numerically when every name is an integer (so ``10`` comes
+    after ``9``), as text else."""
+    unique = set(names)
+    try:
+        return tuple(sorted(unique, key=int))
+    except ValueError:
+        return tuple(sorted(unique))
+
+
+def read_folder(data_dir: str | Path) -> Records:
+    """A folder with one sub-folder per class (torchvision's ``ImageFolder`` layout).
+
+    Class names are the sub-folders' names in sorted order; each class holds the files under
+    its folder (sub-folders included) whose names end in one of :data:`IMAGE_SUFFIXES`.
+    Image ids are the paths relative to ``data_dir``; every image is its own group.
+
+    Raises:
+        ValueError: no class sub-folder, fewer than two, or a class folder without images.
+    """
+    root = Path(data_dir)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise ValueError(
+            f"{root}: --dataset folder needs one sub-folder per class (DIR/<class>/<image>), "
+            f"and at least two; found {[p.name for p in folders]}"
+        )
+    paths: list[Path] = []
+    labels: list[int] = []
+    empty = []
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       and not p.name.startswith(".") and p.is_file())
+        if not files:
+            empty.append(folder.name)
+        paths.extend(files)
+        labels.extend([label] * len(files))
+    if empty:
+        raise ValueError(
+            f"{root}: class folder(s) {empty} hold no image ({', '.join(IMAGE_SUFFIXES)}); "
+            "put the class's images in it, or remove the folder to leave the class out"
+        )
+    ids = [p.relative_to(root).as_posix() for p in paths]
+    return Records("folder", paths, np.asarray(labels, np.int64), list(ids), ids,
+                   tuple(p.name for p in folders), root)
+
+
+def read_table(data_dir: str | Path, csv_file: str | Path, image_column: str = "image",
+               label_column: str = "label", group_column: str | None = None) -> Records:
+    """A CSV of image paths and labels, with an optional group column (patient or lesion).
+
+    Args:
+        data_dir: the folder the paths in ``image_column`` are relative to (absolute paths
+            are taken as they are).
+        csv_file: the CSV; a relative path not found from the working directory is looked
+            for in ``data_dir``.
+        image_column: the column of image paths.
+        label_column: the column of labels: class names, or integers. Classes are sorted,
+            numerically when all labels are integers.
+        group_column: images of one value are never split apart; an empty cell makes the
+            image its own group.
+
+    Raises:
+        FileNotFoundError: no CSV, or paths that name no file.
+        ValueError: missing columns, empty image or label cells, a path listed twice, or
+            fewer than two classes.
+    """
+    root = Path(data_dir)
+    csv_path = Path(csv_file)
+    if not csv_path.is_file() and not csv_path.is_absolute() and (root / csv_path).is_file():
+        csv_path = root / csv_path
+    columns = [image_column, label_column] + ([group_column] if group_column else [])
+    rows = _read_csv(csv_path, columns, "; name the CSV's own columns with --image-column, "
+                     "--label-column and --group-column")
+    for column in (image_column, label_column):
+        blank = [line for line, row in enumerate(rows, start=2) if not (row[column] or "").strip()]
+        if blank:
+            raise ValueError(
+                f"{csv_path}: column {column!r} is empty on line(s) {_lines(blank)}; fill "
+                "those cells or remove the rows"
+            )
+    names = [row[label_column].strip() for row in rows]
+    ids = [row[image_column].strip() for row in rows]
+    seen: dict[str, int] = {}
+    twice = []
+    for line, image in enumerate(ids, start=2):
+        if image in seen:
+            twice.append(f"{image!r} (lines {seen[image]} and {line})")
+        seen.setdefault(image, line)
+    if twice:
+        raise ValueError(
+            f"{csv_path}: image(s) listed more than once: {', '.join(twice[:5])}"
+            + (f" and {len(twice) - 5} more" if len(twice) > 5 else "")
+            + "; keep one row per image"
+        )
+    paths = [root / image for image in ids]
+    missing = [line for line, path in enumerate(paths, start=2) if not path.is_file()]
+    if missing:
+        first = paths[missing[0] - 2]
+        raise FileNotFoundError(
+            f"{csv_path}: {len(missing)} path(s) in column {image_column!r} name no file "
+            f"(line(s) {_lines(missing)}; the first is {first}); paths are relative to "
+            f"--data-dir {root}: fix the paths or --data-dir, or remove the rows"
+        )
+    classes = _class_order(names)
+    if len(classes) < 2:
+        raise ValueError(f"{csv_path}: column {label_column!r} names one class only, {classes}; "
+                         "a classifier needs at least two")
+    lookup = {c: i for i, c in enumerate(classes)}
+    groups = ids
+    if group_column:
+        groups = [(row[group_column] or "").strip() or image for row, image in zip(rows, ids)]
+    return Records("csv", paths, np.asarray([lookup[n] for n in names], np.int64), groups, ids,
+                   classes, csv_path)
+
+
 def default_data_dir(dataset: str) -> Path:
     """Where a dataset is looked for when ``--data-dir`` is not given.
 
@@ -203,16 +340,34 @@ def default_data_dir(dataset: str) -> Path:
     )
 
 
-def read_dataset(dataset: str, data_dir: str | Path | None = None) -> Records:
-    """Reads ``"sample"``, ``"ham10000"`` or ``"aptos"``."""
-    if dataset not in ("sample", "ham10000", "aptos"):
-        raise ValueError(f"dataset must be 'sample', 'ham10000' or 'aptos', got {dataset!r}")
+def read_dataset(dataset: str, data_dir: str | Path | None = None,
+                 csv: str | Path | None = None, image_column: str = "image",
+                 label_column: str = "label", group_column: str | None = None) -> Records:
+    """Reads ``"sample"``, ``"ham10000"``, ``"aptos"``, ``"folder"`` (:func:`read_folder`) or
+    ``"csv"`` (:func:`read_table`, which takes ``csv`` and the column names)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+    if dataset in OWN_DATASETS and not data_dir:
+        raise ValueError(f"--dataset {dataset} needs --data-dir DIR")
     root = Path(data_dir) if data_dir else default_data_dir(dataset)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
+    if dataset == "folder":
+        return read_folder(root)
+    if dataset == "csv":
+        if not csv:
+            raise ValueError("--dataset csv needs --csv FILE (image paths relative to --data-dir)")
+        return read_table(root, csv, image_column, label_column, group_column)
     if dataset == "aptos":
         return read_aptos(root)
     return read_ham10000(root, name=dataset)
+
+
+def read_config_dataset(config: dict, data_dir: str | Path | None = None) -> Records:
+    """:func:`read_dataset` with a run config's dataset keys (``data_dir`` overrides its)."""
+    return read_dataset(config["dataset"], data_dir or config["data_dir"], config.get("csv"),
+                        config.get("image_column") or "image",
+                        config.get("label_column") or "label", config.get("group_column"))
 
 
 def limit_records(records: Records, max_images: int, seed: int) -> Records:
@@ -261,20 +416,79 @@ def split_folds(records: Records, fold: int, seed: int = 2020, num_folds: int = 
     only the last-11-epoch protocol. ``val_fraction`` (in (0, 0.5]) holds out that share of
     the fold's training part, stratified by class, as a validation part, so that settings
     can be compared without looking at the test fold. The test fold is unchanged.
+
+    Where some group holds several images (a CSV's group column), the folds, and the
+    validation part, are grouped too (``StratifiedGroupKFold``): no group is in two parts.
     """
-    from sklearn.model_selection import StratifiedKFold, train_test_split
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
     if not 1 <= fold <= num_folds:
         raise ValueError(f"fold must be in 1..{num_folds}, got {fold}")
-    folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
-    train, test = list(folds.split(np.zeros(len(records)), records.labels))[fold - 1]
+    groups = np.asarray(records.groups)
+    grouped = len(set(records.groups)) < len(records)
+    folds = (StratifiedGroupKFold if grouped else StratifiedKFold)(
+        n_splits=num_folds, shuffle=True, random_state=seed)
+    train, test = list(folds.split(np.zeros(len(records)), records.labels,
+                                   groups if grouped else None))[fold - 1]
     if not val_fraction:
         return {"train": np.sort(train), "test": np.sort(test)}
     if not 0 < val_fraction <= 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
-    train, val = train_test_split(train, test_size=val_fraction, random_state=seed,
-                                  stratify=records.labels[train])
+    if grouped:
+        inner = StratifiedGroupKFold(n_splits=round(1 / val_fraction), shuffle=True,
+                                     random_state=seed)
+        rest, held = next(inner.split(np.zeros(len(train)), records.labels[train],
+                                      groups[train]))
+        train, val = train[rest], train[held]
+    else:
+        train, val = train_test_split(train, test_size=val_fraction, random_state=seed,
+                                      stratify=records.labels[train])
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def check_class_sizes(records: Records, parts: int) -> None:
+    """Every class needs ``parts`` groups (images, where there is no group column) or more,
+    so that a split into ``parts`` stratified parts can give each part some of it.
+
+    Raises:
+        ValueError: naming each class with too few, and the fix.
+    """
+    few = []
+    for c, name in enumerate(records.classes):
+        count = len({g for g, label in zip(records.groups, records.labels) if label == c})
+        if count < parts:
+            few.append(f"{name!r} ({count})")
+    if few:
+        unit = "groups" if len(set(records.groups)) < len(records) else "images"
+        raise ValueError(
+            f"{records.source}: class(es) {', '.join(few)} have fewer than {parts} {unit}, "
+            f"and the split cuts each class into {parts} parts; add {unit} to them, or leave "
+            "them out (remove the class folder, or its rows from the CSV)"
+        )
+
+
+def make_split(records: Records, config: dict) -> dict[str, np.ndarray]:
+    """The run's split from its config: ``split_file`` when given, else the dataset's own.
+
+    APTOS and, with ``fold`` set, ``folder`` and ``csv`` are split by :func:`split_folds`
+    (``num_folds`` folds); HAM10000, the sample and ``folder`` / ``csv`` without ``fold``
+    by the 70/10/20 :func:`split_grouped`. Checked by :func:`check_split`.
+    """
+    own = config["dataset"] in OWN_DATASETS
+    num_folds = int(config.get("num_folds") or 5)
+    if config["split_file"]:
+        split = read_split(config["split_file"], records)
+    elif config["dataset"] == "aptos" or (own and config["fold"]):
+        if own:
+            check_class_sizes(records, num_folds)
+        split = split_folds(records, int(config["fold"] or 1), config["cv_seed"],
+                            num_folds=num_folds, val_fraction=config["val_fraction"])
+    else:
+        if own:
+            check_class_sizes(records, 5)
+        split = split_grouped(records, config["split_seed"])
+    check_split(records, split)
+    return split
 
 
 def write_split(path: Path, records: Records, split: dict[str, np.ndarray]) -> None:
@@ -317,24 +531,50 @@ def check_split(records: Records, split: dict[str, np.ndarray]) -> None:
         )
 
 
-class _DecodeDataset(Dataset[torch.Tensor]):
+def decode_image(img, size: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A Pillow image as the network's input: ``[size, size, 3]`` uint8, resized (bilinear,
+    aspect ratio not kept) whatever its size.
+
+    8-bit images go through Pillow's ``convert("RGB")``: grayscale is repeated in the three
+    channels, a palette is looked up, an alpha channel is dropped. Images of more than 8 bits
+    (16-bit PNG or TIFF, 32-bit integer or float TIFF) are scaled linearly from their own
+    minimum (0) to their own maximum (255), then repeated in the three channels; a constant
+    image becomes 0.
+    """
+    from PIL import Image
+
+    if img.mode not in WIDE_MODES:
+        return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR),
+                          dtype=np.uint8).copy()
+    values = np.nan_to_num(np.asarray(img, dtype=np.float32))
+    low, high = float(values.min()), float(values.max())
+    resized = np.asarray(Image.fromarray(values).resize((size, size), Image.BILINEAR))
+    scaled = (resized - low) * (255.0 / (high - low)) if high > low else 0 * resized
+    gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+class _DecodeDataset(Dataset[tuple[torch.Tensor, str]]):
+    """``(image [3, S, S] uint8, "")``, or zeros and the reason where a file cannot be read, so
+    that every unreadable file is named at once."""
+
     def __init__(self, paths: Sequence[Path], size: int) -> None:
         self.paths, self.size = list(paths), size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         from PIL import Image
 
         path = self.paths[i]
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-                array = np.asarray(img, dtype=np.uint8).copy()
+                array = decode_image(img, self.size)
         except Exception as error:  # PIL raises many types for a broken file
-            raise ValueError(f"cannot read image {path}: {error}") from error
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+            return (torch.zeros(3, self.size, self.size, dtype=torch.uint8),
+                    f"cannot read image {path}: {error}")
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), ""
 
 
 def cache_key(records: Records, size: int) -> str:
@@ -364,7 +604,17 @@ def load_images(records: Records, size: int, cache_dir: str | Path | None = None
                         num_workers=num_workers, generator=torch.Generator())
     if log:
         print(f"decoding {len(records)} images to {size}x{size} once (cache: {path})")
-    images = torch.cat(list(loader)) if len(records) else torch.empty(0, 3, size, size)
+    batches = list(loader)
+    errors = [error for _, messages in batches for error in messages if error]
+    if errors:
+        raise ValueError(
+            f"{len(errors)} image(s) of {records.source} cannot be read: "
+            + "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+            + ". Replace those files, or remove them (their rows of the CSV, their files in "
+            "the class folders); nothing was written to the cache"
+        )
+    images = (torch.cat([b for b, _ in batches]) if len(records)
+              else torch.empty(0, 3, size, size, dtype=torch.uint8))
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     torch.save(images, tmp)

