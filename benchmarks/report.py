@@ -74,9 +74,10 @@ def compute_targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
         independent = _ratio(rows, "numpy reference", "library independent")
         gen = _ratio(rows, "numpy Generator.choice", "library shuffle")
         gen_ind = _ratio(rows, "numpy Generator.choice", "library independent")
-        out.append(_target("sampling", shuffle, None if shuffle is None else shuffle >= 50,
+        out.append(_target("sampling", independent,
+                           None if independent is None else independent >= 50,
                            f"np.random.choice reference: shuffle {_fmt(shuffle)}x, independent "
-                           f"{_fmt(independent)}x (value: shuffle, the default); against "
+                           f"{_fmt(independent)}x (value: independent, the default); against "
                            f"numpy Generator.choice: shuffle {_fmt(gen)}x, independent "
                            f"{_fmt(gen_ind)}x"))
     train = sections.get("train")

@@ -4,7 +4,7 @@ Class-guided contrastive distillation, categorical relation preserving loss, mom
 memory banks and a mean teacher, exact to the method and fast.
 """
 
-from . import functional
+from . import functional, sampling
 from ._checks import set_value_checks
 from .contrastive import CCDTerms, ClassGuidedContrastiveLoss
 from .crckd import CRCKDLoss, CRCKDOutput
@@ -27,6 +27,7 @@ __all__ = [
     "IndexedDataset",
     "MomentumMemoryBank",
     "functional",
+    "sampling",
     "set_value_checks",
     "unwrap_model",
     "__version__",
