@@ -14,6 +14,10 @@ of seed ``--plot-seed``) under ``docs/reproduction_runs/`` and writes the tables
 ``compare.py``. ``--folds 1 2 3 4 5`` runs more APTOS folds: the main tables stay on fold 1
 (all seeds), and the seeds run on several folds get cross-validation tables of their own
 (``table_folds_*.md``: mean ± std over the folds, and method against method fold by fold).
+
+Your own data runs the same grid: ``--datasets folder --data-dir DIR``, or ``--datasets csv
+--data-dir DIR --csv FILE`` with the column flags of ``train.py``. With ``--folds`` it is
+cross-validated, and those runs go under ``<dataset>-cv/``, apart from the 70/10/20 ones.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ if __package__ in (None, ""):
 
 from reference_training.compare import compare, group_name, load_summaries, run_order  # noqa: E402
 from reference_training.config import load_file  # noqa: E402
+from reference_training.data import OWN_DATASETS  # noqa: E402
 
 PLOTS = ("metrics.png", "losses.png", "confusion_test.png", "embedding_test.png")
-PATH_KEYS = ("data_dir", "out", "cache_dir", "split_file", "weights")
+PATH_KEYS = ("data_dir", "out", "cache_dir", "split_file", "weights", "csv")
+TABLE_FLAGS = ("csv", "image_column", "label_column", "group_column")
 CURVE_METRICS = ("balanced_accuracy", "f1", "auc")
 
 
@@ -61,23 +67,41 @@ def _run_key(summary: dict[str, Any]) -> tuple[str, str, int]:
     return summary["method"], summary["recipe"], summary["seed"]
 
 
+def _grid_folds(args: argparse.Namespace, dataset: str) -> list[int | None]:
+    """APTOS's folds (fold 1 by default); HAM10000's one split; your own data's ``--folds``,
+    or its 70/10/20 split (``None``) when none are given."""
+    if dataset == "aptos":
+        return list(args.folds or [1])
+    if dataset in OWN_DATASETS and args.folds:
+        return list(args.folds)
+    return [None] if dataset in OWN_DATASETS else [1]
+
+
 def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, seed: int,
-            fold: int = 1) -> Path:
-    """Train one grid point (or resume it); returns its run folder."""
-    fold = fold if dataset == "aptos" else 1
-    name = run_folder_name(method, recipe, seed, fold, load_file(args.config).get("tag"))
-    out = Path(args.runs) / dataset / name
+            fold: int | None = 1) -> Path:
+    """Train one grid point (or resume it); returns its run folder. ``fold`` ``None``: your
+    own data's 70/10/20 split."""
+    own = dataset in OWN_DATASETS
+    fold = fold if dataset == "aptos" or own else 1
+    name = run_folder_name(method, recipe, seed, fold or 1, load_file(args.config).get("tag"))
+    # Cross-validated runs of your own data are a protocol of their own, never pooled with
+    # its 70/10/20 runs.
+    out = Path(args.runs) / (f"{dataset}-cv" if own and fold else dataset) / name
     if (out / "summary.json").is_file():
         print(f"[keep] {out}", flush=True)
         return out
-    data_dir = args.ham_dir if dataset == "ham10000" else args.aptos_dir
+    data_dir = {"ham10000": args.ham_dir, "aptos": args.aptos_dir}.get(dataset, args.data_dir)
     cmd = [sys.executable, str(ROOT / "reference_training" / "train.py"),
            "--dataset", dataset, "--data-dir", str(data_dir), "--method", method,
            "--recipe", recipe, "--seed", str(seed), "--config", args.config,
            "--no-progress"]
     cmd += ["--resume", str(out)] if (out / "last.pt").is_file() else ["--out", str(out)]
-    if dataset == "aptos":
+    if fold is not None and (dataset == "aptos" or own):
         cmd += ["--fold", str(fold)]
+    if dataset == "csv":
+        for key in TABLE_FLAGS:
+            if getattr(args, key):
+                cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     print(f"[run ] {' '.join(cmd[1:])}", flush=True)
     start = time.time()
     subprocess.run(cmd, check=True)
@@ -321,14 +345,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ham-dir")
     p.add_argument("--aptos-dir")
     p.add_argument("--datasets", nargs="+", default=["ham10000", "aptos"],
-                   choices=("ham10000", "aptos"))
+                   choices=("ham10000", "aptos", *OWN_DATASETS))
+    p.add_argument("--data-dir", help="folder and csv: your images' folder (as train.py's)")
+    p.add_argument("--csv", help="csv: the CSV of paths and labels")
+    p.add_argument("--image-column")
+    p.add_argument("--label-column")
+    p.add_argument("--group-column")
     p.add_argument("--methods", nargs="+",
                    default=["baseline", "mt", "crd", "ccd", "crp", "crckd"])
     p.add_argument("--recipes", nargs="+", default=["paper"], choices=("paper", "released-code"))
     p.add_argument("--seeds", nargs="+", type=int, default=[2020])
-    p.add_argument("--folds", "--fold", nargs="+", type=int, default=[1],
+    p.add_argument("--folds", "--fold", nargs="+", type=int, default=None,
                    choices=range(1, 6), metavar="FOLD",
-                   help="APTOS folds to run (1..5; default 1); HAM10000 has one split")
+                   help="APTOS folds to run (1..5; default 1); HAM10000 has one split; your "
+                        "own data: 5-fold CV folds (default: the 70/10/20 split)")
     p.add_argument("--config", default=str(ROOT / "reference_training" / "configs" /
                                            "cpu_scale.json"))
     p.add_argument("--runs", default=str(ROOT / "runs" / "reproduction"))
@@ -344,13 +374,17 @@ def main(argv: list[str] | None = None) -> None:
     args.ham_dir = args.ham_dir or (root / "ham10000_200x150" if root else None)
     args.aptos_dir = args.aptos_dir or (root / "aptos2019_128x128" if root else None)
     for dataset in args.datasets:
-        if (args.ham_dir if dataset == "ham10000" else args.aptos_dir) is None:
+        if dataset in OWN_DATASETS:
+            if not args.data_dir or (dataset == "csv" and not args.csv):
+                p.error(f"--datasets {dataset} needs --data-dir DIR"
+                        + (" and --csv FILE" if dataset == "csv" else ""))
+        elif (args.ham_dir if dataset == "ham10000" else args.aptos_dir) is None:
             p.error(f"--data-root or --{'ham' if dataset == 'ham10000' else 'aptos'}-dir needed")
     timings = {}
     for dataset in args.datasets:
         for seed in args.seeds:
             for recipe in args.recipes:
-                for fold in (args.folds if dataset == "aptos" else [1]):
+                for fold in _grid_folds(args, dataset):
                     for method in args.methods:
                         start = time.time()
                         out = run_one(args, dataset, method, recipe, seed, fold)

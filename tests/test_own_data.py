@@ -321,3 +321,32 @@ def test_timm_model_trains_on_a_folder(tmp_path: Path) -> None:
                     "--fold", "1"], tmp_path / "run", "--model", "timm/test_resnet",
                    "--epochs", "1")
     assert summary["model"] == "timm/test_resnet"
+
+
+@pytest.mark.slow
+def test_reproduce_and_compare_take_your_own_data(tmp_path: Path) -> None:
+    from reference_training import reproduce
+    from reference_training.compare import main as compare_main
+
+    table = make_table(tmp_path / "data", patients_per_class=5)
+    settings = tmp_path / "settings.json"
+    settings.write_text(
+        '{"model": "tiny_cnn", "image_size": 16, "epochs": 1, "batch_size": 8, '
+        '"num_positives": 3, "num_negatives": 16, "num_workers": 0, "eval_batch_size": 16, '
+        f'"cache_dir": "{(tmp_path / "cache").as_posix()}"}}')
+    runs = tmp_path / "runs"
+    grid = ["--datasets", "csv", "--data-dir", str(tmp_path / "data"), "--csv", str(table),
+            "--image-column", "file", "--label-column", "diagnosis", "--group-column",
+            "patient", "--methods", "baseline", "crckd", "--config", str(settings),
+            "--runs", str(runs)]
+    reproduce.main([*grid, "--folds", "1"])
+    for method in ("baseline", "crckd"):
+        config = (runs / "csv-cv" / f"{method}-paper-s2020" / "config.json").read_text()
+        assert '"fold": 1' in config and '"group_column": "patient"' in config
+    out = tmp_path / "table.md"
+    compare_main([str(runs / "csv-cv"), "--out", str(out)])
+    assert "csv / crckd / paper / tiny_cnn (n=1)" in out.read_text()
+    reproduce.main(["--collect", "--runs", str(runs), "--docs-out", str(tmp_path / "docs")])
+    assert (tmp_path / "docs" / "csv-cv" / "table_last.md").is_file()
+    settings_kept = (tmp_path / "docs" / "csv-cv" / "crckd-paper-s2020" / "config.json")
+    assert '"csv"' not in settings_kept.read_text().replace('"dataset": "csv"', "")
