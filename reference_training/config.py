@@ -46,6 +46,11 @@ DEFAULTS: dict[str, Any] = {
     "temperature": 0.07,
     "bank_momentum": 0.5,
     "ema_decay": 0.99,
+    # The mean teacher's BatchNorm buffers ("copy", "average" or "leave") and whether it runs in
+    # train mode (crckd_losses.EMATeacher's buffers= and train_mode=); null keeps the recipe's:
+    # the released code's "leave" and train mode, the paper recipe the library's defaults.
+    "teacher_buffers": None,
+    "teacher_train_mode": None,
     "kl_weight": 1.0,
     "ccd_weight": 0.1,
     "crp_weight": 1.0,
@@ -157,6 +162,12 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key} must be a positive integer, got {config[key]!r}")
     if config["contrast"] not in ("class", "instance"):
         raise ValueError(f"contrast must be 'class' or 'instance', got {config['contrast']!r}")
+    if config["teacher_buffers"] not in (None, "copy", "average", "leave"):
+        raise ValueError("teacher_buffers must be 'copy', 'average', 'leave' or null, got "
+                         f"{config['teacher_buffers']!r}")
+    if config["teacher_train_mode"] not in (None, True, False):
+        raise ValueError("teacher_train_mode must be true, false or null, got "
+                         f"{config['teacher_train_mode']!r}")
     if config["contrast"] == "instance":
         config["num_positives"] = 1  # CRD: the anchor's own row is the only positive
     epochs = config["epochs"]

@@ -133,23 +133,42 @@ def _autocast(device: torch.device, amp: bool):  # type: ignore[no-untyped-def]
 
 
 def _summarise(history: list[dict[str, float]], config: dict[str, Any],
-               has_val: bool) -> dict[str, Any]:
+               has_val: bool, prefix: str = "") -> dict[str, Any]:
+    """The protocols over ``history``'s ``<prefix><part>_<metric>`` columns (``prefix``
+    ``"teacher_"`` for the mean teacher's own)."""
     last = history[-min(config["last_epochs"], len(history)):]
     protocol: dict[str, Any] = {"epochs": [int(r["epoch"]) for r in last]}
     for part in ("val", "test") if has_val else ("test",):
-        protocol[part] = {m: float(np.nanmean([r[f"{part}_{m}"] for r in last]))
-                          if any(math.isfinite(r[f"{part}_{m}"]) for r in last) else math.nan
+        key = f"{prefix}{part}"
+        protocol[part] = {m: float(np.nanmean([r[f"{key}_{m}"] for r in last]))
+                          if any(math.isfinite(r[f"{key}_{m}"]) for r in last) else math.nan
                           for m in METRICS}
     best = None
     if has_val:
-        key = f"val_{config['select_metric']}"
+        key = f"{prefix}val_{config['select_metric']}"
         scores = [r[key] if math.isfinite(r[key]) else -math.inf for r in history]
         row = history[int(np.argmax(scores))]
         best = {"epoch": int(row["epoch"]),
-                "val": {m: row[f"val_{m}"] for m in METRICS},
-                "test": {m: row[f"test_{m}"] for m in METRICS}}
+                "val": {m: row[f"{prefix}val_{m}"] for m in METRICS},
+                "test": {m: row[f"{prefix}test_{m}"] for m in METRICS}}
     return {"last_epochs": protocol, "best_on_val": best,
-            "final_test": {m: history[-1][f"test_{m}"] for m in METRICS}}
+            "final_test": {m: history[-1][f"{prefix}test_{m}"] for m in METRICS}}
+
+
+def teacher_setting(config: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :class:`crckd_losses.EMATeacher` besides ``decay``.
+
+    ``teacher_buffers`` and ``teacher_train_mode`` null mean the recipe's: the released code
+    keeps the teacher's own BatchNorm statistics and train mode (method §2); the paper recipe
+    passes nothing, so it follows the library's defaults.
+    """
+    released = config["recipe"] == "released-code"
+    setting: dict[str, Any] = {"buffers": "leave", "train_mode": True} if released else {}
+    if config.get("teacher_buffers") is not None:
+        setting["buffers"] = config["teacher_buffers"]
+    if config.get("teacher_train_mode") is not None:
+        setting["train_mode"] = bool(config["teacher_train_mode"])
+    return setting
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -165,8 +184,11 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 def _write_metrics(history: list[dict[str, float]], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    # Every row's columns, in order of first appearance: a run resumed from a checkpoint of an
+    # older version may have rows without the teacher's columns.
+    fieldnames = list(dict.fromkeys(k for row in history for k in row))
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(history)
     os.replace(tmp, path)
@@ -259,11 +281,9 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
     if world > 1 and config["sync_bn"]:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student.to(device)
-    released = config["recipe"] == "released-code"
     teacher = None
     if cfgmod.uses_teacher(config):
-        teacher = EMATeacher(student, decay=config["ema_decay"],
-                             buffers="leave" if released else "copy", train_mode=released)
+        teacher = EMATeacher(student, decay=config["ema_decay"], **teacher_setting(config))
     crckd = None
     num_negatives = int(config["num_negatives"])
     if config["negatives_max_fraction"]:
@@ -444,6 +464,15 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
                 matrix = confusion(part_labels, probs.numpy(), num_classes)
                 test_recalls[epoch + 1] = [float(matrix[c, c] / max(matrix[c].sum(), 1))
                                            for c in range(num_classes)]
+        if teacher is not None:
+            # The teacher's own metrics, after the student's columns so those keep their
+            # places. predict() runs it in eval mode: BatchNorm on the teacher's running
+            # statistics (for buffers="leave", the ones it kept itself), and dropout off.
+            for part, (part_images, part_labels) in eval_sets.items():
+                probs, _ = predict(teacher.module, part_images, config["eval_batch_size"],
+                                   device, use_amp)
+                for m, v in compute_metrics(part_labels, probs.numpy(), num_classes).items():
+                    row[f"teacher_{part}_{m}"] = v
         history.append(row)
         score = row.get(f"val_{config['select_metric']}", -math.inf)
         if rank == 0:
@@ -463,6 +492,13 @@ def _train(config: dict[str, Any], device_name: str, resume: str | Path | None,
         last_probs["test"] = predict(student, eval_sets["test"][0], config["eval_batch_size"],
                                      device, use_amp)
     summary = _summarise(history, config, has_val)
+    if teacher is not None and f"teacher_test_{METRICS[0]}" in history[0]:
+        summary["teacher"] = {
+            "buffers": teacher.buffers_mode, "train_mode": teacher.train_mode,
+            "evaluated": "eval mode (BatchNorm on the teacher's running statistics, "
+                         "dropout off)",
+            **_summarise(history, config, has_val, prefix="teacher_"),
+        }
     summary.update({
         "dataset": config["dataset"], "method": config["method"], "recipe": config["recipe"],
         "model": config["model"], "seed": seed, "fold": config["fold"], "tag": config["tag"],

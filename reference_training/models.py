@@ -49,6 +49,26 @@ class TinyCNN(nn.Module):
         return self.body(x)
 
 
+class SmallCNN(nn.Module):
+    """A small CNN with BatchNorm and dropout, to train from scratch on a CPU: four
+    conv-BN-ReLU blocks (the last three stride 2), global average pooling, dropout."""
+
+    def __init__(self, width: int = 32, dropout: float = 0.3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for i, out in enumerate((width, 2 * width, 4 * width, 4 * width)):
+            layers += [nn.Conv2d(channels, out, 3, stride=1 if i == 0 else 2, padding=1,
+                                 bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            channels = out
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Dropout(dropout))
+        self.out_features = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 class _LiteBackbone(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -210,6 +230,11 @@ def build_backbone(name: str, pretrained: bool = False,
         if weights:
             _load_matching(tiny, _load_state(weights), str(weights))
         return tiny, tiny.out_features, IMAGENET_MEAN, IMAGENET_STD
+    if name == "small_cnn":
+        small = SmallCNN()
+        if weights:
+            _load_matching(small, _load_state(weights), str(weights))
+        return small, small.out_features, IMAGENET_MEAN, IMAGENET_STD
     if name == "efficientnet_lite0":
         if not efficientnet_lite_available():
             raise ImportError(

@@ -200,6 +200,24 @@ def _curves(folders: list[Path], summaries: dict[Path, dict[str, Any]],
     return curves
 
 
+def copy_run(run: Path, dest: Path, plots: tuple[str, ...] = ()) -> None:
+    """Copies a run's ``summary.json``, ``metrics.csv``, ``config.json`` (less the keys that
+    name folders of the machine it ran on) and the ``plots`` it has into ``dest``; never its
+    checkpoints."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run / "summary.json", dest / "summary.json")
+    if (run / "metrics.csv").is_file():
+        shutil.copy2(run / "metrics.csv", dest / "metrics.csv")
+    if (run / "config.json").is_file():
+        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        settings = {k: v for k, v in config.items() if k not in PATH_KEYS}
+        (dest / "config.json").write_text(json.dumps(settings, indent=2) + "\n",
+                                          encoding="utf-8")
+    for name in plots:
+        if (run / name).is_file():
+            shutil.copy2(run / name, dest / name)
+
+
 def collect(args: argparse.Namespace) -> None:
     """Copy summaries and metrics (and one seed's plots) into the docs; write the tables and
     the method curves. Tagged runs (a setting changed, see ``tag``) get their own tables on the
@@ -211,22 +229,9 @@ def collect(args: argparse.Namespace) -> None:
         raise SystemExit(f"no finished runs under {args.runs}")
     for summary in runs:
         run = summary.parent
-        dest = Path(args.docs_out) / run.parent.name / run.name
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(summary, dest / "summary.json")
-        if (run / "metrics.csv").is_file():
-            shutil.copy2(run / "metrics.csv", dest / "metrics.csv")
-        if (run / "config.json").is_file():
-            # Every setting of the run, less the keys that name folders of the machine it ran on.
-            config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-            settings = {k: v for k, v in config.items() if k not in PATH_KEYS}
-            (dest / "config.json").write_text(json.dumps(settings, indent=2) + "\n",
-                                              encoding="utf-8")
         meta = json.loads(summary.read_text(encoding="utf-8"))
-        if meta.get("seed") == args.plot_seed and _fold(meta) == 1:
-            for name in PLOTS:
-                if (run / name).is_file():
-                    shutil.copy2(run / name, dest / name)
+        copy_run(run, Path(args.docs_out) / run.parent.name / run.name,
+                 PLOTS if meta.get("seed") == args.plot_seed and _fold(meta) == 1 else ())
     for dataset_dir in sorted(p for p in Path(args.docs_out).iterdir() if p.is_dir()):
         folders = sorted(p for p in dataset_dir.iterdir() if (p / "summary.json").is_file())
         summaries = load_summaries(folders)

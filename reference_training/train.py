@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="a local state_dict file for the backbone")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--teacher-buffers", choices=("copy", "average", "leave"),
+                   help="the mean teacher's BatchNorm buffers (EMATeacher buffers=; default: "
+                        "the recipe's)")
+    p.add_argument("--teacher-train-mode", action="store_true", default=None,
+                   help="run the mean teacher in train mode (EMATeacher train_mode=True)")
+    p.add_argument("--teacher-eval-mode", dest="teacher_train_mode", action="store_false")
     p.add_argument("--fold", help="APTOS: 1..5 or 'all' (mean ± std over the folds); folder "
                                   "and csv: k-fold CV instead of the 70/10/20 split")
     p.add_argument("--num-folds", type=int, help="the number of CV folds (default 5)")
