@@ -82,7 +82,7 @@ def run_grid(args: argparse.Namespace) -> list[Path]:
     for dataset in args.datasets:
         for setting in args.settings:
             config = setting_config(Path(args.config), setting, Path(args.runs) / "configs")
-            ns = argparse.Namespace(config=str(config), runs=args.runs,
+            ns = argparse.Namespace(config=str(config), runs=args.runs, data_dir=None,
                                     ham_dir=args.ham_dir, aptos_dir=args.aptos_dir)
             out.append(run_one(ns, dataset, args.method, args.recipe, args.seed))
     return out
