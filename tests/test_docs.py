@@ -32,6 +32,7 @@ GUIDES = [
     "howto/amp_compile",
     "howto/resuming",
     "howto/choosing_hyperparameters",
+    "howto/own_data",
 ]
 
 PUBLIC_MODULES = [
