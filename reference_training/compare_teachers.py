@@ -63,15 +63,21 @@ def setting_name(teacher: dict[str, Any]) -> str:
     return f"{key[0]}-{'train' if key[1] else 'eval'}"
 
 
-def setting_config(base: Path, setting: str, folder: Path) -> Path:
+def setting_config(base: Path, setting: str, folder: Path, epochs: int | None = None) -> Path:
     """``base`` with the setting's ``teacher_*`` keys and the setting added to its tag, written
-    to ``folder`` (the run folder's name and summary carry the tag)."""
+    to ``folder`` (the run folder's name and summary carry the tag); ``epochs`` replaces the
+    file's epoch count, and is said in the tag too."""
     config = load_file(base)
     buffers, train_mode = SETTINGS[setting]
     config["teacher_buffers"], config["teacher_train_mode"] = buffers, train_mode
-    config["tag"] = ", ".join(t for t in (config.get("tag"), f"teacher {setting}") if t)
+    parts = [config.get("tag")]
+    if epochs is not None and epochs != config.get("epochs"):
+        config["epochs"] = epochs
+        parts.append(f"{epochs} epochs")
+    config["tag"] = ", ".join(t for t in (*parts, f"teacher {setting}") if t)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{base.stem}-{setting}.json"
+    stem = base.stem + (f"-{epochs}ep" if epochs is not None else "")
+    path = folder / f"{stem}-{setting}.json"
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -81,7 +87,8 @@ def run_grid(args: argparse.Namespace) -> list[Path]:
     out = []
     for dataset in args.datasets:
         for setting in args.settings:
-            config = setting_config(Path(args.config), setting, Path(args.runs) / "configs")
+            config = setting_config(Path(args.config), setting, Path(args.runs) / "configs",
+                                    args.epochs)
             ns = argparse.Namespace(config=str(config), runs=args.runs, data_dir=None,
                                     ham_dir=args.ham_dir, aptos_dir=args.aptos_dir)
             out.append(run_one(ns, dataset, args.method, args.recipe, args.seed))
@@ -105,6 +112,7 @@ def case_name(summary: dict[str, Any], config: dict[str, Any]) -> str:
     name = f"{dataset}, {summary['model']} {init}, {config.get('image_size')} px"
     name += f", {summary['epochs']} epochs"
     tag = TAG_PART.sub("", summary.get("tag") or "")
+    tag = re.sub(rf"(, )?{summary['epochs']} epochs", "", tag).strip(", ")
     return name + (f" ({tag})" if tag else "")
 
 
@@ -241,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--config", default=str(ROOT / "reference_training" / "configs" /
                                            "small_cnn_val.json"))
+    p.add_argument("--epochs", type=int, help="replaces the config's epoch count")
     p.add_argument("--method", default="mt")
     p.add_argument("--recipe", default="paper", choices=("paper", "released-code"))
     p.add_argument("--seed", type=int, default=2020)
