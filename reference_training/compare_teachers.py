@@ -195,6 +195,9 @@ def table(runs: list[dict[str, Any]]) -> str:
             f"{_pct(sb['balanced_accuracy'])} ({s['best_epoch']})",
             _delta(tb["balanced_accuracy"], sb["balanced_accuracy"]),
             _pct(tb["f1"]), _pct(sb["f1"]), _delta(tb["f1"], sb["f1"])]) + " |")
+    lines += ["", "T teacher, S its student, in the same run. Every teacher is evaluated in eval "
+              "mode: BatchNorm on its running statistics (own-train: those it kept itself while "
+              "it ran in train mode), dropout off."]
     return "\n".join(lines)
 
 
