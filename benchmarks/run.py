@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 import torch  # noqa: E402
 
 from benchmarks import measure, report, sections  # noqa: E402
+from benchmarks.sections.common import fmt  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for section in args.only or list(sections.SECTIONS):
         t0 = time.perf_counter()
         print(f"[{time.perf_counter() - start:6.0f} s] {section} ...", flush=True)
-        results["sections"][section] = sections.SECTIONS[section](bench)
+        results["sections"][section] = sections.SECTIONS[section].run(bench)
         results["section_seconds"][section] = round(time.perf_counter() - t0, 1)
         # Partial results survive a later section's failure.
         (args.out / f"{name}.partial.json").write_text(
@@ -151,14 +152,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta["wall_s"] = time.perf_counter() - start
     meta["load_end"] = _load()
     meta["skipped"] = bench.skipped
-    results["targets"] = report.compute_targets(results["sections"])
+    results["targets"] = report.compute_targets(results)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1, default=_json_default))
     report.write_markdown(results, args.out / f"{name}.md", name)
     report.write_plots(results, args.out, name)
     (args.out / f"{name}.partial.json").unlink(missing_ok=True)
     for t in results["targets"]:
         print(f"  {'MET ' if t['met'] else 'MISS' if t['met'] is False else 'n/a '} "
-              f"{t['text']}: {report._fmt(t['value'])} ({t['detail']})")
+              f"{t['text']}: {fmt(t['value'])} ({t['detail']})")
     print(f"wrote {name}.json/.md/-*.png in {meta['wall_s']:.0f} s", flush=True)
     return results
 

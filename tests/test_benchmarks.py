@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import references, sections  # noqa: E402
+from benchmarks.sections import ema, sampling  # noqa: E402
 from crckd_losses import EMATeacher, functional  # noqa: E402
 
 pytest.importorskip("matplotlib")
@@ -58,6 +59,26 @@ def test_quick_run_writes_parseable_outputs(tmp_path: Path) -> None:
         assert p.stat().st_size < 500_000, p.name
     with open(tmp_path / pngs[0], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_results_rerender(tmp_path: Path) -> None:
+    # The committed results of earlier runs still render with the current sections, and every
+    # section of the registry that they hold contributes to the markdown.
+    from benchmarks import report
+
+    saved = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    if not saved:
+        pytest.skip("no saved results")
+    for path in saved:
+        written = report.rerender(path, tmp_path)
+        md = written[0].read_text()
+        assert md.startswith("# crckd-losses benchmarks") and "## Targets" in md
+        assert all(p.exists() and p.stat().st_size > 0 for p in written)
+        results = json.loads(path.read_text())
+        for name in results["sections"]:
+            assert name in sections.SECTIONS, name
+        targets = report.compute_targets(results)
+        assert {t["name"] for t in targets} >= {"ccd_speed", "ema_loop"}
 
 
 def _unit(*shape: int, requires_grad: bool = False) -> torch.Tensor:
@@ -117,7 +138,7 @@ def test_loop_centroids_and_naive_crp_match_library() -> None:
 def test_numpy_sampling_has_the_library_structure_and_distribution() -> None:
     # Same checks the benchmark runs at setup: method §4's structure, and uniform marginals
     # (chi-square per degree of freedom near 1) for both library samplers and both numpy RNGs.
-    stats = sections.check_sampling(torch.device("cpu"), draws=150)
+    stats = sampling.check_sampling(torch.device("cpu"), draws=150)
     assert set(stats) == {
         "library shuffle", "library independent", "numpy reference", "numpy Generator.choice"
     }
@@ -138,12 +159,12 @@ def test_structure_check_rejects_a_wrong_sampler() -> None:
     labels = np.array([0, 0, 0, 1, 1, 1])
     bad = np.array([[0, 1, 2, 3, 0]])  # a negative of the anchor's class
     with pytest.raises(AssertionError):
-        sections.check_sampling_structure(bad, np.array([0]), labels, 3)
+        sampling.check_sampling_structure(bad, np.array([0]), labels, 3)
 
 
 def test_loop_ema_matches_library_and_the_peers() -> None:
     student = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-    diffs = sections.check_ema(student, decay=0.9, steps=3)
+    diffs = ema.check_ema(student, decay=0.9, steps=3)
     assert diffs and max(diffs.values()) < 1e-6
     teacher = copy.deepcopy(student)
     lib = EMATeacher(student, decay=0.9, warmup=False, buffers="average")

@@ -1,0 +1,272 @@
+"""CCD, both directions, at the paper's sizes: the library's score paths against the CRD-style
+reference. Also the CCD inputs and contenders that the sweeps and the crossover reuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from crckd_losses import MomentumMemoryBank, functional
+
+from .. import references
+from .common import (
+    PAPER,
+    Bar,
+    Bench,
+    Section,
+    Target,
+    assert_close,
+    autocast,
+    bar,
+    dtype_name,
+    fmt,
+    params,
+    ratio,
+    rel_diff,
+    table,
+    target,
+    tolerance,
+    value_checks_off,
+)
+
+
+@dataclass
+class CCDInputs:
+    """Inputs of one CCD comparison (both directions)."""
+
+    student_emb: torch.Tensor
+    teacher_emb: torch.Tensor
+    student_memory: torch.Tensor
+    teacher_memory: torch.Tensor
+    sample_indices: torch.Tensor
+    num_positives: int
+    log_z: tuple[float, float]
+    temperature: float = PAPER["tau"]
+
+    @property
+    def bank_size(self) -> int:
+        return int(self.student_memory.shape[0])
+
+
+def make_ccd_inputs(
+    batch: int,
+    dim: int,
+    num_positives: int,
+    num_negatives: int,
+    bank_size: int,
+    device: torch.device,
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> CCDInputs:
+    """Random unit embeddings and banks, sampled indices and a frozen ``log Z`` per direction.
+
+    With ``num_classes``, the indices come from the library's class-guided sampler on random
+    labels (the paper's setting); without, uniform random rows (the scoring cost does not
+    depend on which rows are read, and this keeps very large sweeps cheap).
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def unit(n: int) -> torch.Tensor:
+        return F.normalize(torch.randn(n, dim, generator=g), dim=1).to(device)
+
+    memory_s, memory_t = unit(bank_size), unit(bank_size)
+    g_s, g_t = unit(batch).requires_grad_(), unit(batch).requires_grad_()
+    width = num_positives + num_negatives
+    if num_classes is not None:
+        labels = torch.randint(0, num_classes, (bank_size,), generator=g).to(device)
+        bank = MomentumMemoryBank(labels, dim=dim)
+        anchors = torch.randperm(bank_size, generator=g)[:batch].to(device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        idx = bank.sample(anchors, num_positives, num_negatives, generator=gen)
+    else:
+        idx = torch.randint(0, bank_size, (batch, width), generator=g).to(device)
+    with torch.no_grad():
+        log_z = tuple(
+            float(
+                functional.estimate_log_normalizer(
+                    functional.contrastive_scores(a, m, idx, PAPER["tau"], path="dense"),
+                    bank_size,
+                )
+            )
+            for a, m in ((g_s, memory_t), (g_t, memory_s))
+        )
+    return CCDInputs(g_s, g_t, memory_s, memory_t, idx, num_positives, log_z)  # type: ignore[arg-type]
+
+
+def ccd_library(x: CCDInputs, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The library's CCD (both directions) with a forced or automatic score path."""
+    return functional.class_guided_contrastive_loss(
+        x.student_emb,
+        x.teacher_emb,
+        x.student_memory,
+        x.teacher_memory,
+        x.sample_indices,
+        x.num_positives,
+        x.temperature,
+        x.log_z[0],
+        x.log_z[1],
+        path=path,  # type: ignore[arg-type]
+    )
+
+
+def ccd_reference(x: CCDInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CRD-style reference (gather, exp) on the same inputs."""
+    return references.naive_ccd(
+        x.student_emb,
+        x.teacher_emb,
+        x.student_memory,
+        x.teacher_memory,
+        x.sample_indices,
+        x.num_positives,
+        x.temperature,
+        x.log_z[0],
+        x.log_z[1],
+    )
+
+
+def _ccd_step(
+    x: CCDInputs, compute: Callable[[CCDInputs], tuple[torch.Tensor, torch.Tensor]], ctx: Any
+) -> Callable[[], None]:
+    def step() -> None:
+        with ctx():
+            loss_s, loss_t = compute(x)
+        (loss_s + loss_t).backward()
+        x.student_emb.grad = None
+        x.teacher_emb.grad = None
+
+    return step
+
+
+def check_ccd(x: CCDInputs, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
+    """Asserts that the dense path, the gather path and the reference agree (losses, grads)."""
+    ctx = autocast(device, dtype)
+    results = {}
+    for name, compute in (
+        ("dense", lambda v: ccd_library(v, "dense")),
+        ("gather", lambda v: ccd_library(v, "gather")),
+        ("reference", ccd_reference),
+    ):
+        with ctx:
+            loss_s, loss_t = compute(x)
+        grads = torch.autograd.grad(loss_s + loss_t, [x.student_emb, x.teacher_emb])
+        results[name] = (loss_s.detach().float(), loss_t.detach().float(), *grads)
+    want = results["dense"]
+    diffs = {}
+    tol = tolerance(dtype)
+    low_precision = dtype not in (torch.float32, torch.float64)
+    for name in ("gather", "reference"):
+        for what, got, exp in zip(("L_S", "L_T", "grad_S", "grad_T"), results[name], want):
+            if name == "reference" and low_precision:
+                # exp/log in bfloat16 loses the loss (log(1-h) rounds near 1): record, do not
+                # assert; the float32 run asserts that the reference computes the same thing.
+                diffs[f"{name}/{what} (not asserted)"] = rel_diff(got, exp)
+            else:
+                diffs[f"{name}/{what}"] = assert_close(f"CCD {name} {what}", got, exp, tol)
+    if low_precision:
+        # The library under autocast against itself in float32.
+        full = ccd_library(x, "dense")
+        for what, got, exp in zip(("L_S", "L_T"), results["dense"], full):
+            diffs[f"dense/{what} vs float32"] = assert_close(
+                f"CCD {dtype} vs float32 {what}", got, exp.detach(), tol
+            )
+    return diffs
+
+
+CCD_CONTENDERS = ("auto", "dense", "gather", "reference")
+
+
+def ccd_fns(
+    x: CCDInputs, dtype: torch.dtype, device: torch.device, names: tuple[str, ...]
+) -> dict[str, Callable[[], None]]:
+    def ctx() -> Any:
+        return autocast(device, dtype)
+
+    makers: dict[str, Callable[[CCDInputs], tuple[torch.Tensor, torch.Tensor]]] = {
+        "auto": lambda v: ccd_library(v, "auto"),
+        "dense": lambda v: ccd_library(v, "dense"),
+        "gather": lambda v: ccd_library(v, "gather"),
+        "reference": ccd_reference,
+    }
+    return {name: _ccd_step(x, makers[name], ctx) for name in names}
+
+
+def run_ccd(bench: Bench) -> dict[str, Any]:
+    """CCD, both directions, at the paper's sizes: library paths against the reference."""
+    p = dict(PAPER)
+    if bench.quick:
+        p.update(B=16, K=256, N=1000)
+    out: dict[str, Any] = {"params": p, "by_dtype": {}}
+    for dtype in bench.dtypes:
+        x = make_ccd_inputs(p["B"], p["d"], p["P"], p["K"], p["N"], bench.device, p["C"])
+        checks = check_ccd(x, dtype, bench.device)
+        fns = ccd_fns(x, dtype, bench.device, CCD_CONTENDERS)
+
+        def checks_off(step: Callable[[], None] = fns["auto"]) -> None:
+            with value_checks_off():
+                step()
+
+        fns["auto, value checks off"] = checks_off
+        rows = bench.compare(fns, samples=p["B"], budget_s=2 * bench.budget_s)
+        out["by_dtype"][dtype_name(dtype)] = {
+            "auto_path": functional.choose_score_path(p["N"], p["P"] + p["K"]),
+            "rows": rows,
+            "max_rel_diff_vs_dense": checks,
+        }
+    return out
+
+
+CCD_SPEED = "CCD (paper sizes, both directions, fwd+bwd): reference time / library time >= 10"
+CCD_MEMORY = "CCD peak extra memory: reference / library >= 20"
+
+
+class CCD(Section):
+    """CCD at the paper's sizes, in each dtype of the run."""
+
+    name = "ccd"
+
+    def run(self, bench: Bench) -> dict[str, Any]:
+        return run_ccd(bench)
+
+    def targets(self, result: dict[str, Any], meta: dict[str, Any]) -> list[Target]:
+        by_dtype = result["by_dtype"]
+        rows = by_dtype[next(iter(by_dtype))]["rows"]
+        speed = ratio(rows, "reference", "auto")
+        mem = ratio(rows, "reference", "auto", "peak_bytes")
+        others = ", ".join(
+            f"{dt}: {fmt(ratio(v['rows'], 'reference', 'auto'))}x time, "
+            f"{fmt(ratio(v['rows'], 'reference', 'auto', 'peak_bytes'))}x memory"
+            for dt, v in by_dtype.items()
+        )
+        return [target("ccd_speed", CCD_SPEED, speed, 10, detail=others),
+                target("ccd_memory", CCD_MEMORY, mem, 20, detail=others)]
+
+    def markdown(self, result: dict[str, Any], meta: dict[str, Any], stem: str) -> list[str]:
+        s = result
+        md = ["## CCD at the paper's sizes", "",
+              f"Both directions, forward+backward, `{params(s['params'])}`; samples = anchors. "
+              "`auto` is the library's default; `reference` gathers the B x (P+K) x d block and "
+              "exponentiates (CRD's way).", ""]
+        for dt, v in s["by_dtype"].items():
+            md += [f"### {dt} (auto picks `{v['auto_path']}`)", ""]
+            md += table(v["rows"], "reference")
+            md += ["", f"Max relative difference against the library's dense path in {dt}: "
+                   + ", ".join(f"{k} {fmt(x, 2)}" for k, x in v["max_rel_diff_vs_dense"].items()),
+                   ""]
+        return md
+
+    def bars(self, result: dict[str, Any], meta: dict[str, Any]) -> list[Bar]:
+        out: list[Bar] = []
+        for dt, v in result["by_dtype"].items():
+            out += bar(f"CCD time vs reference ({dt})", ratio(v["rows"], "reference", "auto"),
+                       10)
+            out += bar(f"CCD memory vs reference ({dt})",
+                       ratio(v["rows"], "reference", "auto", "peak_bytes"), 20)
+        return out
+
+
+SECTION = CCD()
