@@ -271,7 +271,12 @@ def read_table(data_dir: str | Path, csv_file: str | Path, image_column: str = "
     """
     root = Path(data_dir)
     csv_path = Path(csv_file)
-    if not csv_path.is_file() and not csv_path.is_absolute() and (root / csv_path).is_file():
+    if not csv_path.is_file() and not csv_path.is_absolute():
+        if not (root / csv_path).is_file():
+            raise FileNotFoundError(
+                f"--csv {csv_file}: no such file in the working directory ({Path.cwd()}) nor "
+                f"in --data-dir {root}"
+            )
         csv_path = root / csv_path
     columns = [image_column, label_column] + ([group_column] if group_column else [])
     rows = _read_csv(csv_path, columns, "; name the CSV's own columns with --image-column, "

@@ -109,7 +109,7 @@ def run_images(folder: Path, config: dict[str, Any], data_dir: str | None = None
     the run's size: ``(records, split, images [N, 3, S, S] uint8)``."""
     from reference_training import data as datamod
 
-    records = datamod.read_dataset(config["dataset"], data_dir or config["data_dir"])
+    records = datamod.read_config_dataset(config, data_dir)
     split = datamod.read_split(folder / "split.csv", records)
     images = datamod.load_images(records, config["image_size"], config.get("cache_dir"), 0,
                                  False)

@@ -271,6 +271,9 @@ def test_folder_with_an_empty_class_and_csv_flags_missing(tmp_path: Path) -> Non
         cfgmod.resolve({"dataset": "csv", "data_dir": str(data)})
     with pytest.raises(ValueError, match="--dataset folder needs --data-dir DIR"):
         cfgmod.resolve({"dataset": "folder"})
+    with pytest.raises(FileNotFoundError, match="--csv labels.csv: no such file in the "
+                                                "working directory .* nor in --data-dir"):
+        datamod.read_table(data, "labels.csv")
 
 
 # Backbones
