@@ -14,6 +14,11 @@ tensor memory alive at one time during the call, beyond the inputs that existed 
 The same method is used for every contender of a comparison. Memory held by numpy, by Python
 objects or by the allocator's caches is not seen; contenders that work in numpy report no
 memory figure.
+
+Operator counts: :class:`OpCounter`, another ``TorchDispatchMode``, counts the aten operators a
+call executes (after autograd, so the backward's operators too), leaving out views, which
+compute nothing, and ``detach``. ``aten._local_scalar_dense`` is a tensor value read on the
+host (``.item()``, ``bool(t)``, ``int(t)``): on an accelerator, a device-to-host sync.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -93,6 +99,49 @@ class LiveTensorBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._track(t, inputs)
         return out
+
+
+#: The aten operator of a host read of a tensor value (``.item()`` and friends).
+HOST_SYNC_OP = "aten._local_scalar_dense"
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators executed inside the mode that are not views.
+
+    An operator counts unless its schema makes its output an alias of an input
+    (``OpOverload.is_view``: ``view``, ``t``, ``expand``, ``select``, ...) or it is ``detach``.
+
+    Attributes:
+        counts: operator packet name (``"aten.mm"``) -> calls.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        """Non-view operator calls counted."""
+        return sum(self.counts.values())
+
+    @property
+    def host_syncs(self) -> int:
+        """Calls of :data:`HOST_SYNC_OP`."""
+        return self.counts.get(HOST_SYNC_OP, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        packet = func.overloadpacket
+        if not func.is_view and packet is not torch.ops.aten.detach:
+            self.counts[str(packet)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], Any]) -> OpCounter:
+    """The non-view aten operators of one call of ``fn`` (forward and backward alike)."""
+    counter = OpCounter()
+    with counter:
+        fn()
+    return counter
 
 
 def synchronize(device: torch.device) -> None:

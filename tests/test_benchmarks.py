@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import references, sections  # noqa: E402
-from benchmarks.sections import ema, sampling  # noqa: E402
+from benchmarks.sections import common, ema, ops, sampling  # noqa: E402
 from crckd_losses import EMATeacher, functional  # noqa: E402
 
 pytest.importorskip("matplotlib")
@@ -190,3 +190,57 @@ def test_live_tensor_bytes_counts_new_storages_only() -> None:
 
     peak = peak_extra_bytes(step, torch.device("cpu"))
     assert 2_000_000 <= peak <= 3_100_000
+
+
+def test_op_counter_counts_non_view_ops() -> None:
+    from benchmarks.measure import count_ops
+
+    a, b, c = torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 5)
+    assert dict(count_ops(lambda: torch.add(torch.mm(a, b), c)).counts) == {
+        "aten.mm": 1, "aten.add": 1
+    }
+    x = torch.randn(4, 3, requires_grad=True)
+
+    def step() -> None:
+        y = (x.t().t() * 2).sum()  # views: not counted
+        y.backward()
+        float(y.detach())  # a host read
+        x.grad = None
+
+    counter = count_ops(step)
+    assert counter.host_syncs == 1
+    assert not any(name in counter.counts for name in ("aten.t", "aten.detach", "aten.expand"))
+    assert counter.counts["aten.mul"] == 2  # forward, and the gradient of x
+    assert counter.total == sum(counter.counts.values())
+
+
+def test_ops_section_counts_a_small_crckd_step_and_an_ema_update() -> None:
+    p = dict(common.PAPER, B=8, K=64, N=300)
+    steps = {policy: ops.count_crckd(p, policy) for policy in ops.POLICIES}
+    for policy, c in steps.items():
+        if "skipped" in c:  # a library without value-check policies
+            assert "set_value_checks" in c["skipped"]
+            continue
+        assert c["total"] > 20 and c["by_op"]["aten.mm"] >= 2
+        assert c["total"] == sum(c["by_op"].values())
+        if policy == "mask":
+            assert c["host_syncs"] == 0
+    e = ops.count_ema("copy")
+    assert e["total"] > 0 and e["parameter_tensors"] == 10
+    result = {"params": p, "warmup": ops.WARMUP, "crckd_step": steps, "ema_update": {"copy": e}}
+    names = [t["name"] for t in ops.SECTION.targets(result, {})]
+    assert names == ["crckd_step_ops", "crckd_step_host_syncs"]
+    assert "## Operator counts" in "\n".join(ops.SECTION.markdown(result, {}, "x"))
+
+
+def test_value_checks_policy_is_restored() -> None:
+    import crckd_losses
+
+    if not common.has_value_check_policies():
+        pytest.skip("set_value_checks takes no policies in this version")
+    before = crckd_losses.value_checks()
+    with common.value_checks("mask"):
+        assert crckd_losses.value_checks() == "mask"
+    with common.value_checks_off():
+        assert crckd_losses.value_checks() == "mask"
+    assert crckd_losses.value_checks() == before

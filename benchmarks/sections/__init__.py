@@ -8,7 +8,7 @@ it.
 
 from __future__ import annotations
 
-from . import bank, ccd, crossover, crp, ema, peer, sampling, sweeps, train
+from . import bank, ccd, crossover, crp, ema, ops, peer, sampling, sweeps, train
 from .common import Bench, Section
 
 REGISTRY: tuple[Section, ...] = (
@@ -21,6 +21,7 @@ REGISTRY: tuple[Section, ...] = (
     bank.SECTION,
     ema.SECTION,
     train.SECTION,
+    ops.SECTION,
 )
 
 #: name -> section, in :data:`REGISTRY` order.

@@ -114,6 +114,10 @@ def run_ema(bench: Bench) -> dict[str, Any]:
 
 EMA_LOOP = "EMA: per-parameter loop / library >= 2.5 (each model)"
 EMA_TIMM = "EMA: timm ModelEmaV3 / library >= 1 (each model, same buffer handling)"
+EMA_COPY = ("EMA: library with buffers copied / with buffers averaged <= 1 (each model; "
+            "copying the buffers costs no more than averaging them)")
+#: The library's two buffer modes, timed together in each model's comparison.
+LIB_COPY, LIB_AVERAGE = "library (buffers copied)", "library (buffers averaged)"
 
 
 class EMA(Section):
@@ -137,6 +141,11 @@ class EMA(Section):
             worst = min(values) if values else None
             out.append(target(key, text, worst, bound,
                               detail=", ".join(f"{m}: {fmt(v)}x" for m, v in pairs)))
+        copies = [(p["model"], ratio(p["rows"], LIB_COPY, LIB_AVERAGE)) for p in points]
+        values = [v for _, v in copies if v is not None]
+        worst = max(values) if values else None
+        out.append(target("ema_copy", EMA_COPY, worst, 1.0, higher_is_better=False,
+                          detail=", ".join(f"{m}: {fmt(v)}x" for m, v in copies)))
         return out
 
     def markdown(self, result: dict[str, Any], meta: dict[str, Any], stem: str) -> list[str]:
@@ -148,7 +157,11 @@ class EMA(Section):
         for p in result["points"]:
             md += [f"{p['model']} ({p['parameters']:,} parameters in {p['parameter_tensors']} "
                    f"tensors, {p['buffer_tensors']} buffers):", ""]
-            md += table(p["rows"], "library (buffers copied)", "updates/s") + [""]
+            md += table(p["rows"], LIB_COPY, "updates/s") + [""]
+            t, m = (ratio(p["rows"], LIB_COPY, LIB_AVERAGE, k) for k in ("median_s", "peak_bytes"))
+            md += [f"Library, buffers copied against buffers averaged: {fmt(t)}"
+                   f"{'x' if t is not None else ''} the time, {fmt(m)}"
+                   f"{'x' if m is not None else ''} the peak extra memory.", ""]
         return md
 
     def bars(self, result: dict[str, Any], meta: dict[str, Any]) -> list[Bar]:

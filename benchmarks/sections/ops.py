@@ -1,0 +1,193 @@
+"""Operator counts: how many aten operators (views left out) one default ``CRCKDLoss`` step and
+one ``EMATeacher.update`` execute, and how many of them read a tensor value on the host.
+
+Counted on CPU with :class:`~benchmarks.measure.OpCounter`, whatever the run's device: the
+operator list is the device's, except for the value checks, which each policy of
+``crckd_losses.set_value_checks`` decides. ``"auto"`` (the default) reads values and raises
+early on a CPU and reads none on an accelerator; ``"mask"`` reads none anywhere, so its count
+is what an accelerator runs. Each count is of the third call, after two warm-up calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from crckd_losses import CRCKDLoss, EMATeacher
+
+from ..measure import HOST_SYNC_OP, count_ops
+from .common import (
+    PAPER,
+    Bench,
+    Section,
+    Target,
+    ValueChecksUnsupported,
+    params,
+    target,
+    value_checks,
+)
+
+#: The value-check policies counted; the targets hold under ``"mask"``.
+POLICIES = ("auto", "mask")
+#: Calls before the counted one.
+WARMUP = 2
+#: Operators listed per count.
+TOP = 12
+
+STEP_OPS = "Non-view aten ops per default CRCKDLoss step (fwd + bwd), value checks \"mask\" <= 125"
+HOST_SYNCS = "Host syncs per default CRCKDLoss step (fwd + bwd), value checks \"mask\" = 0"
+
+
+def _summary(counts: dict[str, int]) -> dict[str, Any]:
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {
+        "total": sum(counts.values()),
+        "host_syncs": counts.get(HOST_SYNC_OP, 0),
+        "distinct": len(counts),
+        "top": [[name, n] for name, n in ranked[:TOP]],
+        "by_op": dict(ranked),
+    }
+
+
+def crckd_step(p: dict[str, Any], seed: int = 0) -> Callable[[], None]:
+    """One default ``CRCKDLoss`` step (forward and ``loss.backward()``) at sizes ``p``; every
+    call takes the next batch of a fixed random order."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(p["C"]),
+                        torch.randint(0, p["C"], (p["N"] - p["C"],), generator=g)])
+    loss_fn = CRCKDLoss(labels, p["d"], p["d"], embed_dim=p["d"], num_positives=p["P"],
+                        num_negatives=p["K"], temperature=p["tau"])
+    order = torch.randperm(p["N"], generator=g)
+    student = torch.randn(p["B"], p["d"], generator=g, requires_grad=True)
+    teacher = torch.randn(p["B"], p["d"], generator=g)
+    calls = [0]
+
+    def step() -> None:
+        start = (calls[0] * p["B"]) % (p["N"] - p["B"])
+        calls[0] += 1
+        out = loss_fn(student, teacher, order[start : start + p["B"]])
+        out.loss.backward()
+
+    def fresh_step() -> None:
+        # As after ``optimizer.zero_grad(set_to_none=True)``: backward writes new gradients.
+        student.grad = None
+        for q in loss_fn.parameters():
+            q.grad = None
+        step()
+
+    return fresh_step
+
+
+class SmallCNN(nn.Module):
+    """Two conv-BN-ReLU blocks, pooling and a linear head: a small teacher for the EMA count."""
+
+    def __init__(self, num_classes: int = 7) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _counted(fn: Callable[[], None]) -> dict[str, int]:
+    for _ in range(WARMUP):
+        fn()
+    return dict(count_ops(fn).counts)
+
+
+def count_crckd(p: dict[str, Any], policy: str) -> dict[str, Any]:
+    """The operator count of a default ``CRCKDLoss`` step under a value-check policy."""
+    try:
+        with value_checks(policy):
+            counts = _counted(crckd_step(p))
+    except ValueChecksUnsupported as e:
+        return {"skipped": str(e)}
+    return _summary(counts)
+
+
+def count_ema(buffers: str) -> dict[str, Any]:
+    """The operator count of one ``EMATeacher.update`` of :class:`SmallCNN`."""
+    torch.manual_seed(0)
+    student = SmallCNN()
+    teacher = EMATeacher(student, buffers=buffers)  # type: ignore[arg-type]
+    model = sum(1 for _ in student.parameters()), sum(1 for _ in student.buffers())
+    out = _summary(_counted(lambda: teacher.update(student)))
+    out["parameter_tensors"], out["buffer_tensors"] = model
+    return out
+
+
+def run_ops(bench: Bench) -> dict[str, Any]:
+    """Operator counts of a CRCKDLoss step under each value-check policy and of an EMA update."""
+    p = dict(PAPER)
+    out: dict[str, Any] = {"device": "cpu", "params": p, "warmup": WARMUP, "crckd_step": {},
+                           "ema_update": {}}
+    for policy in POLICIES:
+        out["crckd_step"][policy] = count_crckd(p, policy)
+        if "skipped" in out["crckd_step"][policy]:
+            bench.skipped.append(f"ops: policy {policy!r}: "
+                                 f"{out['crckd_step'][policy]['skipped']}")
+    for buffers in ("copy", "average"):
+        out["ema_update"][buffers] = count_ema(buffers)
+    return out
+
+
+class Ops(Section):
+    """Operator and host-sync counts."""
+
+    name = "ops"
+
+    def run(self, bench: Bench) -> dict[str, Any]:
+        return run_ops(bench)
+
+    def targets(self, result: dict[str, Any], meta: dict[str, Any]) -> list[Target]:
+        mask = result["crckd_step"].get("mask", {})
+        detail = ", ".join(
+            f"{policy}: {c['total']} ops, {c['host_syncs']} host syncs"
+            if "total" in c else f"{policy}: skipped"
+            for policy, c in result["crckd_step"].items()
+        )
+        return [target("crckd_step_ops", STEP_OPS, mask.get("total"), 125,
+                       higher_is_better=False, detail=detail),
+                target("crckd_step_host_syncs", HOST_SYNCS, mask.get("host_syncs"), 0,
+                       higher_is_better=False, detail=detail)]
+
+    def markdown(self, result: dict[str, Any], meta: dict[str, Any], stem: str) -> list[str]:
+        md = ["## Operator counts", "",
+              "aten operators executed by one call, counted with a `TorchDispatchMode` on CPU "
+              f"after {result['warmup']} warm-up calls; views (`OpOverload.is_view`) and "
+              "`detach` left out. Host syncs are `aten._local_scalar_dense` calls (a value "
+              "read on the host). Value checks `auto` (the default) read values on a CPU and "
+              "none on an accelerator; `mask` reads none anywhere: its count is an "
+              "accelerator's step.", "",
+              f"Default `CRCKDLoss` step, forward + `loss.backward()`, "
+              f"`{params(result['params'])}`:", "",
+              "| value checks | non-view ops | host syncs | distinct ops | top ops |",
+              "|---|---:|---:|---:|---|"]
+        for policy, c in result["crckd_step"].items():
+            if "total" not in c:
+                md.append(f"| {policy} | skipped | | | {c.get('skipped', '')} |")
+                continue
+            md.append(f"| {policy} | {c['total']} | {c['host_syncs']} | {c['distinct']} | "
+                      + ", ".join(f"{name.removeprefix('aten.')} {n}" for name, n in c["top"])
+                      + " |")
+        md += ["", "`EMATeacher.update` of a small CNN (two conv-BN-ReLU blocks and a linear "
+               "head):", "",
+               "| buffers | parameter tensors | buffer tensors | non-view ops | host syncs | "
+               "top ops |", "|---|---:|---:|---:|---:|---|"]
+        for buffers, c in result["ema_update"].items():
+            md.append(f"| {buffers} | {c['parameter_tensors']} | {c['buffer_tensors']} | "
+                      f"{c['total']} | {c['host_syncs']} | "
+                      + ", ".join(f"{name.removeprefix('aten.')} {n}" for name, n in c["top"])
+                      + " |")
+        return md + [""]
+
+
+SECTION = Ops()
