@@ -7,6 +7,7 @@ several sizes and aspect ratios, and for the CSV a patient column.
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -98,10 +99,11 @@ def _cli(data: list[str], out: Path, *extra: str) -> dict:
         "--out", str(out), "--config", str(_small_config(out.parent)), *extra])
 
 
-def _small_config(folder: Path) -> Path:
+def _small_config(folder: Path, **settings: object) -> Path:
+    """A config file of small CRCKD settings (and ``settings``), its cache beside it."""
     path = folder / "small.json"
-    path.write_text('{"num_positives": 3, "num_negatives": 16, "eval_batch_size": 16, '
-                    f'"cache_dir": "{(folder / "cache").as_posix()}"}}')
+    path.write_text(json.dumps({"num_positives": 3, "num_negatives": 16, "eval_batch_size": 16,
+                                "cache_dir": (folder / "cache").as_posix(), **settings}))
     return path
 
 
@@ -332,11 +334,8 @@ def test_reproduce_and_compare_take_your_own_data(tmp_path: Path) -> None:
     from reference_training.compare import main as compare_main
 
     table = make_table(tmp_path / "data", patients_per_class=5)
-    settings = tmp_path / "settings.json"
-    settings.write_text(
-        '{"model": "tiny_cnn", "image_size": 16, "epochs": 1, "batch_size": 8, '
-        '"num_positives": 3, "num_negatives": 16, "num_workers": 0, "eval_batch_size": 16, '
-        f'"cache_dir": "{(tmp_path / "cache").as_posix()}"}}')
+    settings = _small_config(tmp_path, model="tiny_cnn", image_size=16, epochs=1, batch_size=8,
+                             num_workers=0)
     runs = tmp_path / "runs"
     grid = ["--datasets", "csv", "--data-dir", str(tmp_path / "data"), "--csv", str(table),
             "--image-column", "file", "--label-column", "diagnosis", "--group-column",
