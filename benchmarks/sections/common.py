@@ -19,7 +19,7 @@ import crckd_losses
 
 from ..measure import peak_extra_bytes, synchronize, time_group
 
-PAPER = {"B": 64, "d": 128, "P": 20, "K": 4096, "N": 7012, "C": 7, "tau": 0.07}
+PAPER: dict[str, Any] = {"B": 64, "d": 128, "P": 20, "K": 4096, "N": 7012, "C": 7, "tau": 0.07}
 
 #: The largest ``B x (P+K) x d`` block a sweep point may gather (bytes); bigger points of the
 #: reference and of the forced gather path are skipped so the run fits in this machine's memory.

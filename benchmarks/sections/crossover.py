@@ -17,6 +17,8 @@ from .common import PAPER, Bench, Section, dtype_name, fmt
 def run_crossover(bench: Bench) -> dict[str, Any]:
     """Dense against gather path as the bank grows past ``P+K``: where does gather win?"""
     dtype = bench.dtypes[0]
+    widths: tuple[int, ...]
+    factors: tuple[int, ...]
     if bench.quick:
         widths, factors = (276,), (1, 16)
         batch = 8

@@ -79,9 +79,10 @@ def _crp_case(bench: Bench, q: dict[str, Any], dtype: torch.dtype) -> dict[str, 
 
     diffs = {}
     with torch.no_grad():  # float64 truth
-        c64 = [functional.class_centroids(m.double(), labels, q["C"]) for m in (m_s, m_t)]
+        c_s64, c_t64 = (functional.class_centroids(m.double(), labels, q["C"])
+                        for m in (m_s, m_t))
     g64 = g_s.detach().double().requires_grad_()
-    true_loss = functional.categorical_relation_loss(g64, g_t.double(), *c64, tau)
+    true_loss = functional.categorical_relation_loss(g64, g_t.double(), c_s64, c_t64, tau)
     true_grad = torch.autograd.grad(true_loss, g64)[0]
     low_precision = dtype not in (torch.float32, torch.float64)
     for name, fn in (("library", library), ("reference", reference)):
