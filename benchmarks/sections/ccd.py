@@ -25,6 +25,7 @@ from .common import (
     bar,
     dtype_name,
     fmt,
+    has_value_check_policies,
     params,
     ratio,
     rel_diff,
@@ -201,13 +202,14 @@ def run_ccd(bench: Bench) -> dict[str, Any]:
     if bench.quick:
         p.update(B=16, K=256, N=1000)
     out: dict[str, Any] = {"params": p, "by_dtype": {}}
+    policies = has_value_check_policies()
     for dtype in bench.dtypes:
         x = make_ccd_inputs(p["B"], p["d"], p["P"], p["K"], p["N"], bench.device, p["C"])
         checks = check_ccd(x, dtype, bench.device)
         fns = ccd_fns(x, dtype, bench.device, CCD_CONTENDERS)
 
         def checks_off(step: Callable[[], None] = fns["auto"]) -> None:
-            with value_checks_off():
+            with value_checks_off(policies):
                 step()
 
         fns["auto, value checks off"] = checks_off

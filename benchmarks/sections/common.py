@@ -249,9 +249,14 @@ def has_value_check_policies() -> bool:
 
 
 @contextmanager
-def value_checks_off() -> Iterator[None]:
-    """No value reads at all: policy ``"mask"``, or ``False`` on a library without policies."""
-    if has_value_check_policies():
+def value_checks_off(policies: bool | None = None) -> Iterator[None]:
+    """No value reads at all: policy ``"mask"``, or ``False`` on a library without policies.
+
+    Args:
+        policies: :func:`has_value_check_policies`, when the caller knows it already (a
+            timed call should not ask each time).
+    """
+    if has_value_check_policies() if policies is None else policies:
         with value_checks("mask"):
             yield
         return
