@@ -5,7 +5,7 @@ memory banks and a mean teacher, exact to the method and fast.
 """
 
 from . import functional, sampling
-from ._checks import set_value_checks
+from ._checks import set_value_checks, value_checks
 from .contrastive import CCDTerms, ClassGuidedContrastiveLoss
 from .crckd import CRCKDLoss, CRCKDOutput
 from .data import IndexedDataset
@@ -29,6 +29,7 @@ __all__ = [
     "functional",
     "sampling",
     "set_value_checks",
+    "value_checks",
     "unwrap_model",
     "__version__",
 ]

@@ -1,8 +1,10 @@
 """Input checks shared by the functional and module APIs.
 
 Shape, dtype and device checks cost nothing at run time and always run. Checks that read
-tensor *values* (finiteness, index ranges) need a device-to-host sync; they run in eager mode
-unless switched off with :func:`set_value_checks`, and are skipped while ``torch.compile`` traces.
+tensor *values* (finiteness, index ranges) need the values on the host: free on a CPU, a
+device-to-host sync on an accelerator. :func:`set_value_checks` chooses where they run; by
+default (``"auto"``) they run on CPU tensors and not on accelerators, where the banks mask bad
+rows on the device instead. They are always skipped while ``torch.compile`` traces.
 """
 
 from __future__ import annotations
@@ -10,33 +12,53 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Literal
 
 import torch
 
 _LIBRARY_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
-_VALUE_CHECKS = True
+ValueChecks = Literal["auto", "raise", "mask"]
+VALUE_CHECKS: tuple[ValueChecks, ...] = ("auto", "raise", "mask")
+_VALUE_CHECKS: ValueChecks = "auto"
 
 
-def set_value_checks(enabled: bool) -> None:
-    """Turn the value checks (NaN/Inf, index ranges) on or off for the whole library.
+def set_value_checks(mode: ValueChecks | bool) -> None:
+    """Choose where the library reads tensor values to check them (NaN/Inf, index ranges).
 
-    They are on by default. Switching them off removes the only host syncs in the losses'
-    forward passes; shape, dtype and device checks stay on.
+    - ``"auto"`` (default): on CPU tensors, read them and raise a ``ValueError`` before any
+      state changes; on accelerators, read nothing, so a training step never waits for the
+      device.
+    - ``"raise"``: read and raise on every device (each check is a host sync on a GPU).
+    - ``"mask"``: never read values, not even on a CPU.
+
+    Whatever the mode, a memory bank never takes a non-finite row or writes at an
+    out-of-range index: :meth:`~crckd_losses.MomentumMemoryBank.update` masks such rows on the
+    device and counts them in ``rejected_rows``. Shape, dtype and device checks always run.
+    ``True`` means ``"raise"`` and ``False`` means ``"mask"``.
 
     Args:
-        enabled: ``True`` to check values, ``False`` to skip those checks.
+        mode: ``"auto"``, ``"raise"``, ``"mask"``, or a bool.
     """
     global _VALUE_CHECKS
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    _VALUE_CHECKS = enabled
+    if isinstance(mode, bool):
+        _VALUE_CHECKS = "raise" if mode else "mask"
+        return
+    _VALUE_CHECKS = check_choice("mode", mode, VALUE_CHECKS)  # type: ignore[assignment]
 
 
-def value_checks_enabled() -> bool:
-    """Whether value checks run now (on, and not inside a ``torch.compile`` trace)."""
-    return _VALUE_CHECKS and not torch.compiler.is_compiling()
+def value_checks() -> ValueChecks:
+    """The mode :func:`set_value_checks` set (``"auto"`` by default)."""
+    return _VALUE_CHECKS
+
+
+def reads_values(x: torch.Tensor) -> bool:
+    """Whether checks read the values of ``x`` now: by the mode and ``x``'s device, and never
+    inside a ``torch.compile`` trace."""
+    if _VALUE_CHECKS == "mask" or torch.compiler.is_compiling():
+        return False
+    return _VALUE_CHECKS == "raise" or x.device.type == "cpu"
 
 
 def check_tensor(name: str, x: object) -> torch.Tensor:
@@ -78,13 +100,13 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
-    if value_checks_enabled() and not bool(torch.isfinite(x).all()):
+    if reads_values(x) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
 def check_range(name: str, x: torch.Tensor, high: int) -> None:
     """Every entry of ``x`` must lie in ``[0, high)``."""
-    if value_checks_enabled() and x.numel() > 0:
+    if reads_values(x) and x.numel() > 0:
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= high:
             raise ValueError(f"{name} must lie in [0, {high}), got values in [{lo}, {hi}]")

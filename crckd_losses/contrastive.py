@@ -21,7 +21,7 @@ from ._checks import (
     check_same_device,
     check_unit_interval,
 )
-from .functional import SCORE_PATHS, ScorePath, _ccd_pair
+from .functional import SCORE_PATHS, ScorePath, _ccd_pair, _nce_bias
 from .memory import MomentumMemoryBank
 from .sampling import SAMPLERS, Sampler
 
@@ -189,20 +189,13 @@ class ClassGuidedContrastiveLoss(nn.Module):
                 f"indices must have one entry per embedding ({student_emb.shape[0]}), got "
                 f"shape {tuple(indices.shape)}"
             )
-        width = self.num_positives + self.num_negatives
         if sample_indices is None:
             sample_indices = student_bank.sample(
                 indices, self.num_positives, self.num_negatives, generator, self.sampler
             )
         else:
-            check_index("sample_indices", sample_indices, 2)
-            if tuple(sample_indices.shape) != (student_emb.shape[0], width):
-                raise ValueError(
-                    f"sample_indices must have shape ({student_emb.shape[0]}, {width}) "
-                    f"(num_positives + num_negatives), got {tuple(sample_indices.shape)}"
-                )
-            check_same_device(sample_indices=sample_indices, memory=student_bank.memory)
-            check_range("sample_indices", sample_indices, student_bank.size)
+            sample_indices = self.check_sample_indices(
+                sample_indices, student_emb.shape[0], student_bank)
         if student_emb.shape != teacher_emb.shape or student_emb.shape[1] != student_bank.dim:
             raise ValueError(
                 f"student_emb and teacher_emb must both have shape ({student_emb.shape[0]}, "
@@ -213,25 +206,92 @@ class ClassGuidedContrastiveLoss(nn.Module):
                           memory=student_bank.memory)
         check_finite("student_emb", student_emb)
         check_finite("teacher_emb", teacher_emb)
+        return self._terms(student_emb, teacher_emb, student_bank, teacher_bank,
+                           sample_indices.long())
+
+    def _terms(
+        self,
+        student_emb: torch.Tensor,
+        teacher_emb: torch.Tensor,
+        student_bank: MomentumMemoryBank,
+        teacher_bank: MomentumMemoryBank,
+        sample_indices: torch.Tensor,
+    ) -> CCDTerms:
+        """:meth:`terms` from checked arguments and long ``sample_indices``."""
+        both = self._both(student_emb, teacher_emb, student_bank, teacher_bank, sample_indices)
+        return CCDTerms(both[0], both[1])
+
+    def _both(
+        self,
+        student_emb: torch.Tensor,
+        teacher_emb: torch.Tensor,
+        student_bank: MomentumMemoryBank,
+        teacher_bank: MomentumMemoryBank,
+        sample_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[2]`` (:math:`L_S, L_T`), or ``[2, B]`` unreduced, from checked arguments."""
         bank_size = student_bank.size
 
-        def normalizers(u_s: torch.Tensor, u_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            log_z = self._normalizer(u_s, u_t, bank_size)
-            return log_z[0], log_z[1]
+        def bias_of(raw: torch.Tensor, scale: float, noise: float) -> torch.Tensor:
+            return self._bias(raw, scale, noise, bank_size)
 
-        return CCDTerms(*_ccd_pair(
+        return _ccd_pair(
             student_emb, teacher_emb, student_bank.memory, teacher_bank.memory,
-            sample_indices.long(), self.num_positives, self.temperature, self.path,
-            normalizers, self.reduction,
-        ))
+            sample_indices, self.num_positives, self.temperature, self.path,
+            bias_of, self.reduction,
+        )
+
+    def _bias(self, raw: torch.Tensor, scale: float, noise: float, bank_size: int
+              ) -> torch.Tensor:
+        """The NCE bias of both directions from :math:`Z`; while :math:`Z` stays frozen, built
+        once and reused (it changes only with ``log_normalizer``)."""
+        dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+        width = raw.shape[2]
+        if self.normalizer == "first_batch" and self._initialized:
+            if torch.compiler.is_compiling():
+                return _nce_bias(self.log_normalizer, noise, width, self.num_positives, dtype)
+            key = (width, scale, noise, dtype)
+            cached = self.__dict__.get("_cached_bias")
+            z = self.log_normalizer
+            if cached is None or cached[0] is not z or cached[1] != z._version or \
+                    cached[2] != key:
+                bias = _nce_bias(z, noise, width, self.num_positives, dtype)
+                cached = (z, z._version, key, bias)
+                self.__dict__["_cached_bias"] = cached
+            bias_cached: torch.Tensor = cached[3]
+            return bias_cached
+        log_z = self._normalizer(raw * scale, bank_size)
+        return _nce_bias(log_z, noise, width, self.num_positives, dtype)
+
+    def check_sample_indices(self, sample_indices: torch.Tensor, batch: int,
+                             bank: MomentumMemoryBank) -> torch.Tensor:
+        """``sample_indices`` given in place of the sampler's, checked against this loss's
+        ``P + K`` and the bank; returned as long.
+
+        Args:
+            sample_indices: ``[B, P+K]`` integer bank rows.
+            batch: ``B``.
+            bank: the bank they index.
+        """
+        check_index("sample_indices", sample_indices, 2)
+        width = self.num_positives + self.num_negatives
+        if tuple(sample_indices.shape) != (batch, width):
+            raise ValueError(
+                f"sample_indices must have shape ({batch}, {width}) "
+                f"(num_positives + num_negatives), got {tuple(sample_indices.shape)}"
+            )
+        check_same_device(sample_indices=sample_indices, memory=bank.memory)
+        check_range("sample_indices", sample_indices, bank.size)
+        return sample_indices.long()
 
     @torch.no_grad()
-    def _normalizer(self, u_s: torch.Tensor, u_t: torch.Tensor, bank_size: int) -> torch.Tensor:
+    def _normalizer(self, u: torch.Tensor, bank_size: int) -> torch.Tensor:
+        r"""``[2]`` :math:`\log Z` for the ``[2, B, P+K]`` scores ``u`` of both directions."""
         if self.normalizer == "first_batch" and self._initialized:
             return self.log_normalizer
         estimate = torch.stack(
-            [distributed.global_log_mean_exp(u.detach().to(self.log_normalizer.dtype))
-             for u in (u_s, u_t)]
+            [distributed.global_log_mean_exp(u[k].detach().to(self.log_normalizer.dtype))
+             for k in range(2)]
         ) + math.log(bank_size)
         current = self.log_normalizer
         if self.normalizer == "ema" and self.normalizer_momentum > 0:

@@ -8,13 +8,23 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_float, check_index, check_unit_interval
+from ._checks import (
+    check_finite,
+    check_float,
+    check_index,
+    check_nonempty,
+    check_range,
+    check_same_device,
+    check_unit_interval,
+    reads_values,
+    reduce,
+)
 from .contrastive import ClassGuidedContrastiveLoss, Normalizer
-from .functional import ScorePath
+from .functional import ScorePath, _relation_per_sample
 from .heads import EmbeddingHead
-from .memory import MomentumMemoryBank
+from .memory import MomentumMemoryBank, centroids_of, gather_rows, plan_write, write_banks
 from .relation import CategoricalRelationLoss
-from .sampling import Sampler
+from .sampling import Sampler, class_guided_indices
 
 
 class CRCKDOutput(NamedTuple):
@@ -161,11 +171,20 @@ class CRCKDLoss(nn.Module):
         check_float("student_feat", student_feat, 2)
         check_float("teacher_feat", teacher_feat, 2)
         check_index("indices", indices, 1)
-        if student_feat.shape[0] != teacher_feat.shape[0]:
+        batch = student_feat.shape[0]
+        if teacher_feat.shape[0] != batch:
             raise ValueError(
                 f"student_feat and teacher_feat must have one batch size, got "
-                f"{student_feat.shape[0]} and {teacher_feat.shape[0]}"
+                f"{batch} and {teacher_feat.shape[0]}"
             )
+        if indices.shape[0] != batch:
+            raise ValueError(
+                f"indices must have one entry per feature row ({batch}), got shape "
+                f"{tuple(indices.shape)}"
+            )
+        check_nonempty("student_feat", student_feat)
+        check_same_device(student_feat=student_feat, teacher_feat=teacher_feat,
+                          indices=indices, memory=self.student_bank.memory)
         for name, feat, head, dim_name in (
             ("student_feat", student_feat, self.student_head, "student_dim"),
             ("teacher_feat", teacher_feat, self.teacher_head, "teacher_dim"),
@@ -176,20 +195,36 @@ class CRCKDLoss(nn.Module):
                     f"shape {tuple(feat.shape)}"
                 )
             check_finite(name, feat)
+        check_range("indices", indices, self.student_bank.size)
+        indices = indices.long()
+        # Where the indices' values were not read (accelerators by default), an out-of-range
+        # index is clamped for every read; the bank update refuses its row.
+        rows = indices if reads_values(indices) else indices.clamp(0, self.student_bank.size - 1)
+        ccd = self.ccd
+        if sample_indices is None:
+            sample_indices = class_guided_indices(
+                self.student_bank.layout, rows, ccd.num_positives, ccd.num_negatives,
+                generator, ccd.sampler)
+        else:
+            sample_indices = ccd.check_sample_indices(sample_indices, batch, self.student_bank)
         g_s = self.student_head(student_feat)
         g_t = self.teacher_head(teacher_feat.detach())
-        terms = self.ccd.terms(
-            g_s, g_t, indices, self.student_bank, self.teacher_bank, sample_indices, generator
-        )
+        both = ccd._both(g_s, g_t, self.student_bank, self.teacher_bank, sample_indices)
+        banks = (self.student_bank, self.teacher_bank)
         if self.training:
-            self.student_bank.update(indices, g_s.detach())
-            self.teacher_bank.update(indices, g_t.detach())
-        crp = self.crp(
-            g_s,
-            g_t.detach(),
-            self.student_bank.centroids(self.centroid_relu),
-            self.teacher_bank.centroids(self.centroid_relu),
-        )
-        ccd = terms.student + terms.teacher
-        loss = self.ccd_weight * ccd + self.crp_weight * crp
-        return CRCKDOutput(loss, ccd, crp, terms.student, terms.teacher)
+            with torch.no_grad():
+                for bank in banks:
+                    bank._sync_once()
+                gathered, (new_s, new_t) = gather_rows(indices, g_s.detach(), g_t.detach())
+                # One plan for both banks: a row enters neither bank unless both sides are
+                # finite, and the index bookkeeping is done once.
+                plan = plan_write(gathered, self.student_bank.labels, new_s, new_t,
+                                  rows=None if gathered is not indices else rows)
+                write_banks(banks, plan)
+        # Both banks' centroids in one [2, C, d] tensor, 1/tau folded in.
+        scaled = centroids_of(banks, self.centroid_relu, scale=1.0 / self.crp.temperature)
+        crp = reduce(_relation_per_sample(g_s, g_t.detach(), scaled[0], scaled[1], 1.0),
+                     self.crp.reduction)
+        ccd_loss = both.sum(dim=0)
+        loss = torch.add(ccd_loss * self.ccd_weight, crp, alpha=self.crp_weight)
+        return CRCKDOutput(loss, ccd_loss, crp, both[0], both[1])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal, TypeAlias
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,6 @@ __all__ = [
 
 ScorePath = Literal["auto", "dense", "gather"]
 SCORE_PATHS: tuple[ScorePath, ...] = ("auto", "dense", "gather")
-LogZ: TypeAlias = "torch.Tensor | float"
 
 #: The dense path (one ``B x N`` matmul, then a gather of the sampled columns) is taken while
 #: ``N <= DENSE_PATH_FACTOR * (P + K)``. Past that, gathering the ``B x (P+K) x d`` rows costs
@@ -178,19 +177,57 @@ def _scores(
     path: ScorePath,
 ) -> torch.Tensor:
     """:func:`contrastive_scores` without its checks, for callers that made them."""
-    if path == "auto":
-        path = choose_score_path(memory.shape[0], sample_indices.shape[1])
+    # 1/tau goes on the B x d side, the smallest tensor in the product.
+    return _raw_scores(anchor * (1.0 / temperature), memory, sample_indices, path)
+
+
+def _score_dtype(anchor: torch.Tensor, memory: torch.Tensor) -> torch.dtype:
+    """The matmul's dtype: the autocast dtype on accelerators; on a CPU, float32 at least,
+    since CPUs without bfloat16 matrix units multiply float32 faster than bfloat16."""
     device = anchor.device.type
-    dtype = torch.promote_types(anchor.dtype, memory.dtype)
+    dtype = anchor.dtype if anchor.dtype == memory.dtype else torch.promote_types(
+        anchor.dtype, memory.dtype)
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-    # 1/tau goes on the B x d side, the smallest tensor in the product.
-    a = (anchor * (1.0 / temperature)).to(dtype)
-    with torch.autocast(device, enabled=False):
+        if device == "cpu":
+            dtype = torch.float32
+    return dtype
+
+
+def _raw_scores(
+    anchor: torch.Tensor,
+    memory: torch.Tensor,
+    sample_indices: torch.Tensor,
+    path: ScorePath,
+) -> torch.Tensor:
+    """``[B, P+K]`` dot products ``anchor[b] . memory[idx[b, j]]`` (no temperature)."""
+    return _paired_raw_scores([anchor], [memory], sample_indices, path)[0]
+
+
+def _paired_raw_scores(
+    anchors: list[torch.Tensor],
+    memories: list[torch.Tensor],
+    sample_indices: torch.Tensor,
+    path: ScorePath,
+) -> torch.Tensor:
+    """``[D, B, P+K]``: the dot products of ``anchors[k]`` against ``memories[k]`` at the same
+    sampled rows, for ``D`` directions. On the dense path the ``D`` score matrices are
+    stacked and gathered once (one gather, and one scatter in backward, for all)."""
+    if path == "auto":
+        path = choose_score_path(memories[0].shape[0], sample_indices.shape[1])
+    dtype = _score_dtype(anchors[0], memories[0])
+    with torch.autocast(anchors[0].device.type, enabled=False):
         if path == "dense":
-            return (a @ memory.detach().to(dtype).t()).gather(1, sample_indices)
-        out: torch.Tensor = _GatheredDot.apply(a, memory.detach(), sample_indices)
-        return out
+            full = []
+            for anchor, memory in zip(anchors, memories):
+                a = anchor if anchor.dtype == dtype else anchor.to(dtype)
+                bank = memory.detach()
+                full.append(a @ (bank if bank.dtype == dtype else bank.to(dtype)).t())
+            stacked = full[0].unsqueeze(0) if len(full) == 1 else torch.stack(full)
+            return stacked.gather(2, sample_indices.expand(len(full), *sample_indices.shape))
+        out = [_GatheredDot.apply(a if a.dtype == dtype else a.to(dtype), m.detach(),
+                                  sample_indices) for a, m in zip(anchors, memories)]
+        return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
 
 def estimate_log_normalizer(scores: torch.Tensor, bank_size: int) -> torch.Tensor:
@@ -266,20 +303,86 @@ def _nce_per_sample(
     noise_constant: float,
     num_positives: int,
 ) -> torch.Tensor:
-    """``[B]`` NCE losses, without checks: one fused pass over the ``B x (P+K)`` scores."""
+    """``[B]`` NCE losses of one direction, without checks."""
     dtype = _reduction_dtype(scores.dtype)
-    width = scores.shape[1]
-    # logsigmoid(v) for positives, logsigmoid(-v) for negatives: logsigmoid(sign * v), with
-    # sign * v = sign * u - sign * (log Z + log c) computed by one addcmul.
-    sign = torch.full((width,), -1.0, dtype=dtype, device=scores.device)
-    sign[:num_positives] = 1.0
-    weight = torch.ones(width, dtype=dtype, device=scores.device)
-    weight[:num_positives] = 1.0 / num_positives
-    shift = torch.as_tensor(log_normalizer, dtype=dtype, device=scores.device)
-    shift = shift + math.log(noise_constant)
-    signed = torch.addcmul(-sign * shift, scores.to(dtype), sign)
-    with torch.autocast(scores.device.type, enabled=False):  # keep the reduction in `dtype`
-        return -(F.logsigmoid(signed) @ weight)
+    log_z = torch.as_tensor(log_normalizer, dtype=dtype, device=scores.device).reshape(1)
+    bias = _nce_bias(log_z, noise_constant, scores.shape[1], num_positives, dtype)
+    return _nce_rows(scores.unsqueeze(0), 1.0, bias, num_positives)[0]
+
+
+def _nce_bias(log_normalizer: torch.Tensor, noise_constant: float, width: int,
+              num_positives: int, dtype: torch.dtype) -> torch.Tensor:
+    r"""``[D, 1, P+K]``: :math:`-\mathrm{sign} \cdot (\log Z + \log c)` per direction and
+    column, the part of :func:`_nce_rows`' argument that does not depend on the scores."""
+    _, neg_sign, _ = _nce_columns(width, num_positives, 1.0, dtype, log_normalizer.device)
+    shift = log_normalizer.to(dtype) + math.log(noise_constant)
+    return shift.view(-1, 1, 1) * neg_sign
+
+
+def _nce_rows(
+    raw: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor,
+    num_positives: int,
+    reduction: str = "none",
+) -> torch.Tensor:
+    r"""``[D, B]`` NCE losses of ``D`` directions at once (``[D]`` for ``reduction`` "mean" or
+    "sum"), without checks.
+
+    ``raw`` is ``[D, B, P+K]`` with scores :math:`u = \mathrm{scale} \cdot \mathrm{raw}`;
+    ``bias`` is :func:`_nce_bias`. One fused pass: :math:`\log h = \mathrm{logsigmoid}(v)` for
+    positives and :math:`\log(1-h) = \mathrm{logsigmoid}(-v)` for negatives is
+    ``logsigmoid(sign * v)``, with ``sign * v = (sign * scale) * raw - sign * (log Z + log c)``
+    in one ``addcmul``; the weighted sum over columns is one matmul.
+    """
+    dtype = bias.dtype
+    directions, batch, width = raw.shape
+    signed_scale, _, neg_weight = _nce_columns(width, num_positives, scale, dtype, raw.device)
+    signed = torch.addcmul(bias, raw if raw.dtype == dtype else raw.to(dtype), signed_scale)
+    with torch.autocast(raw.device.type, enabled=False):  # keep the reduction in `dtype`
+        terms = F.logsigmoid(signed)
+        if reduction == "none":
+            return torch.mv(terms.view(directions * batch, width), neg_weight).view(
+                directions, batch)
+        # The batch reduction folded into the column weights: one matrix-vector product.
+        weight = _tiled(neg_weight, batch, 1.0 / batch if reduction == "mean" else 1.0)
+        return torch.mv(terms.view(directions, batch * width), weight)
+
+
+_TILED: dict[tuple[int, int, float, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _tiled(weight: torch.Tensor, times: int, scale: float) -> torch.Tensor:
+    """``weight`` repeated ``times`` times, times ``scale``; built once per setting."""
+    key = (id(weight), times, scale, weight.dtype, weight.device)
+    cached = None if torch.compiler.is_compiling() else _TILED.get(key)
+    if cached is None:
+        cached = weight.repeat(times) * scale
+        if not torch.compiler.is_compiling():
+            _TILED[key] = cached
+    return cached
+
+
+_COLUMNS: dict[tuple[int, int, float, torch.dtype, torch.device],
+               tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _nce_columns(width: int, num_positives: int, scale: float, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-column constants of :func:`_nce_rows`: ``sign * scale``, ``-sign`` and ``-weight``
+    (sign +1 for positives, -1 for negatives; weight 1/P for positives, 1 for negatives).
+    They never change from step to step, so eager code builds them once per setting."""
+    key = (width, num_positives, scale, dtype, device)
+    cached = None if torch.compiler.is_compiling() else _COLUMNS.get(key)
+    if cached is None:
+        sign = torch.full((width,), -1.0, dtype=dtype, device=device)
+        sign[:num_positives] = 1.0
+        weight = torch.ones(width, dtype=dtype, device=device)
+        weight[:num_positives] = 1.0 / num_positives  # set in `dtype`, not rounded first
+        cached = (sign * scale, -sign, -weight)
+        if not torch.compiler.is_compiling():
+            _COLUMNS[key] = cached
+    return cached
 
 
 def class_guided_contrastive_loss(
@@ -352,15 +455,25 @@ def class_guided_contrastive_loss(
     _check_score_args(student_emb, teacher_memory, sample_indices, temperature, path)
     check_reduction(reduction)
 
-    def normalizers(u_s: torch.Tensor, u_t: torch.Tensor) -> tuple[LogZ, LogZ]:
-        return (estimate_log_normalizer(u_s, bank_size) if student_log_normalizer is None
-                else student_log_normalizer,
-                estimate_log_normalizer(u_t, bank_size) if teacher_log_normalizer is None
-                else teacher_log_normalizer)
+    def bias_of(raw: torch.Tensor, scale: float, noise: float) -> torch.Tensor:
+        given = (student_log_normalizer, teacher_log_normalizer)
+        dtype = _reduction_dtype(raw.dtype)
+        log_z = torch.stack([
+            estimate_log_normalizer(raw[k] * scale, bank_size) if given[k] is None
+            else torch.as_tensor(given[k], dtype=dtype, device=raw.device).reshape(())
+            for k in range(2)
+        ]).to(dtype)
+        return _nce_bias(log_z, noise, raw.shape[2], num_positives, dtype)
 
-    return _ccd_pair(student_emb, teacher_emb, student_memory, teacher_memory,
-                     sample_indices.long(), num_positives, temperature, path, normalizers,
+    both = _ccd_pair(student_emb, teacher_emb, student_memory, teacher_memory,
+                     sample_indices.long(), num_positives, temperature, path, bias_of,
                      reduction)
+    return both[0], both[1]
+
+
+#: ``bias_of(raw, scale, noise)``: the ``[2, 1, P+K]`` :func:`_nce_bias` of both directions,
+#: given their ``[2, B, P+K]`` dot products, ``1/tau`` and the noise constant.
+BiasOf = Callable[[torch.Tensor, float, float], torch.Tensor]
 
 
 def _ccd_pair(
@@ -372,19 +485,21 @@ def _ccd_pair(
     num_positives: int,
     temperature: float,
     path: ScorePath,
-    normalizers: Callable[[torch.Tensor, torch.Tensor], tuple[LogZ, LogZ]],
+    bias_of: BiasOf,
     reduction: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Both CCD directions from checked arguments (long ``sample_indices``): the scores of
-    each, :math:`\log Z` of each from ``normalizers(u_s, u_t)``, then the NCE terms. Shared by
+) -> torch.Tensor:
+    r"""Both CCD directions from checked arguments (long ``sample_indices``): ``[2]``
+    (:math:`L_S, L_T`), or ``[2, B]`` with ``reduction="none"``.
+
+    The dot products of each direction are stacked into one ``[2, B, P+K]`` tensor, so the
+    NCE critic, its reduction and their backward run once for both. Shared by
     :func:`class_guided_contrastive_loss` and :class:`~crckd_losses.ClassGuidedContrastiveLoss`,
     which keeps its own :math:`Z`."""
-    u_s = _scores(student_emb, teacher_memory, sample_indices, temperature, path)
-    u_t = _scores(teacher_emb, student_memory, sample_indices, temperature, path)
-    log_z_s, log_z_t = normalizers(u_s, u_t)
+    raw = _paired_raw_scores([student_emb, teacher_emb], [teacher_memory, student_memory],
+                             sample_indices, path)
+    scale = 1.0 / temperature
     noise = (sample_indices.shape[1] - num_positives) / student_memory.shape[0]
-    return (reduce(_nce_per_sample(u_s, log_z_s, noise, num_positives), reduction),
-            reduce(_nce_per_sample(u_t, log_z_t, noise, num_positives), reduction))
+    return _nce_rows(raw, scale, bias_of(raw, scale, noise), num_positives, reduction)
 
 
 def class_centroids(
@@ -484,14 +599,37 @@ def categorical_relation_loss(
     check_same_device(student_emb=student_emb, student_centroids=student_centroids)
     check_finite("student_emb", student_emb)
     check_finite("teacher_emb", teacher_emb)
-    r_s = student_emb @ student_centroids.detach().to(student_emb.dtype).t() / temperature
+    return reduce(_relation_per_sample(student_emb, teacher_emb, student_centroids,
+                                       teacher_centroids, temperature), reduction)
+
+
+def _relation_per_sample(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    student_centroids: torch.Tensor,
+    teacher_centroids: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """``[B]`` CRP terms from checked arguments."""
+    # 1/tau goes on the C x d centroids, the smallest operand (callers may fold it in and
+    # pass temperature 1).
+    scale = 1.0 / temperature
+    c_s = student_centroids.detach().to(student_emb.dtype)
+    c_t = teacher_centroids.to(teacher_emb.dtype)
+    if scale != 1.0:
+        c_s, c_t = c_s * scale, c_t * scale
+    r_s = student_emb @ c_s.t()
     with torch.no_grad():
-        r_t = teacher_emb.detach() @ teacher_centroids.to(teacher_emb.dtype).t() / temperature
-    dtype = _reduction_dtype(r_s.dtype)
-    log_p_s = F.log_softmax(r_s.to(dtype), dim=1)
-    log_p_t = F.log_softmax(r_t.to(dtype), dim=1)
-    per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
-    return reduce(per_sample, reduction)
+        r_t = teacher_emb.detach() @ c_t.t()
+    return _kl_rows(r_t, r_s)
+
+
+def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """``[B]`` rows of KL(softmax(teacher) || softmax(student)), in the reduction dtype."""
+    dtype = _reduction_dtype(student_logits.dtype)
+    log_p_s = F.log_softmax(student_logits.to(dtype), dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().to(dtype), dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
 
 
 def consistency_kl(
@@ -521,11 +659,7 @@ def consistency_kl(
             f"student_logits and teacher_logits must have one shape, got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
-    dtype = _reduction_dtype(student_logits.dtype)
-    log_p_s = F.log_softmax(student_logits.to(dtype), dim=1)
-    log_p_t = F.log_softmax(teacher_logits.detach().to(dtype), dim=1)
-    per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
-    return reduce(per_sample, reduction)
+    return reduce(_kl_rows(teacher_logits, student_logits), reduction)
 
 
 def sigmoid_rampup(epoch: float, rampup_length: float = 30.0) -> float:

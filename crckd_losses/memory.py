@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +22,9 @@ from ._checks import (
     check_range,
     check_same_device,
     check_unit_interval,
-    value_checks_enabled,
+    reads_values,
     warn_at_caller,
 )
-from .functional import class_centroids
 from .sampling import SAMPLERS, ClassLayout, Sampler, class_guided_indices
 
 
@@ -71,9 +70,11 @@ class MomentumMemoryBank(nn.Module):
     memory: torch.Tensor
     labels: torch.Tensor
     class_sums: torch.Tensor
+    rejected_rows: torch.Tensor
     _order: torch.Tensor
     _class_start: torch.Tensor
     _class_count: torch.Tensor
+    _row_info: torch.Tensor
 
     def __init__(
         self,
@@ -122,6 +123,7 @@ class MomentumMemoryBank(nn.Module):
         self.register_buffer("_order", layout.order, persistent=False)
         self.register_buffer("_class_count", layout.sizes, persistent=False)
         self.register_buffer("_class_start", layout.starts, persistent=False)
+        self.register_buffer("_row_info", layout.row_info, persistent=False)
         self._warned_negatives = False
         # Per-class sums of the rows ([0]) and of their ReLU ([1]), float64, kept current by
         # update() in O(B d) so that centroids() need not reduce the whole bank every step.
@@ -133,6 +135,12 @@ class MomentumMemoryBank(nn.Module):
                                       device=labels.device)
         )
         self._sums_of: tuple[torch.Tensor, int] | None = None
+        self._sums_valid: set[int] = set()  # which of the two sums describe the rows
+        self._requested_kinds: set[int] = set()
+        # Rows that update() refused (non-finite, or an index out of range), counted on the
+        # device so that no step waits for it; read it when you like (a sync on a GPU).
+        self.register_buffer("rejected_rows", torch.zeros((), dtype=torch.long,
+                                                          device=labels.device), persistent=False)
 
     @property
     def size(self) -> int:
@@ -182,37 +190,30 @@ class MomentumMemoryBank(nn.Module):
             )
         check_same_device(features=features, memory=self.memory)
         check_finite("features", features)
+        self._sync_once()
+        indices, (features,) = gather_rows(indices, features.detach())
+        self._write(plan_write(indices, self.labels, features))
+
+    def _sync_once(self) -> None:
+        """On the first write under ``torch.distributed``, rank 0's initial rows to every rank.
+
+        Ranks drew their random initial rows from their own generators. Done at the first
+        write, not in ``__init__``, because then the bank is on the device its process group
+        communicates on.
+        """
         if not self._synced and distributed.world_size() > 1:
-            # Ranks drew their random initial rows from their own generators: start every
-            # rank from rank 0's rows. Done here, not in __init__, because here the bank is on
-            # the device its process group communicates on.
             distributed.broadcast_(self.memory)
             self._drop_class_sums()
         self._synced = True
-        indices, features = distributed.gather_for_update(indices, features.detach())
-        sums_current = self._class_sums_current()
-        winner = _last_occurrence(indices, self.size)
-        old = self.memory.index_select(0, indices)
-        # Every copy of a repeated index computes the same new row (from the last copy's
-        # feature), so the duplicate writes agree whatever order the device applies them in.
-        update = features.index_select(0, winner).to(old.dtype)
-        new = F.normalize(old * self.momentum + update * (1 - self.momentum), dim=1)
-        if self.copy_on_write:
-            self.memory = self.memory.index_copy(0, indices, new)
-        else:
-            self.memory.index_copy_(0, indices, new)
-        if sums_current:
-            # Each changed row counted once: only the last copy of an index adds its change.
-            dtype = self.class_sums.dtype  # float64 unless the module was cast
-            counted = winner == torch.arange(winner.shape[0], device=winner.device)
-            counted = counted.unsqueeze(1).to(dtype)
-            y = self.labels[indices]
-            self.class_sums[0].index_add_(0, y, (new - old).to(dtype) * counted)
-            self.class_sums[1].index_add_(
-                0, y, (new.clamp_min(0) - old.clamp_min(0)).to(dtype) * counted)
-            self._sums_of = (self.memory, self.memory._version)
-        else:
-            self._drop_class_sums()
+
+    def _write(self, plan: WritePlan) -> None:
+        """The momentum update of ``plan`` (its features gathered)."""
+        write_banks([self], plan)
+
+    def _tracked_kinds(self) -> set[int]:
+        # The sums that update() keeps current: those centroids() was asked for since the bank
+        # was built or loaded, or both until it was asked for one.
+        return self._requested_kinds or {0, 1}
 
     def _class_sums_current(self) -> bool:
         if torch.compiler.is_compiling():
@@ -226,19 +227,26 @@ class MomentumMemoryBank(nn.Module):
 
     def _drop_class_sums(self) -> None:
         self._sums_of = None
+        self._sums_valid = set()
 
     @torch.no_grad()
     def _rebuild_class_sums(self) -> None:
+        """Reduce the whole bank into the sums that are not valid; valid ones are kept as they
+        are, so a saved and a running bank continue from identical sums."""
+        if not self._class_sums_current():
+            self._sums_valid = set()
         rows = self.memory.to(self.class_sums.dtype)
-        self.class_sums.zero_()
-        self.class_sums[0].index_add_(0, self.labels, rows)
-        self.class_sums[1].index_add_(0, self.labels, rows.clamp_min(0))
+        for kind in {0, 1} - self._sums_valid:
+            self.class_sums[kind].zero_()
+            self.class_sums[kind].index_add_(0, self.labels, rows.clamp_min(0) if kind else rows)
+        self._sums_valid = {0, 1}
         self._sums_of = (self.memory, self.memory._version)
 
     @property
     def layout(self) -> ClassLayout:
         """The bank's class-sorted row order (:class:`~crckd_losses.sampling.ClassLayout`)."""
-        return ClassLayout(self.labels, self._order, self._class_start, self._class_count)
+        return ClassLayout(self.labels, self._order, self._class_start, self._class_count,
+                           self._row_info)
 
     @property
     def max_distinct_negatives(self) -> int:
@@ -313,6 +321,15 @@ class MomentumMemoryBank(nn.Module):
                 f"use at most {self.size}"
             )
         self.warn_if_negatives_repeat(num_negatives)
+        return self._sample(indices, num_positives, num_negatives, generator, sampler)
+
+    def _sample(self, indices: torch.Tensor, num_positives: int, num_negatives: int,
+                generator: torch.Generator | None, sampler: Sampler) -> torch.Tensor:
+        """:meth:`sample` from checked arguments. Where the indices' values were not read
+        (see :func:`~crckd_losses.set_value_checks`), an out-of-range anchor is clamped into
+        the bank rather than read out of bounds; its row is refused by the update."""
+        if not reads_values(indices):
+            indices = indices.clamp(0, self.size - 1)
         return class_guided_indices(self.layout, indices, num_positives, num_negatives,
                                     generator, sampler)
 
@@ -328,13 +345,18 @@ class MomentumMemoryBank(nn.Module):
         Args:
             relu: apply ReLU to the rows before averaging (the released code's default).
         """
+        return centroids_of([self], relu)[0]
+
+    def _class_sums_for(self, relu: bool) -> torch.Tensor:
+        """``[C, d]`` per-class sums of the rows (or of their ReLU), current."""
+        kind = 1 if relu else 0
         if torch.compiler.is_compiling():
-            return class_centroids(self.memory, self.labels, self.num_classes, relu=relu)
-        if not self._class_sums_current():
+            rows = self.memory.clamp_min(0) if relu else self.memory
+            return rows.new_zeros(self.num_classes, self.dim).index_add_(0, self.labels, rows)
+        self._requested_kinds.add(kind)
+        if not self._class_sums_current() or kind not in self._sums_valid:
             self._rebuild_class_sums()
-        sums = self.class_sums[1 if relu else 0]
-        means = sums / self._class_count.unsqueeze(1).to(sums.dtype)
-        return F.normalize(means, dim=1).to(self.memory.dtype)
+        return self.class_sums[kind]
 
     @torch.no_grad()
     def class_anchor_indices(
@@ -380,7 +402,9 @@ class MomentumMemoryBank(nn.Module):
         return self.memory[self.class_anchor_indices(per_class, generator)]
 
     def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        if not torch.compiler.is_compiling() and not self._class_sums_current():
+        if not torch.compiler.is_compiling() and (
+            not self._class_sums_current() or self._sums_valid != {0, 1}
+        ):
             self._rebuild_class_sums()  # saved sums always describe the saved rows
         super()._save_to_state_dict(*args, **kwargs)
 
@@ -394,7 +418,7 @@ class MomentumMemoryBank(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
                               unexpected_keys, error_msgs) -> None:
         key = prefix + "labels"
-        if key in state_dict and value_checks_enabled():
+        if key in state_dict:
             if not torch.equal(state_dict[key].to(self.labels.device), self.labels):
                 error_msgs.append(
                     f"{key}: the saved bank's labels differ from this bank's; it was built "
@@ -403,16 +427,145 @@ class MomentumMemoryBank(nn.Module):
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self._requested_kinds = set()
         if prefix + "class_sums" in state_dict and prefix + "memory" in state_dict:
             self._sums_of = (self.memory, self.memory._version)  # loaded together: consistent
+            self._sums_valid = {0, 1}
         else:
             self._drop_class_sums()
 
 
-def _last_occurrence(indices: torch.Tensor, size: int) -> torch.Tensor:
-    """For each position of ``indices``, the position of the last occurrence of its value
-    (``[B]`` long; the position itself where the value does not come again)."""
-    positions = torch.arange(indices.shape[0], device=indices.device)
+class WritePlan(NamedTuple):
+    """Where one bank update writes, shared by the banks that take the same indices.
+
+    Attributes:
+        rows: ``[B]`` long bank rows, in range (an out-of-range index is clamped, and its copy
+            then writes back what the row already holds).
+        source: ``[B]`` long, the position whose feature each copy writes: the last valid copy
+            of the same row.
+        written: ``[B, 1]`` bool, whether the row takes a new value at all.
+        counted: ``[B, 1]`` bool, whether this copy is the one that changes its row (the class
+            sums add only those).
+        labels: ``[B]`` long, the class of each row.
+        rejected: 0-d long, the copies refused (non-finite feature, index out of range).
+        features: ``[D, B, d]``, each bank's features (a view of the input).
+    """
+
+    rows: torch.Tensor
+    source: torch.Tensor
+    written: torch.Tensor
+    counted: torch.Tensor
+    labels: torch.Tensor
+    rejected: torch.Tensor
+    features: torch.Tensor
+
+
+def plan_write(indices: torch.Tensor, labels: torch.Tensor, *features: torch.Tensor,
+               rows: torch.Tensor | None = None) -> WritePlan:
+    """The :class:`WritePlan` of an update at ``indices`` (``[B]`` long) of a bank with row
+    classes ``labels`` (``[N]``), given each bank's ``[B, d]`` features: a copy is valid when
+    its index is in range and its features are finite in every bank. ``rows`` may pass
+    ``indices`` already clamped to ``[0, N)``. No host sync."""
+    size = labels.shape[0]
+    if rows is None:
+        rows = indices.clamp(0, size - 1)
+    joined = features[0] if len(features) == 1 else torch.cat(features, dim=1)
+    # x * 0 is 0 for finite x and NaN for NaN or +-Inf, so the row's sum of them is 0 or NaN;
+    # adding the index (exact in float64) and comparing with the clamped one checks both.
+    finite_index = (joined * 0).sum(dim=1, dtype=torch.float64) + indices
+    refused = finite_index != rows
+    positions = _positions(indices.shape[0], indices.device)
     last = torch.full((size,), -1, dtype=torch.long, device=indices.device)
-    last.scatter_reduce_(0, indices, positions, reduce="amax")
-    return last.index_select(0, indices)
+    last.scatter_reduce_(0, rows, positions.masked_fill(refused, -1), reduce="amax")
+    source = last.index_select(0, rows)
+    stacked = joined.view(joined.shape[0], len(features), -1).transpose(0, 1)  # [D, B, d]
+    return WritePlan(rows, source.clamp_min(0), (source >= 0).unsqueeze(1),
+                     (source == positions).unsqueeze(1), labels.index_select(0, rows),
+                     refused.sum(), stacked)
+
+
+_POSITIONS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _positions(count: int, device: torch.device) -> torch.Tensor:
+    """``arange(count)`` on ``device``, built once per size in eager code."""
+    if torch.compiler.is_compiling():
+        return torch.arange(count, device=device)
+    key = (count, device)
+    if key not in _POSITIONS:
+        _POSITIONS[key] = torch.arange(count, device=device)
+    return _POSITIONS[key]
+
+@torch.no_grad()
+def write_banks(banks: Sequence[MomentumMemoryBank], plan: WritePlan) -> None:
+    """The momentum update of every bank in ``banks`` at the rows of one ``plan``, bank ``k``
+    with the plan's ``features[k]``. Banks of one dtype and momentum are updated in one
+    stacked computation (CRCKD's student and teacher banks), others one by one."""
+    first = banks[0]
+    if any(b.memory.dtype != first.memory.dtype or b.momentum != first.momentum
+           or b.class_sums.dtype != first.class_sums.dtype for b in banks[1:]):
+        for k, bank in enumerate(banks):
+            write_banks([bank], plan._replace(features=plan.features[k:k + 1]))
+        return
+    current = [b._class_sums_current() for b in banks]  # before the writes change the rows
+    old = _stack([b.memory.index_select(0, plan.rows) for b in banks])  # [D, B, d]
+    # Every copy of a repeated index computes the same new row (from the last valid copy's
+    # feature; the old row where there is none), so duplicate writes agree whatever order
+    # the device applies them in.
+    update = plan.features.index_select(1, plan.source)
+    update = update if update.dtype == old.dtype else update.to(old.dtype)
+    # lerp(f, M, m) = m M + (1 - m) f
+    new = torch.where(plan.written, F.normalize(torch.lerp(update, old, first.momentum), dim=2),
+                      old)
+    for k, bank in enumerate(banks):
+        if bank.copy_on_write:
+            bank.memory = bank.memory.index_copy(0, plan.rows, new[k])
+        else:
+            bank.memory.index_copy_(0, plan.rows, new[k])
+    counters = [b.rejected_rows for b in banks]
+    if len(counters) == 1:
+        counters[0].add_(plan.rejected)
+    else:
+        # The list form: the one-tensor form reads the value on the host.
+        torch._foreach_add_(counters, [plan.rejected] * len(counters))
+    kinds = set().union(*(b._tracked_kinds() for b, c in zip(banks, current) if c))
+    dtype = first.class_sums.dtype  # float64 unless the module was cast
+    for kind in sorted(kinds):
+        delta = new.clamp_min(0) - old.clamp_min(0) if kind == 1 else new - old
+        # Only the copy that wrote a row adds its change: each row is counted once.
+        delta = (delta if delta.dtype == dtype else delta.to(dtype)) * plan.counted
+        for k, bank in enumerate(banks):
+            if current[k] and kind in bank._tracked_kinds():
+                bank.class_sums[kind].index_add_(0, plan.labels, delta[k])
+    for bank, was_current in zip(banks, current):
+        if was_current:
+            bank._sums_valid &= bank._tracked_kinds()
+            bank._sums_of = (bank.memory, bank.memory._version)
+        else:
+            bank._drop_class_sums()
+
+
+@torch.no_grad()
+def centroids_of(banks: Sequence[MomentumMemoryBank], relu: bool = True, scale: float = 1.0
+                 ) -> torch.Tensor:
+    """``[D, C, d]``: the :meth:`~MomentumMemoryBank.centroids` of ``D`` banks of one shape,
+    times ``scale``, normalised together in one stacked computation."""
+    sums = _stack([b._class_sums_for(relu) for b in banks])
+    # normalise(sum / n_c) = normalise(sum): the class size only scales the row.
+    norm = torch.linalg.vector_norm(sums, dim=2, keepdim=True).clamp_min(1e-12)
+    out: torch.Tensor = sums / norm if scale == 1.0 else sums / (norm * (1.0 / scale))
+    return out.to(banks[0].memory.dtype)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def gather_rows(indices: torch.Tensor, *features: torch.Tensor
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Every rank's ``indices`` and feature sets, in one all-gather for all the sets (the
+    inputs unchanged outside ``torch.distributed``)."""
+    if distributed.world_size() == 1:
+        return indices, features
+    indices, joined = distributed.gather_for_update(indices, torch.cat(features, dim=1))
+    return indices, tuple(torch.split(joined, [f.shape[1] for f in features], dim=1))

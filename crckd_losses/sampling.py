@@ -38,19 +38,43 @@ class ClassLayout(NamedTuple):
         order: ``[N]`` long, row indices sorted by class (stable).
         starts: ``[C]`` long, where each class's block starts in ``order``.
         sizes: ``[C]`` long, rows per class.
+        row_info: ``[N, 4]`` long, per row: its class, that class's size and start, and the
+            number of rows of other classes (one lookup gives a batch all four).
     """
 
     labels: torch.Tensor
     order: torch.Tensor
     starts: torch.Tensor
     sizes: torch.Tensor
+    row_info: torch.Tensor
 
     @classmethod
     def from_labels(cls, labels: torch.Tensor, num_classes: int) -> ClassLayout:
         """Build the layout of ``labels`` (``[N]`` long in ``[0, num_classes)``)."""
-        count = torch.bincount(labels, minlength=num_classes)
-        return cls(labels, torch.argsort(labels, stable=True), torch.cumsum(count, 0) - count,
-                   count)
+        sizes = torch.bincount(labels, minlength=num_classes)
+        starts = torch.cumsum(sizes, 0) - sizes
+        size = sizes[labels]
+        info = torch.stack([labels, size, starts[labels], labels.shape[0] - size], dim=1)
+        return cls(labels, torch.argsort(labels, stable=True), starts, sizes, info)
+
+
+_COLUMNS: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _columns(num_positives: int, num_negatives: int, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[P-1+K]`` constants: whether each drawn column is a positive, and how many rows its
+    anchor needs for a draw without replacement (``P-1`` or ``K``). Built once per setting."""
+    key = (num_positives, num_negatives, device)
+    cached = None if torch.compiler.is_compiling() else _COLUMNS.get(key)
+    if cached is None:
+        width = num_positives - 1 + num_negatives
+        positive = torch.arange(width, device=device) < num_positives - 1
+        need = torch.where(positive, num_positives - 1, num_negatives)
+        cached = (positive, need)
+        if not torch.compiler.is_compiling():
+            _COLUMNS[key] = cached
+    return cached
 
 
 def class_guided_indices(
@@ -84,44 +108,44 @@ def class_guided_indices(
         generator: a ``torch.Generator`` on the bank's device.
         sampler: ``"independent"`` or ``"shuffle"``.
     """
-    y = layout.labels[indices]
-    count = layout.sizes[y]
-    other = layout.labels.shape[0] - count
-    # With-replacement columns for every anchor, used where its class is too small: uniform
-    # positions in the allowed block of the class-sorted order (for negatives, the rest of it).
-    u = torch.rand(indices.shape[0], num_positives - 1 + num_negatives, device=indices.device,
-                   generator=generator, dtype=torch.float64)
-    start = layout.starts[y][:, None]
-    pos_iid = layout.order[start + _scale(u[:, : num_positives - 1], count)]
-    neg_pos = _scale(u[:, num_positives - 1:], other)
-    neg_iid = layout.order[torch.where(neg_pos >= start, neg_pos + count[:, None], neg_pos)]
+    y, count, start, other = layout.row_info.index_select(0, indices).unbind(1)
+    batch, width = indices.shape[0], num_positives - 1 + num_negatives
+    positive, need = _columns(num_positives, num_negatives, indices.device)
+    # Every column's draw with replacement, used where its anchor's pool is too small: a
+    # uniform position in the pool (the anchor's class for positives, the other classes for
+    # negatives), mapped through the class-sorted order.
+    pool = torch.where(positive, count[:, None], other[:, None])  # [B, P-1+K]
+    u = torch.rand(batch, width, device=indices.device, generator=generator,
+                   dtype=torch.float64)
+    # floor(u * pool) < pool for float64 u <= 1 - 2^-53 and any pool < 2^52: no clamp needed.
+    pos = (u * pool).long()
+    # Positives start at the class's block; negatives skip over it.
+    offset = torch.where(positive, start[:, None], (pos >= start[:, None]) * count[:, None])
+    iid = layout.order[pos + offset]
     if sampler == "shuffle":
-        pos_without, neg_without = _shuffle_windows(layout, y, num_positives - 1, num_negatives,
-                                                    generator)
+        without = torch.cat(_shuffle_windows(layout, y, num_positives - 1, num_negatives,
+                                             generator), dim=1)
     else:
         # One key per (anchor, row): the positives' keys and the negatives' are disjoint, so
         # the two subsets are independent draws.
-        keys = torch.rand(indices.shape[0], layout.labels.shape[0], device=indices.device,
+        keys = torch.rand(batch, layout.labels.shape[0], device=indices.device,
                           generator=generator)
-        same = layout.labels.unsqueeze(0) == y.unsqueeze(1)  # [B, N]
-        pos_without = _smallest(keys.masked_fill(~same, 2.0), num_positives - 1)
-        neg_without = _smallest(keys.masked_fill_(same, 2.0), num_negatives)
-    return torch.cat([
-        indices.unsqueeze(1),
-        torch.where((count >= num_positives - 1)[:, None], pos_without, pos_iid),
-        torch.where((other >= num_negatives)[:, None], neg_without, neg_iid),
-    ], dim=1)
-
-
-def _scale(u: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """``floor(u * length)`` per row, clamped to ``length - 1`` (float64 ``u`` in ``[0, 1)``)."""
-    return (u * length[:, None]).long().clamp_max(length[:, None] - 1)
+        elsewhere = layout.labels.unsqueeze(0) != y.unsqueeze(1)  # [B, N]
+        # Keys in [0, 1). Other classes' keys moved up to [1, 2): the anchor's class holds the
+        # smallest keys (the positives'); then moved down to [-1, 0): they hold the smallest
+        # keys (the negatives'). Either way the order within the allowed rows is the keys'.
+        keys.add_(elsewhere)
+        pos_without = _smallest(keys, num_positives - 1)
+        without = torch.cat([pos_without,
+                             _smallest(keys.add_(elsewhere, alpha=-2), num_negatives)], dim=1)
+    chosen = torch.where(pool < need, iid, without)
+    return torch.cat([indices.unsqueeze(1), chosen], dim=1)
 
 
 def _smallest(keys: torch.Tensor, k: int) -> torch.Tensor:
     """The columns of the ``k`` smallest keys per row: a uniform subset of the allowed columns
-    (i.i.d. uniform keys; 2.0 where not allowed) where a row allows at least ``k``. Rows that
-    allow fewer give columns that the caller replaces."""
+    (i.i.d. uniform keys in ``[0, 1)``, shifted below every disallowed key) where a row allows
+    at least ``k``. Rows that allow fewer give columns that the caller replaces."""
     if k == 0:
         return keys.new_empty(keys.shape[0], 0, dtype=torch.long)
     k_top = min(k, keys.shape[1])
