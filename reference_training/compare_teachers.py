@@ -128,6 +128,8 @@ def run_stats(history: list[dict[str, float]], last: int) -> dict[str, dict[str,
         best_row = history[max(range(len(history)), key=scores.__getitem__)]
         stats[who] = {"last": mean, "best": {m: best_row[f"{prefix}val_{m}"] for m in METRICS},
                       "best_epoch": int(best_row["epoch"])}
+    gaps = [r["teacher_val_balanced_accuracy"] - r["val_balanced_accuracy"] for r in history]
+    stats["gap_all_epochs"] = float(sum(gaps) / len(gaps))
     return stats
 
 
@@ -174,6 +176,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     head = ["case", "setting"]
     for m in ("bal. acc.", "macro F1"):
         head += [f"T {m}", f"S {m}", "T − S"]
+    head.append("T − S bal. acc., mean over all epochs")
     lines = [f"Validation, mean of the last {'/'.join(map(str, last))} epochs (%)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
@@ -181,6 +184,7 @@ def table(runs: list[dict[str, Any]]) -> str:
         cells = [r["case"], r["setting"]]
         for m in METRICS:
             cells += [_pct(t[m]), _pct(s[m]), _delta(t[m], s[m])]
+        cells.append(_delta(r["stats"]["gap_all_epochs"], 0.0))
         lines.append("| " + " | ".join(cells) + " |")
     head = ["case", "setting", "T best bal. acc. (epoch)", "S best bal. acc. (epoch)", "T − S",
             "T F1 there", "S F1 there", "T − S"]
@@ -220,6 +224,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                         label=f"{r['setting']} {who}")
         ax.set_title(case, fontsize=8)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("validation balanced accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

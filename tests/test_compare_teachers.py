@@ -43,13 +43,14 @@ def _write_run(folder: Path, setting: str, student: list[float], teacher: list[f
 
 def test_collect_table_numbers(tmp_path: Path) -> None:
     runs, docs = tmp_path / "runs", tmp_path / "docs"
-    _write_run(runs / "aptos" / "own", "own-train", [0.5, 0.6, 0.7], [0.4, 0.8, 0.6])
+    _write_run(runs / "aptos" / "own", "own-train", [0.5, 0.6, 0.7], [0.5, 0.8, 0.6])
     _write_run(runs / "aptos" / "copy", "copy-eval", [0.5, 0.6, 0.7], [0.2, 0.3, 0.5])
     text = ct.collect(runs, docs)
     case = "aptos fold 1, small_cnn from scratch, 32 px, 3 epochs (val)"
     # last 2 epochs: student (0.6 + 0.7) / 2 = 65.0, F1 55.0; copy teacher 40.0, F1 30.0
-    assert f"| {case} | copy-eval | 40.0 | 65.0 | -25.0 | 30.0 | 55.0 | -25.0 |" in text
-    assert f"| {case} | own-train | 70.0 | 65.0 | +5.0 | 60.0 | 55.0 | +5.0 |" in text
+    # and T − S over all epochs: copy (-30 - 30 - 20) / 3 = -26.7, own (0 + 20 - 10) / 3 = +3.3
+    assert f"| {case} | copy-eval | 40.0 | 65.0 | -25.0 | 30.0 | 55.0 | -25.0 | -26.7 |" in text
+    assert f"| {case} | own-train | 70.0 | 65.0 | +5.0 | 60.0 | 55.0 | +5.0 | +3.3 |" in text
     # best epoch by balanced accuracy: own-train teacher 80.0 at epoch 2, student 70.0 at 3
     assert f"| {case} | own-train | 80.0 (2) | 70.0 (3) | +10.0 | 70.0 | 60.0 | +10.0 |" in text
     lines = text.splitlines()
