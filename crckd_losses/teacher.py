@@ -8,9 +8,10 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_unit_interval
+from ._checks import check_choice, check_unit_interval
 
 BufferMode = Literal["copy", "average", "leave"]
+BUFFER_MODES: tuple[BufferMode, ...] = ("copy", "average", "leave")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -85,14 +86,16 @@ class EMATeacher(nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
         self.decay = check_unit_interval("decay", decay, closed_high=True)
         self.warmup = bool(warmup)
-        if buffers not in ("copy", "average", "leave"):
-            raise ValueError(f"buffers must be 'copy', 'average' or 'leave', got {buffers!r}")
-        self.buffers_mode: BufferMode = buffers
+        self.buffers_mode: BufferMode = check_choice(  # type: ignore[assignment]
+            "buffers", buffers, BUFFER_MODES)
         self.train_mode = bool(train_mode)
         self.module = copy.deepcopy(unwrap_model(student))
         self.module.requires_grad_(False)
         self.module.train(self.train_mode)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # A host mirror of num_updates, so that the decay needs no device read per step; read
+        # from the buffer once after a load.
+        self._step: int | None = 0
 
     def extra_repr(self) -> str:
         return (
@@ -112,10 +115,11 @@ class EMATeacher(nn.Module):
 
     def current_decay(self) -> float:
         r""":math:`\alpha_t` for the next update."""
-        t = int(self.num_updates)
         if not self.warmup:
             return self.decay
-        return min(1.0 - 1.0 / (t + 1), self.decay)
+        if self._step is None:
+            self._step = int(self.num_updates)  # once, after a load
+        return min(1.0 - 1.0 / (self._step + 1), self.decay)
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
@@ -128,9 +132,11 @@ class EMATeacher(nn.Module):
         weight = 1.0 - self.current_decay()
         if plan.lerp_teacher:
             torch._foreach_lerp_(plan.lerp_teacher, plan.lerp_student, weight)
-        if plan.copy_teacher:
-            torch._foreach_copy_(plan.copy_teacher, plan.copy_student)
+        for teacher_group, student_group in plan.copy_groups:
+            torch._foreach_copy_(teacher_group, student_group)
         self.num_updates.add_(1)
+        if self._step is not None:
+            self._step += 1
 
     def _plan(self, source: nn.Module) -> _UpdatePlan:
         """Which teacher tensors to lerp and which to copy; built once per student module."""
@@ -146,7 +152,7 @@ class EMATeacher(nn.Module):
             )
         else:
             buffer_pairs = []
-        plan = _UpdatePlan([], [], [], [])
+        plan = _UpdatePlan([], [], [], [], [])
         for t, s in pairs:
             lerp = t.is_floating_point()
             (plan.lerp_teacher if lerp else plan.copy_teacher).append(t)
@@ -155,8 +161,20 @@ class EMATeacher(nn.Module):
             lerp = self.buffers_mode == "average" and t.is_floating_point()
             (plan.lerp_teacher if lerp else plan.copy_teacher).append(t)
             (plan.lerp_student if lerp else plan.copy_student).append(s)
+        # One _foreach_copy_ per dtype: a list of mixed dtypes (float statistics with the long
+        # num_batches_tracked) leaves the fused multi-tensor kernel on a GPU.
+        groups: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for t, s in zip(plan.copy_teacher, plan.copy_student):
+            group = groups.setdefault(t.dtype, ([], []))
+            group[0].append(t)
+            group[1].append(s)
+        plan = plan._replace(copy_groups=list(groups.values()))
         self.__dict__["_cached_plan"] = (source, plan)
         return plan
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._step = None  # read num_updates again, once
 
     def _apply(self, fn: Any, recurse: bool = True) -> EMATeacher:
         # Moving or casting the teacher may replace its tensors: rebuild the plan next time.
@@ -184,3 +202,4 @@ class _UpdatePlan(NamedTuple):
     lerp_student: list[torch.Tensor]
     copy_teacher: list[torch.Tensor]
     copy_student: list[torch.Tensor]
+    copy_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]]

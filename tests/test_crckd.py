@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from crckd_losses import CRCKDLoss, IndexedDataset
+from crckd_losses import CRCKDLoss, EMATeacher, IndexedDataset, set_value_checks
 from crckd_losses import functional as CF
 
 D64 = torch.float64
@@ -226,3 +227,65 @@ def test_compile_fullgraph_traces_a_whole_step():
     for a, b in zip(want, got):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(compiled.student_bank.memory, eager.student_bank.memory)
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on any operator that reads a tensor's values on the host or sizes its output from
+    them: on an accelerator each would make the step wait for the device."""
+
+    SYNCING = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique",
+               "_unique2", "bincount", "repeat_interleave"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        assert name not in self.SYNCING, f"{name} reads values on the host"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sampler", ["independent", "shuffle"])
+def test_default_step_reads_no_values_where_checks_do_not(sampler):
+    """With the accelerators' policy ('mask'), a whole step (the first call's Z, sampling, both
+    bank updates, centroids, backward, the EMA update) never reads a value on the host."""
+    labels, crckd = make(n=300)
+    crckd.ccd.sampler = sampler
+    student = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.BatchNorm1d(10)).double()
+    teacher = EMATeacher(student)
+    f_t = torch.randn(16, 12, dtype=D64)
+    set_value_checks("mask")
+    try:
+        with _NoHostReads():
+            for _ in range(3):
+                idx = torch.randperm(300)[:16]
+                out = crckd(student(torch.randn(16, 10, dtype=D64)), f_t, idx)
+                out.loss.backward()
+                teacher.update(student)
+    finally:
+        set_value_checks("auto")
+    assert torch.isfinite(out.loss) and int(teacher.num_updates) == 3
+
+
+def test_bad_rows_are_masked_where_values_are_not_read():
+    labels, crckd = make(n=90)
+    f_s, f_t = torch.randn(6, 10, dtype=D64), torch.randn(6, 12, dtype=D64)
+    f_t[2, 0] = float("inf")
+    idx = torch.tensor([0, 7, 20, 41, 500, 88])  # 500: out of range
+    before = crckd.student_bank.memory.clone(), crckd.teacher_bank.memory.clone()
+    set_value_checks("mask")
+    try:
+        crckd(f_s, f_t, idx)
+    finally:
+        set_value_checks("auto")
+    for bank, old in zip((crckd.student_bank, crckd.teacher_bank), before):
+        assert bool(torch.isfinite(bank.memory).all())
+        assert int(bank.rejected_rows) == 2
+        changed = (bank.memory != old).any(dim=1).nonzero().flatten().tolist()
+        assert changed == [0, 7, 41, 88]  # not 20 (an Inf feature), not 500, not 89
+        torch.testing.assert_close(bank.centroids(), CF.class_centroids(bank.memory, labels, 3))
+    # with the CPU default, the same input is refused before anything changes
+    memory = crckd.student_bank.memory.clone()
+    with pytest.raises(ValueError, match="teacher_feat contains NaN or Inf"):
+        crckd(f_s, f_t, idx)
+    f_t[2, 0] = 0.0
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 90\), got values in"):
+        crckd(f_s, f_t, idx)
+    assert torch.equal(crckd.student_bank.memory, memory)

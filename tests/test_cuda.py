@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from crckd_losses import CRCKDLoss, EMATeacher, MomentumMemoryBank, set_value_checks
+from crckd_losses import CRCKDLoss, EMATeacher, MomentumMemoryBank
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -60,20 +60,44 @@ def test_autocast_close_to_float32(dtype):
         assert float(b.detach()) == pytest.approx(float(a.detach()), rel=1e-2, abs=1e-3)
 
 
-def test_training_step_has_no_host_sync():
+@pytest.mark.parametrize("sampler", ["independent", "shuffle"])
+def test_default_training_step_has_no_host_sync(sampler):
+    """A whole default step: CRCKDLoss forward and backward (sampling, both bank updates,
+    centroids, the first call's Z too) and the EMA update, with the default value checks."""
     crckd, f_s, f_t, idx = paper_sized("cuda")
-    f_s.requires_grad_()
-    crckd(f_s, f_t, idx)  # first call sets Z
-    set_value_checks(False)
+    crckd.ccd.sampler = sampler
+    student = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.BatchNorm1d(128)).cuda()
+    teacher = EMATeacher(student)
+    optimizer = torch.optim.Adam([*student.parameters(), *crckd.parameters()],
+                                 capturable=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = crckd(f_s, f_t, idx)
-        out.loss.backward()
+        for _ in range(3):
+            out = crckd(student(f_s), f_t, idx)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            teacher.update(student)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        set_value_checks(True)
     assert torch.isfinite(out.loss)
+    assert int(crckd.student_bank.rejected_rows) == 0
+
+
+def test_bad_rows_never_enter_a_bank_on_device():
+    crckd, f_s, f_t, idx = paper_sized("cuda")
+    f_s[3] = float("nan")
+    idx[5] = 10_000  # out of range: clamped for reads, refused for writes
+    before = crckd.student_bank.memory.clone()
+    out = crckd(f_s, f_t, idx)
+    assert not torch.isfinite(out.loss)
+    for bank in (crckd.student_bank, crckd.teacher_bank):
+        assert bool(torch.isfinite(bank.memory).all())
+        assert int(bank.rejected_rows) == 2
+    changed = (crckd.student_bank.memory != before).any(dim=1).nonzero().flatten().cpu()
+    ok = [int(i) for k, i in enumerate(idx.cpu()) if k not in (3, 5)]
+    assert sorted(changed.tolist()) == sorted(ok)
 
 
 def test_ema_teacher_on_device():

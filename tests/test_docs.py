@@ -30,6 +30,7 @@ GUIDES = [
     "howto/indices",
     "howto/large_datasets",
     "howto/amp_compile",
+    "howto/gpu",
     "howto/resuming",
     "howto/choosing_hyperparameters",
     "howto/own_data",
@@ -38,6 +39,7 @@ GUIDES = [
 PUBLIC_MODULES = [
     "crckd_losses.functional",
     "crckd_losses.memory",
+    "crckd_losses.sampling",
     "crckd_losses.contrastive",
     "crckd_losses.relation",
     "crckd_losses.teacher",
