@@ -233,6 +233,19 @@ def test_ops_section_counts_a_small_crckd_step_and_an_ema_update() -> None:
     assert "## Operator counts" in "\n".join(ops.SECTION.markdown(result, {}, "x"))
 
 
+def test_default_step_stays_within_its_operator_budget() -> None:
+    """The budget that keeps the kernel count from creeping back: one default CRCKDLoss step
+    at the paper's sizes with the accelerators' policy, and an EMA update, read nothing on the
+    host, and the step runs at most STEP_OP_BUDGET non-view operators."""
+    step = ops.count_crckd(dict(common.PAPER), "mask")
+    assert step["host_syncs"] == 0, step["by_op"]
+    assert 50 < step["total"] <= ops.STEP_OP_BUDGET, step["by_op"]
+    auto = ops.count_crckd(dict(common.PAPER), "auto")  # the CPU default reads its checks
+    assert 0 < auto["host_syncs"] <= 4 and auto["total"] <= ops.STEP_OP_BUDGET + 20
+    for buffers in ("copy", "average"):
+        assert ops.count_ema(buffers)["host_syncs"] == 0
+
+
 def test_value_checks_policy_is_restored() -> None:
     import crckd_losses
 

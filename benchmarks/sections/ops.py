@@ -37,7 +37,11 @@ WARMUP = 2
 #: Operators listed per count.
 TOP = 12
 
-STEP_OPS = "Non-view aten ops per default CRCKDLoss step (fwd + bwd), value checks \"mask\" <= 125"
+#: Operators one default CRCKDLoss step (fwd + bwd, paper sizes) may run on an accelerator:
+#: half the 255 it ran before the count became a target, rounded down.
+STEP_OP_BUDGET = 125
+STEP_OPS = ("Non-view aten ops per default CRCKDLoss step (fwd + bwd), value checks \"mask\" "
+            f"<= {STEP_OP_BUDGET}")
 HOST_SYNCS = "Host syncs per default CRCKDLoss step (fwd + bwd), value checks \"mask\" = 0"
 
 
@@ -154,7 +158,7 @@ class Ops(Section):
             if "total" in c else f"{policy}: skipped"
             for policy, c in result["crckd_step"].items()
         )
-        return [target("crckd_step_ops", STEP_OPS, mask.get("total"), 125,
+        return [target("crckd_step_ops", STEP_OPS, mask.get("total"), STEP_OP_BUDGET,
                        higher_is_better=False, detail=detail),
                 target("crckd_step_host_syncs", HOST_SYNCS, mask.get("host_syncs"), 0,
                        higher_is_better=False, detail=detail)]
