@@ -236,7 +236,7 @@ class ClassGuidedContrastiveLoss(nn.Module):
             return self._bias(raw, scale, noise, bank_size)
 
         return _ccd_pair(
-            student_emb, teacher_emb, student_bank.memory, teacher_bank.memory,
+            student_emb, teacher_emb, student_bank.read(), teacher_bank.read(),
             sample_indices, self.num_positives, self.temperature, self.path,
             bias_of, self.reduction,
         )

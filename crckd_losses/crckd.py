@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -85,6 +85,8 @@ class CRCKDLoss(nn.Module):
             class correlated; see :meth:`MomentumMemoryBank.sample`).
         path: ``"auto"``, ``"dense"`` or ``"gather"``.
         num_classes: ``C``; defaults to ``labels.max() + 1``.
+        copy_on_write: how the banks are written (see :class:`MomentumMemoryBank`):
+            ``"snapshot"`` keeps every tensor in place, for capture in a CUDA graph.
 
     Examples:
         >>> labels = torch.randint(0, 3, (100,))
@@ -116,6 +118,7 @@ class CRCKDLoss(nn.Module):
         sampler: Sampler = "independent",
         path: ScorePath = "auto",
         num_classes: int | None = None,
+        copy_on_write: bool | Literal["snapshot"] = True,
     ) -> None:
         super().__init__()
         for name, value in (("ccd_weight", ccd_weight), ("crp_weight", crp_weight)):
@@ -127,8 +130,10 @@ class CRCKDLoss(nn.Module):
         self.centroid_relu = bool(centroid_relu)
         self.student_head = EmbeddingHead(student_dim, embed_dim)
         self.teacher_head = EmbeddingHead(teacher_dim, embed_dim)
-        self.student_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes)
-        self.teacher_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes)
+        self.student_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes,
+                                               copy_on_write=copy_on_write)
+        self.teacher_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes,
+                                               copy_on_write=copy_on_write)
         if isinstance(num_positives, int) and num_positives > self.student_bank.size:
             raise ValueError(
                 f"num_positives={num_positives} is larger than the bank "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +38,22 @@ class MomentumMemoryBank(nn.Module):
     :meth:`update` writes :math:`M[i] \leftarrow \mathrm{normalise}(m M[i] + (1-m) g_i)`.
 
     Args:
-        labels: ``[N]`` integer tensor, the class of every training sample, in ``[0, C)``.
+        labels: ``[N]`` integer class ids of the training set, in ``[0, C)``: a tensor, a numpy
+            array or any integer sequence (such as a torchvision dataset's ``.targets``).
         dim: ``d``, the embedding size.
         momentum: ``m`` in ``[0, 1)``; the paper uses 0.5.
         num_classes: ``C``; defaults to ``labels.max() + 1``. Every class must have a row.
-        copy_on_write: when ``True`` (default), :meth:`update` writes into a new tensor instead
-            of the old one, so a loss whose graph read the bank before the update still
-            backpropagates through the values it read (the method's order updates the banks between
-            the contrastive forward and the backward). ``False`` writes in place, saving one
-            ``N x d`` copy per update; then call :meth:`update` only after ``backward``.
+        copy_on_write: how :meth:`update` writes, given that the method's order updates the
+            banks between the contrastive forward and the backward:
+
+            - ``True`` (default): into a new tensor instead of the old one, so a loss whose
+              graph read the bank before the update still backpropagates through the values
+              it read;
+            - ``False``: in place, saving one ``N x d`` copy per update; then call
+              :meth:`update` only after ``backward``;
+            - ``"snapshot"``: in place, and the losses read the rows through :meth:`read`, a
+              static snapshot copied at each read. Every tensor keeps its address from step to
+              step, so the whole step can be captured in a CUDA graph (see the GPU how-to).
         generator: a ``torch.Generator`` for the initial rows.
         dtype: dtype of the rows (float32 by default).
 
@@ -82,7 +89,7 @@ class MomentumMemoryBank(nn.Module):
         dim: int = 128,
         momentum: float = 0.5,
         num_classes: int | None = None,
-        copy_on_write: bool = True,
+        copy_on_write: bool | Literal["snapshot"] = True,
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -112,7 +119,10 @@ class MomentumMemoryBank(nn.Module):
             raise ValueError("labels must hold at least 2 classes, so that negatives exist")
         self.num_classes = num_classes
         self.dim = dim
-        self.copy_on_write = bool(copy_on_write)
+        if copy_on_write not in (True, False, "snapshot"):
+            raise ValueError(
+                f"copy_on_write must be True, False or 'snapshot', got {copy_on_write!r}")
+        self.copy_on_write: bool | Literal["snapshot"] = copy_on_write
         self._synced = False
         bound = 1.0 / math.sqrt(dim / 3.0)
         rows = torch.rand(labels.shape[0], dim, generator=generator, dtype=dtype, device="cpu")
@@ -146,6 +156,24 @@ class MomentumMemoryBank(nn.Module):
     def size(self) -> int:
         """``N``, the number of rows."""
         return int(self.memory.shape[0])
+
+    def read(self) -> torch.Tensor:
+        """The rows as a loss should read them this step (``[N, d]``, a constant).
+
+        With ``copy_on_write="snapshot"``, a copy into a buffer allocated once, so that the
+        in-place update later in the step leaves what the backward needs untouched; otherwise
+        ``memory`` itself.
+        """
+        if self.copy_on_write != "snapshot":
+            return self.memory
+        snapshot = self.__dict__.get("_snapshot")
+        if snapshot is None or snapshot.shape != self.memory.shape or \
+                snapshot.dtype != self.memory.dtype or snapshot.device != self.memory.device:
+            snapshot = torch.empty_like(self.memory)
+            self.__dict__["_snapshot"] = snapshot
+        with torch.no_grad():
+            snapshot.copy_(self.memory)
+        return snapshot
 
     def extra_repr(self) -> str:
         return (
@@ -518,7 +546,7 @@ def write_banks(banks: Sequence[MomentumMemoryBank], plan: WritePlan) -> None:
     new = torch.where(plan.written, F.normalize(torch.lerp(update, old, first.momentum), dim=2),
                       old)
     for k, bank in enumerate(banks):
-        if bank.copy_on_write:
+        if bank.copy_on_write is True:
             bank.memory = bank.memory.index_copy(0, plan.rows, new[k])
         else:
             bank.memory.index_copy_(0, plan.rows, new[k])

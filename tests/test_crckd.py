@@ -289,3 +289,38 @@ def test_bad_rows_are_masked_where_values_are_not_read():
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 90\), got values in"):
         crckd(f_s, f_t, idx)
     assert torch.equal(crckd.student_bank.memory, memory)
+
+
+def test_snapshot_banks_match_copy_on_write_and_keep_their_addresses():
+    """copy_on_write="snapshot" (in place, losses read a static snapshot): the same losses,
+    gradients and banks as the default over several steps, and no bank tensor ever moves,
+    which is what a CUDA graph needs."""
+    torch.manual_seed(0)
+    labels, default = make(n=120)
+    _, snapshot = make(n=120, copy_on_write="snapshot")
+    snapshot.load_state_dict(default.state_dict())
+    addresses = None
+    for step in range(4):
+        f_s = torch.randn(8, 10, dtype=D64)
+        f_t = torch.randn(8, 12, dtype=D64)
+        idx = torch.randint(0, 120, (8,))  # repeats included
+        sample = default.student_bank.sample(idx, 4, 20)
+        grads = []
+        for crckd in (default, snapshot):
+            x = f_s.clone().requires_grad_()
+            out = crckd(x, f_t, idx, sample_indices=sample)
+            out.loss.backward()
+            grads.append((out, x.grad))
+        (want, want_grad), (got, got_grad) = grads
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+        banks = (snapshot.student_bank, snapshot.teacher_bank)
+        now = [t.data_ptr() for b in banks for t in (b.memory, b.read(), b.class_sums)]
+        assert addresses is None or now == addresses, f"a bank tensor moved at step {step}"
+        addresses = now
+    for name in ("student_bank", "teacher_bank"):
+        torch.testing.assert_close(getattr(snapshot, name).memory, getattr(default, name).memory,
+                                   rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="copy_on_write must be True, False or 'snapshot'"):
+        make(copy_on_write="yes")
