@@ -206,19 +206,8 @@ class ClassGuidedContrastiveLoss(nn.Module):
                           memory=student_bank.memory)
         check_finite("student_emb", student_emb)
         check_finite("teacher_emb", teacher_emb)
-        return self._terms(student_emb, teacher_emb, student_bank, teacher_bank,
-                           sample_indices.long())
-
-    def _terms(
-        self,
-        student_emb: torch.Tensor,
-        teacher_emb: torch.Tensor,
-        student_bank: MomentumMemoryBank,
-        teacher_bank: MomentumMemoryBank,
-        sample_indices: torch.Tensor,
-    ) -> CCDTerms:
-        """:meth:`terms` from checked arguments and long ``sample_indices``."""
-        both = self._both(student_emb, teacher_emb, student_bank, teacher_bank, sample_indices)
+        both = self._both(student_emb, teacher_emb, student_bank, teacher_bank,
+                          sample_indices.long())
         return CCDTerms(both[0], both[1])
 
     def _both(
