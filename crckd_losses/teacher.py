@@ -49,10 +49,13 @@ class EMATeacher(nn.Module):
             is copied and read).
         decay: :math:`\alpha` (0.99 in the paper).
         warmup: use :math:`\alpha_t` above; ``False`` uses :math:`\alpha` from the first step.
-        buffers: what happens to buffers (BatchNorm statistics) at each update: ``"copy"``
-            takes the student's (timm's ModelEma), ``"average"`` applies the same EMA to
-            floating-point buffers and copies the rest, ``"leave"`` keeps the teacher's own
-            (the released code's behaviour: the teacher's BatchNorm keeps its own statistics).
+        buffers: what happens to buffers (BatchNorm statistics) at each update:
+            ``"average"`` (default) applies the same EMA to floating-point buffers and copies
+            the rest (timm's ``ModelEmaV3``), so the statistics match the averaged weights;
+            ``"copy"`` takes the student's current statistics (ignite's ``EMAHandler``), which
+            can make the teacher far worse than its student (see the guide on choosing
+            hyperparameters); ``"leave"`` keeps the teacher's own (the released code's
+            behaviour, with ``train_mode=True``).
         train_mode: ``True`` keeps the teacher in train mode, so its BatchNorm uses batch
             statistics (the released code); ``False`` keeps it in eval mode. Calls to
             ``.train()``/``.eval()`` on this wrapper do not change it.
@@ -78,7 +81,7 @@ class EMATeacher(nn.Module):
         student: nn.Module,
         decay: float = 0.99,
         warmup: bool = True,
-        buffers: BufferMode = "copy",
+        buffers: BufferMode = "average",
         train_mode: bool = False,
     ) -> None:
         super().__init__()

@@ -27,6 +27,9 @@ def build():
     steps = []
     for _ in range(STEPS):
         idx = torch.randperm(N, generator=g)[:BATCH]
+        # One sample on both ranks: the highest rank's copy (the last after the gather, as in
+        # one process on the whole batch) writes its row, once.
+        idx[BATCH // 2] = idx[0]
         f_s = torch.randn(BATCH, 6, generator=g, dtype=torch.float64)
         f_t = torch.randn(BATCH, 6, generator=g, dtype=torch.float64)
         sample = crckd.student_bank.sample(idx, 3, 12, generator=g)
