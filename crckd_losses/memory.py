@@ -62,6 +62,8 @@ class MomentumMemoryBank(nn.Module):
         labels: ``[N]`` long buffer, the class of each row.
         class_sums: ``[2, C, d]`` float64 buffer, per-class sums of the rows and of their
             ReLU, which :meth:`centroids` reads; kept current by :meth:`update`.
+        rejected_rows: 0-d long buffer (not saved), the copies :meth:`update` refused
+            (non-finite, or an index out of range) since the bank was built.
 
     Examples:
         >>> labels = torch.tensor([0, 0, 1, 1, 1, 2])
@@ -200,6 +202,11 @@ class MomentumMemoryBank(nn.Module):
         overwritten (under ``torch.distributed``, the highest rank's last occurrence). The
         running class sums behind :meth:`centroids` count each row once, so the centroids
         always equal those of a full reduction of the rows. No host sync is needed for this.
+
+        An index out of range or a non-finite feature raises a ``ValueError`` where values are
+        read (CPU tensors by default, see :func:`~crckd_losses.set_value_checks`). Where they
+        are not, the copy is refused on the device: nothing is written for it (an in-range
+        row keeps its last valid copy's write), and ``rejected_rows`` counts it.
 
         Under ``torch.distributed`` the indices and features of all ranks are gathered first,
         so every rank holds the same bank; the first update also copies rank 0's initial rows
