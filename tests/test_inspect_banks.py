@@ -77,12 +77,9 @@ def test_nearest_centroid_on_known_embeddings() -> None:
     assert own == pytest.approx(float(((p[0, 0] + p[1, 0]) / 2 + p[2, 1]) / 2))
 
 
-def test_images_embeds_a_real_run_with_its_saved_teacher(tmp_path: Path) -> None:
+def test_images_embeds_a_real_run_with_its_saved_teacher(
+        tmp_path: Path, make_ham, tiny_config) -> None:
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_training_data import make_ham
-    from test_training_runs import tiny_config
-
     from reference_training import engine
 
     data = make_ham(tmp_path / "HAM10000", "parts")

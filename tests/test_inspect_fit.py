@@ -39,13 +39,9 @@ def test_fit_scores_on_known_features() -> None:
     assert row["NC gap"] == pytest.approx(0.5)
 
 
-def test_scores_a_real_run_without_a_bank(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_scores_a_real_run_without_a_bank(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], make_ham, tiny_config) -> None:
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_training_data import make_ham
-    from test_training_runs import tiny_config
-
     from reference_training import engine
 
     data = make_ham(tmp_path / "HAM10000", "parts")

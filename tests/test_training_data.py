@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -15,67 +14,21 @@ pytest.importorskip("sklearn")
 pytest.importorskip("torchvision")
 PIL = pytest.importorskip("PIL.Image")
 
+from crckd_losses.sampling import instance_indices  # noqa: E402
 from reference_training import config as cfgmod  # noqa: E402
 from reference_training import data as datamod  # noqa: E402
-from reference_training.engine import instance_sample_indices  # noqa: E402
 from reference_training.metrics import compute_metrics  # noqa: E402
 
 
-def _image(path: Path, label: int, size: tuple[int, int], rng: np.random.Generator) -> None:
-    base = np.array([40 + 30 * label, 200 - 25 * label, 100 + (label % 3) * 50])
-    pixels = np.clip(base + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    PIL.fromarray(pixels).save(path)
-
-
-def make_ham(root: Path, layout: str = "parts", lesions_per_class: int = 6,
-             seed: int = 0) -> Path:
-    """A tiny HAM10000 in an official layout: ``parts`` (two part folders), ``images`` or
-    ``flat`` (images beside the CSV). Lesions of 1-2 images, class-coloured 20x15 JPEGs."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows, n = [], 0
-    for c, dx in enumerate(datamod.HAM10000_CLASSES):
-        for lesion in range(lesions_per_class):
-            for _ in range(1 + (lesion % 2)):
-                rows.append((f"HAM_{c}{lesion:04d}", f"ISIC_{n:07d}", dx, c))
-                n += 1
-    for i, (_, image_id, _, c) in enumerate(rows):
-        folder = {"parts": root / f"HAM10000_images_part_{1 + i % 2}", "images": root / "images",
-                  "flat": root}[layout]
-        folder.mkdir(exist_ok=True)
-        _image(folder / f"{image_id}.jpg", c, (20, 15), rng)
-    with open(root / "HAM10000_metadata.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"])
-        for lesion, image_id, dx, _ in rows:
-            writer.writerow([lesion, image_id, dx, "histo", "50.0", "male", "back"])
-    return root
-
-
-def make_aptos(root: Path, per_class: int = 10, seed: int = 0) -> Path:
-    """A tiny APTOS 2019: ``train.csv`` + ``train_images/<id_code>.png`` (16x16)."""
-    rng = np.random.default_rng(seed)
-    (root / "train_images").mkdir(parents=True, exist_ok=True)
-    with open(root / "train.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id_code", "diagnosis"])
-        for grade in range(5):
-            for k in range(per_class):
-                code = f"{grade}{k:03d}abcdef"
-                _image(root / "train_images" / f"{code}.png", grade, (16, 16), rng)
-                writer.writerow([code, grade])
-    return root
-
-
 @pytest.mark.parametrize("layout", ["parts", "images", "flat"])
-def test_ham10000_layouts(tmp_path: Path, layout: str) -> None:
+def test_ham10000_layouts(tmp_path: Path, layout: str, make_ham) -> None:
     records = datamod.read_ham10000(make_ham(tmp_path / "ham", layout))
     assert len(records) == 7 * 9
     assert sorted(set(records.labels.tolist())) == list(range(7))
     assert all(p.is_file() for p in records.paths)
 
 
-def test_ham10000_split_is_grouped_stratified_and_reusable(tmp_path: Path) -> None:
+def test_ham10000_split_is_grouped_stratified_and_reusable(tmp_path: Path, make_ham) -> None:
     records = datamod.read_ham10000(make_ham(tmp_path / "ham", lesions_per_class=10))
     split = datamod.split_grouped(records, seed=1)
     parts = [set(np.asarray(records.groups)[idx]) for idx in split.values()]
@@ -90,7 +43,7 @@ def test_ham10000_split_is_grouped_stratified_and_reusable(tmp_path: Path) -> No
     assert all(np.array_equal(split[k], read[k]) for k in split)
 
 
-def test_aptos_folds_cover_everything_once(tmp_path: Path) -> None:
+def test_aptos_folds_cover_everything_once(tmp_path: Path, make_aptos) -> None:
     records = datamod.read_aptos(make_aptos(tmp_path / "aptos"))
     tests = [datamod.split_folds(records, fold)["test"] for fold in range(1, 6)]
     assert sorted(np.concatenate(tests).tolist()) == list(range(len(records)))
@@ -98,7 +51,8 @@ def test_aptos_folds_cover_everything_once(tmp_path: Path) -> None:
         datamod.split_folds(records, 6)
 
 
-def test_aptos_inner_validation_comes_from_the_training_fold_only(tmp_path: Path) -> None:
+def test_aptos_inner_validation_comes_from_the_training_fold_only(
+        tmp_path: Path, make_aptos) -> None:
     records = datamod.read_aptos(make_aptos(tmp_path / "aptos"))
     plain = datamod.split_folds(records, 2)
     inner = datamod.split_folds(records, 2, val_fraction=0.2)
@@ -110,7 +64,7 @@ def test_aptos_inner_validation_comes_from_the_training_fold_only(tmp_path: Path
         datamod.split_folds(records, 2, val_fraction=0.9)
 
 
-def test_bad_data_fails_fast_naming_the_problem(tmp_path: Path) -> None:
+def test_bad_data_fails_fast_naming_the_problem(tmp_path: Path, make_ham) -> None:
     root = make_ham(tmp_path / "ham", "images")
     csv_path = root / "HAM10000_metadata.csv"
     text = csv_path.read_text()
@@ -143,7 +97,7 @@ def test_bad_data_fails_fast_naming_the_problem(tmp_path: Path) -> None:
         datamod.read_aptos(tmp_path / "nothing")
 
 
-def test_aptos_bad_label_and_missing_image(tmp_path: Path) -> None:
+def test_aptos_bad_label_and_missing_image(tmp_path: Path, make_aptos) -> None:
     root = make_aptos(tmp_path / "aptos")
     csv_path = root / "train.csv"
     text = csv_path.read_text()
@@ -155,7 +109,7 @@ def test_aptos_bad_label_and_missing_image(tmp_path: Path) -> None:
         datamod.read_aptos(root)
 
 
-def test_class_absent_from_training_split_is_an_error(tmp_path: Path) -> None:
+def test_class_absent_from_training_split_is_an_error(tmp_path: Path, make_ham) -> None:
     records = datamod.read_ham10000(make_ham(tmp_path / "ham"))
     split = datamod.split_grouped(records, seed=0)
     vasc = datamod.HAM10000_CLASSES.index("vasc")
@@ -166,7 +120,7 @@ def test_class_absent_from_training_split_is_an_error(tmp_path: Path) -> None:
         datamod.check_split(records, split)
 
 
-def test_cache_is_written_once_and_reused(tmp_path: Path) -> None:
+def test_cache_is_written_once_and_reused(tmp_path: Path, make_ham) -> None:
     records = datamod.read_ham10000(make_ham(tmp_path / "ham"))
     first = datamod.load_images(records, 12, tmp_path / "cache", log=False)
     assert first.shape == (len(records), 3, 12, 12) and first.dtype == torch.uint8
@@ -228,7 +182,7 @@ def test_global_batch_sampler_slices_are_the_global_batch() -> None:
 def test_instance_rows_exclude_only_the_anchor() -> None:
     generator = torch.Generator().manual_seed(0)
     indices = torch.tensor([0, 5, 9])
-    rows = instance_sample_indices(indices, 10, 500, generator)
+    rows = instance_indices(indices, 10, 500, generator)
     assert torch.equal(rows[:, 0], indices)
     for i, anchor in enumerate(indices.tolist()):
         assert set(rows[i, 1:].tolist()) == set(range(10)) - {anchor}

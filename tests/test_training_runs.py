@@ -13,12 +13,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 pytest.importorskip("sklearn")
 pytest.importorskip("torchvision")
 pytest.importorskip("matplotlib")
 
-from test_training_data import make_aptos, make_ham  # noqa: E402
 
 from reference_training import config as cfgmod  # noqa: E402
 from reference_training import engine  # noqa: E402
@@ -26,30 +24,14 @@ from reference_training import train as train_cli  # noqa: E402
 from reference_training.compare import compare  # noqa: E402
 
 
-def _data_root() -> Path | None:
-    if os.environ.get("CRCKD_DATA_DIR"):
-        return Path(os.environ["CRCKD_DATA_DIR"])
-    candidate = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return candidate if candidate.is_dir() else None
-
-
-def tiny_config(tmp_path: Path, data_dir: Path, name: str = "run", **overrides) -> dict:
-    flags = {"dataset": "ham10000", "data_dir": str(data_dir), "model": "tiny_cnn",
-             "pretrained": False, "image_size": 16, "epochs": 1, "batch_size": 8, "lr": 1e-3,
-             "num_positives": 3, "num_negatives": 16, "num_workers": 0, "progress": False,
-             "out": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"),
-             "eval_batch_size": 16}
-    flags.update(overrides)
-    return cfgmod.resolve(flags)
-
-
 @pytest.fixture(scope="module")
-def ham(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ham(tmp_path_factory: pytest.TempPathFactory, make_ham) -> Path:
     return make_ham(tmp_path_factory.mktemp("ham") / "HAM10000", "parts")
 
 
 @pytest.mark.parametrize("method", cfgmod.METHODS)
-def test_every_method_runs_and_writes_its_outputs(tmp_path: Path, ham: Path, method: str) -> None:
+def test_every_method_runs_and_writes_its_outputs(
+        tmp_path: Path, ham: Path, method: str, tiny_config) -> None:
     config = tiny_config(tmp_path, ham, method=method, epochs=2)
     summary = engine.train(config, log=False)
     run = Path(config["out"])
@@ -71,7 +53,7 @@ def test_every_method_runs_and_writes_its_outputs(tmp_path: Path, ham: Path, met
         assert "student_bank.memory" in state["crckd"] and "ccd.log_normalizer" in state["crckd"]
 
 
-def test_released_code_recipe_runs(tmp_path: Path, ham: Path) -> None:
+def test_released_code_recipe_runs(tmp_path: Path, ham: Path, tiny_config) -> None:
     config = tiny_config(tmp_path, ham, recipe="released-code", epochs=2, begin_epoch=1)
     engine.train(config, log=False)
     rows = list(csv.DictReader(open(Path(config["out"]) / "metrics.csv")))
@@ -80,8 +62,8 @@ def test_released_code_recipe_runs(tmp_path: Path, ham: Path) -> None:
     assert float(rows[1]["crp_weight"]) == 1.0
 
 
-def test_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(tmp_path: Path,
-                                                                    ham: Path) -> None:
+def test_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(
+        tmp_path: Path, ham: Path, tiny_config) -> None:
     common = {"epochs": 2, "checkpoint_every_steps": 2}
     straight = tiny_config(tmp_path, ham, "straight", **common)
     engine.train(straight, log=False)
@@ -111,7 +93,7 @@ def test_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(tmp_path: P
             assert torch.equal(value, sb[part][key]), (part, key)
 
 
-def test_cli_aptos_all_folds_and_compare(tmp_path: Path) -> None:
+def test_cli_aptos_all_folds_and_compare(tmp_path: Path, make_aptos) -> None:
     root = make_aptos(tmp_path / "aptos", per_class=8)
     out = tmp_path / "cv"
     summaries = train_cli.main([
@@ -155,7 +137,8 @@ def _ddp_worker(rank: int, world: int, port: int, config: dict) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, ham: Path) -> None:
+def test_two_processes_match_one_with_the_same_global_batch(
+        tmp_path: Path, ham: Path, tiny_config) -> None:
     # tiny_cnn has no BatchNorm, so per-rank batches give exactly the global batch's outputs.
     import torch.multiprocessing as mp
 
@@ -180,8 +163,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, ham:
 
 
 @pytest.mark.parametrize("dataset", ["ham10000", "aptos"])
-def test_short_run_on_the_real_data(tmp_path: Path, dataset: str) -> None:
-    root = _data_root()
+def test_short_run_on_the_real_data(tmp_path: Path, dataset: str, tiny_config, data_root) -> None:
+    root = data_root
     if root is None:
         pytest.skip("real data not found: set CRCKD_DATA_DIR or put shared/data beside the repo")
     sub = {"ham10000": "ham10000_200x150", "aptos": "aptos2019_128x128"}[dataset]
