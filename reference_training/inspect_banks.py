@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:
 
 from crckd_losses import EmbeddingHead  # noqa: E402
 from crckd_losses.functional import class_centroids  # noqa: E402
+from reference_training import checkpoint, runfiles  # noqa: E402
 
 
 def bank_stats(memory: torch.Tensor, labels: torch.Tensor, num_classes: int, tau: float,
@@ -110,7 +111,7 @@ def run_images(folder: Path, config: dict[str, Any], data_dir: str | None = None
     from reference_training import data as datamod
 
     records = datamod.read_config_dataset(config, data_dir)
-    split = datamod.read_split(folder / "split.csv", records)
+    split = datamod.read_split(folder / runfiles.SPLIT, records)
     images = datamod.load_images(records, config["image_size"], config.get("cache_dir"), 0,
                                  False)
     return records, split, images
@@ -123,10 +124,10 @@ def embed_parts(folder: Path, state: dict[str, Any], data_dir: str | None,
     images, without augmentation: ``{part: (embeddings [n, d], labels [n])}``."""
     from reference_training.models import build_network
 
-    config, crckd = state["config"], state["crckd"]
+    config, crckd = checkpoint.config_of(state), checkpoint.crckd_state(state)
     records, split, images = run_images(folder, config, data_dir)
     network = build_network(config["model"], len(records.classes), config["feat_dim"])
-    teacher = {k.removeprefix("module."): v for k, v in state["teacher"].items()
+    teacher = {k.removeprefix("module."): v for k, v in checkpoint.teacher_state(state).items()
                if k.startswith("module.")}
     network.load_state_dict(teacher)
     head = EmbeddingHead(config["feat_dim"], config["embed_dim"])
@@ -147,16 +148,13 @@ def inspect_run(folder: Path, images: bool = False, data_dir: str | None = None,
                 ) -> dict[str, Any]:
     """Reads ``folder/last.pt`` and returns the row of the table for its teacher bank (and,
     with ``images``, for its teacher's embeddings of the training and test images)."""
-    path = folder / "last.pt"
-    if not path.is_file():
-        raise SystemExit(f"{folder}: no last.pt (only CCD/CRP runs that were kept have one)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    config, crckd = state["config"], state.get("crckd") or {}
+    state = checkpoint.read(folder, " (only CCD/CRP runs that were kept have one)")
+    config, crckd = checkpoint.config_of(state), checkpoint.crckd_state(state)
     if "teacher_bank.memory" not in crckd:
         raise SystemExit(f"{folder}: the run has no memory bank (method {config['method']})")
     memory, labels = crckd["teacher_bank.memory"], crckd["teacher_bank.labels"]
     num_classes = int(crckd["teacher_bank.class_sums"].shape[1])
-    summary = folder / "summary.json"
+    summary = folder / runfiles.SUMMARY
     # the K the run used (summary.json holds it after any cap to a fraction of the bank)
     k = int((json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {})
             .get("num_negatives") or config["num_negatives"])
@@ -222,9 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.lesions:
         for folder in args.runs:
-            config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+            config = json.loads((Path(folder) / runfiles.CONFIG).read_text(encoding="utf-8"))
             print(f"{folder} (P = {config['num_positives']}):\n")
-            print_table(sibling_positives(Path(folder) / "split.csv",
+            print_table(sibling_positives(Path(folder) / runfiles.SPLIT,
                                            int(config["num_positives"])))
         return
     print_table([inspect_run(Path(folder), args.images, args.data_dir)

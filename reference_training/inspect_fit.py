@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from crckd_losses.functional import class_centroids  # noqa: E402
+from reference_training import checkpoint  # noqa: E402
 from reference_training.inspect_banks import (  # noqa: E402
     nearest_centroid,
     print_table,
@@ -78,11 +79,11 @@ def score_parts(folder: Path, state: dict[str, Any], data_dir: str | None = None
     ``({part: (logits, features, labels)}, num_classes)``."""
     from reference_training.models import build_network
 
-    config = state["config"]
+    config = checkpoint.config_of(state)
     records, split, images = run_images(folder, config, data_dir)
     num_classes = len(records.classes)
     network = build_network(config["model"], num_classes, config["feat_dim"])
-    network.load_state_dict(state["student"])
+    network.load_state_dict(checkpoint.student_state(state))
     network.eval()
     parts = {}
     for part in ("train", "test"):
@@ -96,12 +97,9 @@ def score_parts(folder: Path, state: dict[str, Any], data_dir: str | None = None
 
 def inspect_run(folder: Path, data_dir: str | None = None) -> dict[str, Any]:
     """Reads ``folder/last.pt`` and returns the run's row of the table."""
-    path = folder / "last.pt"
-    if not path.is_file():
-        raise SystemExit(f"{folder}: no last.pt")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.read(folder)
     parts, num_classes = score_parts(folder, state, data_dir)
-    row: dict[str, Any] = {"run": f"{state['config']['dataset']} / {folder.name}"}
+    row: dict[str, Any] = {"run": f"{checkpoint.config_of(state)['dataset']} / {folder.name}"}
     row.update(fit_scores(parts["train"], parts["test"], num_classes))
     return row
 
