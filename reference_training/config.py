@@ -14,12 +14,15 @@ from typing import Any
 
 import tomllib
 
+from . import recipe
 from .data import DATASETS, OWN_DATASETS
-from .models import efficientnet_lite_available
+from .recipe import RECIPES, loss_weights, uses_contrast, uses_teacher
+
+__all__ = ["DEFAULTS", "DATASET_DEFAULTS", "METHODS", "RECIPES", "load_file", "resolve",
+           "validate", "loss_weights", "uses_contrast", "uses_teacher"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METHODS = ("baseline", "mt", "crd", "ccd", "crp", "crckd")
-RECIPES = ("paper", "released-code")
 
 # method §6, the released code's defaults, for the real datasets.
 DEFAULTS: dict[str, Any] = {
@@ -28,7 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "method": "crckd",
     "recipe": "paper",
     "model": "densenet121",
-    "pretrained": False,
+    # The paper and the released code fine-tune ImageNet weights; a run that cannot find them
+    # on disk stops before training and says how to supply them (--weights, efficientnet_lite0).
+    "pretrained": True,
     "weights": None,
     "image_size": 224,
     "epochs": 80,
@@ -58,7 +63,9 @@ DEFAULTS: dict[str, Any] = {
     "rampup_epochs": None,  # null: 30/80 of the epochs (R = 30 at 80 epochs)
     "begin_epoch": None,  # released-code recipe: null = 20/80 of the epochs (20 at 80)
     "normalizer": "first_batch",
-    "sampler": "shuffle",
+    # CCD's row sampler: null is the library's default ("independent", method §4's law);
+    # "shuffle" is faster, its anchors of one class correlated.
+    "sampler": None,
     "centroid_relu": True,
     "fold": None,  # APTOS: 1..5 or "all"; folder and csv: 1..num_folds or "all" for k-fold CV
     "num_folds": 5,  # folder and csv with a fold (APTOS has 5)
@@ -79,7 +86,13 @@ DEFAULTS: dict[str, Any] = {
     "select_metric": "auc",
     "num_workers": 2,
     "device": None,
-    "amp": True,
+    # The recipe's departures (reference_training/recipe.py); null keeps the recipe's value.
+    "amp": None,  # float16 autocast on CUDA (paper recipe); the released code runs float32
+    "amp_dtype": "float16",  # or "bfloat16" (no grad scaler)
+    "channels_last": False,  # channels-last memory format on CUDA
+    "epoch_lr_reset": None,  # false, or the lr set on every group after each epoch
+    "drop_last": None,  # drop each epoch's last partial batch
+    "metric_labels": None,  # "present" or "sklearn" (macro averages over true or predicted)
     "sync_bn": True,
     "out": None,
     "checkpoint_every_steps": 0,
@@ -95,8 +108,7 @@ DEFAULTS: dict[str, Any] = {
 # The sample runs on 2 CPU cores in minutes: a small pretrained backbone, small images.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "sample": {
-        "model": "efficientnet_lite0" if efficientnet_lite_available() else "resnet18",
-        "pretrained": efficientnet_lite_available(),
+        "model": "efficientnet_lite0",  # resnet18 from scratch without the pretrained extra
         "image_size": 64,
         "epochs": 6,
         "batch_size": 32,
@@ -148,6 +160,12 @@ def resolve(overrides: dict[str, Any], config_file: str | None = None) -> dict[s
         config.update(load_file(config_file))
     config.update({k: v for k, v in overrides.items() if v is not None})
     config["dataset"], config["method"] = dataset, method
+    if dataset == "sample" and config["model"] == "efficientnet_lite0" and not (
+            overrides.get("model") or (config_file and "model" in load_file(config_file))):
+        from .models import efficientnet_lite_available
+
+        if not efficientnet_lite_available():  # the sample without the pretrained extra
+            config["model"], config["pretrained"] = "resnet18", False
     return validate(config)
 
 
@@ -179,35 +197,4 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         config["rampup_epochs"] = 30 * epochs / 80
     if config["begin_epoch"] is None:
         config["begin_epoch"] = math.floor(20 * epochs / 80)
-    return config
-
-
-def uses_teacher(config: dict[str, Any]) -> bool:
-    """Every method but the baseline has a mean teacher."""
-    return config["method"] != "baseline"
-
-
-def uses_contrast(config: dict[str, Any]) -> bool:
-    """Whether the run needs :class:`crckd_losses.CRCKDLoss` (heads and banks)."""
-    return config["method"] in ("crd", "ccd", "crp", "crckd")
-
-
-def loss_weights(config: dict[str, Any], epoch: int) -> dict[str, float]:
-    """The weights of KL, CCD and CRP at ``epoch`` (0-based) under the config's recipe.
-
-    Paper: ``kl_weight * λ_KL(e)``, ``ccd_weight``, ``crp_weight`` from the start. Released
-    code (method §7.1-7.2): KL and CRP are off before ``begin_epoch``; from it on the CCD weight
-    is applied twice (0.1 becomes 0.01).
-    """
-    from crckd_losses.functional import sigmoid_rampup
-
-    kl = config["kl_weight"] * sigmoid_rampup(epoch, config["rampup_epochs"])
-    ccd, crp = float(config["ccd_weight"]), float(config["crp_weight"])
-    if config["recipe"] == "released-code":
-        if epoch < config["begin_epoch"]:
-            kl, crp = 0.0, 0.0
-        else:
-            ccd = ccd * ccd
-    if not uses_teacher(config):
-        kl = 0.0
-    return {"kl": kl, "ccd": ccd, "crp": crp}
+    return recipe.fill(config)

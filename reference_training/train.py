@@ -93,12 +93,7 @@ def main(argv: list[str] | None = None) -> Any:
     from reference_training import engine
 
     if args.resume:
-        saved = cfgmod.load_file(Path(args.resume) / "config.json")
-        config = cfgmod.validate({**cfgmod.DEFAULTS, **saved})
-        for key in ("num_workers", "progress", "device"):
-            if getattr(args, key) is not None:
-                config[key] = getattr(args, key)
-        return engine.train(config, resume=args.resume, stop_after_steps=args.stop_after_steps)
+        return _resume(args)
     flags = {k: v for k, v in vars(args).items()
              if k not in ("config", "resume", "stop_after_steps")}
     config = cfgmod.resolve(flags, args.config)
@@ -111,6 +106,30 @@ def main(argv: list[str] | None = None) -> Any:
     if not config["out"]:
         config["out"] = _shared_out(config)
     return engine.train(config, stop_after_steps=args.stop_after_steps)
+
+
+def _resume(args: argparse.Namespace) -> Any:
+    """Continues the run in ``args.resume`` from its last checkpoint; a run killed before its
+    first checkpoint starts afresh from the folder's saved config (and so the same split)."""
+    from reference_training import engine, runfiles
+
+    folder = Path(args.resume)
+    if not (folder / runfiles.CONFIG).is_file():
+        raise SystemExit(
+            f"--resume {folder}: nothing to resume, the folder has no {runfiles.CONFIG} (the "
+            "run never started there). Start it with the same flags as before and "
+            f"--out {folder}.")
+    saved = cfgmod.load_file(folder / runfiles.CONFIG)
+    config = cfgmod.validate({**cfgmod.DEFAULTS, **saved})
+    for key in ("num_workers", "progress", "device"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    if not (folder / runfiles.LAST_CHECKPOINT).is_file():
+        print(f"--resume {folder}: no {runfiles.LAST_CHECKPOINT} yet (the run stopped before "
+              f"its first checkpoint); starting it afresh from its {runfiles.CONFIG}")
+        config["out"] = str(folder)
+        return engine.train(config, stop_after_steps=args.stop_after_steps)
+    return engine.train(config, resume=folder, stop_after_steps=args.stop_after_steps)
 
 
 def _shared_out(config: dict[str, Any]) -> str:
