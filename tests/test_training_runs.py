@@ -93,6 +93,46 @@ def test_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(
             assert torch.equal(value, sb[part][key]), (part, key)
 
 
+def test_killed_before_its_first_checkpoint_resumes_from_scratch(tmp_path: Path, ham: Path,
+                                                                 tiny_config) -> None:
+    """A real ``kill -9`` while the run is still setting up (no ``last.pt``): ``--resume``
+    starts it afresh from the folder's config and split and ends like an uninterrupted run."""
+    import signal
+    import subprocess
+    import time
+
+    straight = tiny_config(tmp_path, ham, "straight", epochs=2)
+    engine.train(straight, log=False)
+    out = tmp_path / "killed"
+    flags = ["--dataset", "ham10000", "--data-dir", str(ham), "--model", "tiny_cnn",
+             "--no-pretrained", "--image-size", "16", "--epochs", "2", "--batch-size", "8",
+             "--lr", "1e-3", "--num-workers", "0", "--no-progress", "--out", str(out)]
+    # the run's own settings, through a config file as a user would write them
+    extra = {k: straight[k] for k in ("num_positives", "num_negatives", "cache_dir",
+                                      "eval_batch_size")}
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    script = Path(train_cli.__file__)
+    proc = subprocess.Popen([sys.executable, str(script), *flags, "--config",
+                             str(tmp_path / "extra.json")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "config.json").is_file() and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "config.json").is_file()
+    if (out / "last.pt").is_file():
+        pytest.skip("the run reached its first checkpoint before the kill landed")
+    train_cli.main(["--resume", str(out), "--no-progress"])
+    assert (out / "metrics.csv").read_text() == (
+        Path(straight["out"]) / "metrics.csv").read_text()
+
+
+def test_resume_of_a_folder_with_nothing_in_it_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="nothing to resume.*--out"):
+        train_cli.main(["--resume", str(tmp_path)])
+
+
 def test_cli_aptos_all_folds_and_compare(tmp_path: Path, make_aptos) -> None:
     root = make_aptos(tmp_path / "aptos", per_class=8)
     out = tmp_path / "cv"
