@@ -570,6 +570,11 @@ def summarise_run(run: Run, seconds: float) -> dict[str, Any]:
         "classes": list(classes),
         "train_seconds_per_epoch": (float(np.mean(seconds_per_epoch)) if seconds_per_epoch
                                     else None),
+        # training throughput: images through the student per second of its epochs (views,
+        # teacher, losses and update included; evaluation left out)
+        "train_images": len(run.dataset),
+        "train_images_per_second": (len(run.dataset) / float(np.mean(seconds_per_epoch))
+                                    if seconds_per_epoch else None),
         "test_recall_per_class": _recall_summary(run.progress.test_recalls, summary, classes),
         "notes": _notes(run.eval_sets, classes),
     })

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import runfiles
+
 
 def _pyplot():  # type: ignore[no-untyped-def]
     import matplotlib
@@ -17,7 +19,8 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 
 def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
-    """``losses.png`` (training losses per epoch) and ``metrics.png`` (val/test curves)."""
+    """``losses.png`` (training losses per epoch) and ``metrics.png`` (val/test curves of the
+    student, solid, and of the mean teacher, dashed, where the run has one)."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     loss_keys = [k for k in history[0] if k.startswith("train_")]
@@ -28,20 +31,22 @@ def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "losses.png", dpi=100)
+    fig.savefig(out_dir / runfiles.LOSSES_PLOT, dpi=100)
     plt.close(fig)
     metrics = ("auc", "accuracy", "balanced_accuracy", "f1")
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5))
     for ax, metric in zip(axes, metrics, strict=False):
-        for part in ("val", "test"):
-            key = f"{part}_{metric}"
-            if key in history[0]:
-                ax.plot(epochs, [row[key] for row in history], label=part)
+        for who, style in (("", "-"), ("teacher_", "--")):
+            for part, color in (("val", "C0"), ("test", "C1")):
+                key = f"{who}{part}_{metric}"
+                if key in history[0]:
+                    ax.plot(epochs, [row.get(key, float("nan")) for row in history], style,
+                            color=color, label=f"{who.rstrip('_') or 'student'} {part}")
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "metrics.png", dpi=100)
+    fig.savefig(out_dir / runfiles.METRICS_PLOT, dpi=100)
     plt.close(fig)
 
 

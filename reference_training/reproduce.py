@@ -15,6 +15,14 @@ of seed ``--plot-seed``) under ``docs/reproduction_runs/`` and writes the tables
 (all seeds), and the seeds run on several folds get cross-validation tables of their own
 (``table_folds_*.md``: mean ± std over the folds, and method against method fold by fold).
 
+GPU windows are short: ``--concurrent N`` runs N of the grid's runs at once on one device
+(each its own process; as many as fit in memory; small models at small sizes leave most of
+a large GPU idle with one), ``--window SECONDS`` stops them when the window ends (each
+resumes from its last checkpoint next time; set ``checkpoint_every_steps`` in the settings
+file so little is lost), and ``--pack FILE.tar`` / ``--unpack FILE.tar`` carry the runs
+folder (checkpoints, metrics, configs) from one window's machine to the next. The
+throughput of each run and of the grid (images per second) is printed at the end.
+
 Your own data runs the same grid: ``--datasets folder --data-dir DIR``, or ``--datasets csv
 --data-dir DIR --csv FILE`` with the column flags of ``train.py``. With ``--folds`` it is
 cross-validated, and those runs go under ``<dataset>-cv/``, apart from the 70/10/20 ones.
@@ -30,6 +38,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,8 +51,15 @@ if __package__ in (None, ""):
 from reference_training.compare import compare, group_name, load_summaries, run_order  # noqa: E402
 from reference_training.config import load_file  # noqa: E402
 from reference_training.data import OWN_DATASETS  # noqa: E402
+from reference_training.runfiles import (  # noqa: E402
+    CONFIG,
+    LAST_CHECKPOINT,
+    METRICS,
+    PLOTS,
+    SPLIT,
+    SUMMARY,
+)
 
-PLOTS = ("metrics.png", "losses.png", "confusion_test.png", "embedding_test.png")
 PATH_KEYS = ("data_dir", "out", "cache_dir", "split_file", "weights", "csv")
 TABLE_FLAGS = ("csv", "image_column", "label_column", "group_column")
 CURVE_METRICS = ("balanced_accuracy", "f1", "auc")
@@ -77,36 +93,129 @@ def _grid_folds(args: argparse.Namespace, dataset: str) -> list[int | None]:
     return [None] if dataset in OWN_DATASETS else [1]
 
 
-def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, seed: int,
-            fold: int | None = 1) -> Path:
-    """Train one grid point (or resume it); returns its run folder. ``fold`` ``None``: your
-    own data's 70/10/20 split."""
+def run_command(args: argparse.Namespace, dataset: str, method: str, recipe: str, seed: int,
+                fold: int | None = 1) -> tuple[Path, list[str] | None]:
+    """The run folder of one grid point and the ``train.py`` command that trains it (or
+    resumes it from its last checkpoint); ``None`` when it is finished. ``fold`` ``None``:
+    your own data's 70/10/20 split."""
     own = dataset in OWN_DATASETS
     fold = fold if dataset == "aptos" or own else 1
     name = run_folder_name(method, recipe, seed, fold or 1, load_file(args.config).get("tag"))
     # Cross-validated runs of your own data are a protocol of their own, never pooled with
     # its 70/10/20 runs.
     out = Path(args.runs) / (f"{dataset}-cv" if own and fold else dataset) / name
-    if (out / "summary.json").is_file():
-        print(f"[keep] {out}", flush=True)
-        return out
+    if (out / SUMMARY).is_file():
+        return out, None
     data_dir = {"ham10000": args.ham_dir, "aptos": args.aptos_dir}.get(dataset, args.data_dir)
     cmd = [sys.executable, str(ROOT / "reference_training" / "train.py"),
            "--dataset", dataset, "--data-dir", str(data_dir), "--method", method,
            "--recipe", recipe, "--seed", str(seed), "--config", args.config,
            "--no-progress"]
-    cmd += ["--resume", str(out)] if (out / "last.pt").is_file() else ["--out", str(out)]
+    # --resume also starts afresh a run that stopped before its first checkpoint
+    cmd += ["--resume", str(out)] if (out / CONFIG).is_file() else ["--out", str(out)]
     if fold is not None and (dataset == "aptos" or own):
         cmd += ["--fold", str(fold)]
     if dataset == "csv":
         for key in TABLE_FLAGS:
             if getattr(args, key):
                 cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+    return out, cmd
+
+
+def run_one(args: argparse.Namespace, dataset: str, method: str, recipe: str, seed: int,
+            fold: int | None = 1) -> Path:
+    """Train one grid point (or resume it); returns its run folder."""
+    out, cmd = run_command(args, dataset, method, recipe, seed, fold)
+    if cmd is None:
+        print(f"[keep] {out}", flush=True)
+        return out
     print(f"[run ] {' '.join(cmd[1:])}", flush=True)
     start = time.time()
     subprocess.run(cmd, check=True)
     print(f"[done] {out} in {time.time() - start:.0f} s", flush=True)
     return out
+
+
+def run_grid(jobs: list[tuple[Path, list[str] | None]], concurrent: int = 1,
+             window: float | None = None, log_dir: Path | None = None) -> dict[str, Any]:
+    """Runs ``jobs`` (from :func:`run_command`), ``concurrent`` at a time, each in its own
+    process on the same device. When ``window`` seconds have passed, the runs still going are
+    stopped (they resume from their last checkpoint next time) and no new one starts.
+
+    Returns the finished runs' throughput (``images_per_second`` from each ``summary.json``)
+    and the grid's: the images trained by the runs that finished, over the wall time.
+    """
+    start = time.time()
+    pending = [(out, cmd) for out, cmd in jobs if cmd is not None]
+    running: list[tuple[Path, subprocess.Popen[bytes], Any]] = []
+    finished: list[Path] = []
+    stopped: list[Path] = []
+    failed: list[Path] = []
+    while pending or running:
+        out_of_time = window is not None and time.time() - start > window
+        while pending and len(running) < concurrent and not out_of_time:
+            out, cmd = pending.pop(0)
+            assert cmd is not None
+            out.parent.mkdir(parents=True, exist_ok=True)
+            log = open((log_dir or out.parent) / f"{out.name}.log", "ab")
+            print(f"[run ] {' '.join(cmd[1:])}", flush=True)
+            running.append((out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
+                            log))
+        if out_of_time:
+            for out, proc, log in running:
+                proc.terminate()
+                proc.wait()
+                log.close()
+                stopped.append(out)
+                print(f"[stop] {out}: the window ended; it resumes from its last checkpoint",
+                      flush=True)
+            stopped += [out for out, _ in pending]
+            break
+        time.sleep(0.2)
+        for item in list(running):
+            out, proc, log = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            (finished if proc.returncode == 0 else failed).append(out)
+            print(f"[{'done' if proc.returncode == 0 else 'FAIL'}] {out} "
+                  f"({time.time() - start:.0f} s into the grid)", flush=True)
+    wall = time.time() - start
+    runs, images = {}, 0.0
+    for out in finished:
+        summary = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+        runs[f"{out.parent.name}/{out.name}"] = summary.get("train_images_per_second")
+        images += float(summary.get("train_images") or 0) * int(summary.get("epochs") or 0)
+    return {"concurrent": concurrent, "wall_seconds": wall, "runs_images_per_second": runs,
+            "grid_images_per_second": images / wall if finished and wall > 0 else None,
+            "finished": len(finished), "stopped": [str(p) for p in stopped],
+            "failed": [str(p) for p in failed]}
+
+
+# What a window hands to the next: enough to resume every run and to collect the finished.
+PACKED = (CONFIG, SPLIT, METRICS, SUMMARY, LAST_CHECKPOINT, *PLOTS)
+
+
+def pack(runs: Path, archive: Path) -> int:
+    """Writes the run folders under ``runs`` (checkpoints, metrics, configs, splits,
+    summaries, plots; no image cache) into the tar ``archive``; returns the files packed."""
+    count = 0
+    with tarfile.open(archive, "w") as tar:
+        for path in sorted(Path(runs).glob("*/*/*")):
+            if path.name in PACKED and path.is_file():
+                tar.add(path, arcname=str(path.relative_to(runs)))
+                count += 1
+    return count
+
+
+def unpack(archive: Path, runs: Path) -> int:
+    """Extracts a :func:`pack` archive under ``runs``; returns the files extracted."""
+    Path(runs).mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).name in PACKED]
+        tar.extractall(runs, members=members, filter="data")
+    return len(members)
 
 
 def _group_name(s: dict[str, Any]) -> str:
@@ -184,7 +293,7 @@ def _signed(values: list[float]) -> str:
 
 
 def _read_history(folder: Path) -> list[dict[str, str]]:
-    with open(folder / "metrics.csv", newline="", encoding="utf-8") as handle:
+    with open(folder / METRICS, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -192,7 +301,7 @@ def _curves(folders: list[Path], summaries: dict[Path, dict[str, Any]],
             ) -> dict[str, list[list[dict[str, str]]]]:
     """Each run's ``metrics.csv`` rows, by group (method, recipe, tag), in method order;
     ``summaries`` holds the runs' summaries, already read."""
-    pairs = [(summaries[f], f) for f in folders if (f / "metrics.csv").is_file()]
+    pairs = [(summaries[f], f) for f in folders if (f / METRICS).is_file()]
     curves: dict[str, list[list[dict[str, str]]]] = {}
     for summary, folder in sorted(pairs, key=lambda p: run_order(p[0])):
         label = group_name(summary).split(" / ", 1)[1].replace(f" / {summary['model']}", "")
@@ -205,13 +314,13 @@ def copy_run(run: Path, dest: Path, plots: tuple[str, ...] = ()) -> None:
     name folders of the machine it ran on) and the ``plots`` it has into ``dest``; never its
     checkpoints."""
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(run / "summary.json", dest / "summary.json")
-    if (run / "metrics.csv").is_file():
-        shutil.copy2(run / "metrics.csv", dest / "metrics.csv")
-    if (run / "config.json").is_file():
-        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    shutil.copy2(run / SUMMARY, dest / SUMMARY)
+    if (run / METRICS).is_file():
+        shutil.copy2(run / METRICS, dest / METRICS)
+    if (run / CONFIG).is_file():
+        config = json.loads((run / CONFIG).read_text(encoding="utf-8"))
         settings = {k: v for k, v in config.items() if k not in PATH_KEYS}
-        (dest / "config.json").write_text(json.dumps(settings, indent=2) + "\n",
+        (dest / CONFIG).write_text(json.dumps(settings, indent=2) + "\n",
                                           encoding="utf-8")
     for name in plots:
         if (run / name).is_file():
@@ -224,7 +333,7 @@ def collect(args: argparse.Namespace) -> None:
     validation part, and never enter the main tables."""
     from reference_training import plots
 
-    runs = sorted(Path(args.runs).glob("*/*/summary.json"))
+    runs = sorted(Path(args.runs).glob(f"*/*/{SUMMARY}"))
     if not runs:
         raise SystemExit(f"no finished runs under {args.runs}")
     for summary in runs:
@@ -233,7 +342,7 @@ def collect(args: argparse.Namespace) -> None:
         copy_run(run, Path(args.docs_out) / run.parent.name / run.name,
                  PLOTS if meta.get("seed") == args.plot_seed and _fold(meta) == 1 else ())
     for dataset_dir in sorted(p for p in Path(args.docs_out).iterdir() if p.is_dir()):
-        folders = sorted(p for p in dataset_dir.iterdir() if (p / "summary.json").is_file())
+        folders = sorted(p for p in dataset_dir.iterdir() if (p / SUMMARY).is_file())
         summaries = load_summaries(folders)
         untagged = [(f, s) for f, s in zip(folders, summaries, strict=True) if not s.get("tag")]
         # The main tables hold fold 1 (HAM10000's one split has no other); a method and seed
@@ -368,6 +477,14 @@ def main(argv: list[str] | None = None) -> None:
                                            "cpu_scale.json"))
     p.add_argument("--runs", default=str(ROOT / "runs" / "reproduction"))
     p.add_argument("--collect", action="store_true", help="only collect finished runs")
+    p.add_argument("--concurrent", type=int, default=1,
+                   help="runs at once on the one device (default 1: one after another)")
+    p.add_argument("--window", type=float,
+                   help="seconds: stop the runs still going then (they resume next time)")
+    p.add_argument("--pack", help="afterwards, write the runs folder (checkpoints, metrics) to "
+                                  "this .tar for the next window")
+    p.add_argument("--unpack", help="first, extract a --pack archive under --runs")
+    p.add_argument("--throughput-out", help="write the throughput (images/s) as JSON here")
     p.add_argument("--plot-seed", type=int, default=2020)
     p.add_argument("--docs-out", default=str(DOCS_RUNS),
                    help="where --collect writes (default: the docs' folder)")
@@ -385,17 +502,25 @@ def main(argv: list[str] | None = None) -> None:
                         + (" and --csv FILE" if dataset == "csv" else ""))
         elif (args.ham_dir if dataset == "ham10000" else args.aptos_dir) is None:
             p.error(f"--data-root or --{'ham' if dataset == 'ham10000' else 'aptos'}-dir needed")
-    timings = {}
-    for dataset in args.datasets:
-        for seed in args.seeds:
-            for recipe in args.recipes:
-                for fold in _grid_folds(args, dataset):
-                    for method in args.methods:
-                        start = time.time()
-                        out = run_one(args, dataset, method, recipe, seed, fold)
-                        timings[f"{dataset}/{out.name}"] = round(time.time() - start)
-    print(json.dumps(timings, indent=1))
-
+    if args.unpack:
+        print(f"unpacked {unpack(Path(args.unpack), Path(args.runs))} files", flush=True)
+    if args.concurrent < 1:
+        p.error("--concurrent must be at least 1")
+    jobs = [run_command(args, dataset, method, recipe, seed, fold)
+            for dataset in args.datasets for seed in args.seeds for recipe in args.recipes
+            for fold in _grid_folds(args, dataset) for method in args.methods]
+    for out, cmd in jobs:
+        if cmd is None:
+            print(f"[keep] {out}", flush=True)
+    report = run_grid(jobs, args.concurrent, args.window)
+    print(json.dumps(report, indent=1))
+    if args.throughput_out:
+        Path(args.throughput_out).write_text(json.dumps(report, indent=1) + "\n",
+                                             encoding="utf-8")
+    if args.pack:
+        print(f"packed {pack(Path(args.runs), Path(args.pack))} files into {args.pack}")
+    if report["failed"]:
+        raise SystemExit(f"{len(report['failed'])} run(s) failed: see their .log files")
 
 if __name__ == "__main__":
     main()

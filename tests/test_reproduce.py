@@ -217,3 +217,36 @@ def test_collect_puts_tagged_runs_beside_plain_runs_with_the_same_validation_par
     assert "| ham10000 / mt / paper / m / EMA 0.9 (n=1) |" in test
     main_table = (out / "ham10000" / "table_last.md").read_text()
     assert "EMA" not in main_table
+
+
+def test_grid_runs_concurrently_packs_and_continues_elsewhere(tmp_path: Path, make_ham) -> None:
+    import tarfile
+
+    from reference_training.reproduce import main
+
+    ham = make_ham(tmp_path / "HAM10000", "parts")
+    settings = tmp_path / "tiny.json"
+    settings.write_text(json.dumps({
+        "model": "tiny_cnn", "pretrained": False, "image_size": 16, "epochs": 2,
+        "batch_size": 8, "num_positives": 3, "num_negatives": 16, "num_workers": 0,
+        "eval_batch_size": 16, "cache_dir": str(tmp_path / "cache")}))
+    runs, archive, report = tmp_path / "runs", tmp_path / "window1.tar", tmp_path / "tp.json"
+    common = ["--datasets", "ham10000", "--ham-dir", str(ham), "--methods", "baseline", "mt",
+              "--config", str(settings)]
+    # a window that ends at once starts nothing and says so
+    main([*common, "--runs", str(runs), "--window", "0", "--throughput-out", str(report)])
+    assert len(json.loads(report.read_text())["stopped"]) == 2
+    main([*common, "--runs", str(runs), "--concurrent", "2", "--pack", str(archive),
+          "--throughput-out", str(report)])
+    result = json.loads(report.read_text())
+    assert result["finished"] == 2 and result["grid_images_per_second"] > 0
+    assert all(v > 0 for v in result["runs_images_per_second"].values())
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "ham10000/mt-paper-s2020/last.pt" in names
+    assert "ham10000/mt-paper-s2020/metrics.csv" in names
+    elsewhere = tmp_path / "next_window"
+    main([*common, "--runs", str(elsewhere), "--unpack", str(archive),
+          "--throughput-out", str(report)])
+    assert json.loads(report.read_text())["finished"] == 0  # both kept, nothing rerun
+    assert (elsewhere / "ham10000" / "mt-paper-s2020" / "summary.json").is_file()
