@@ -31,9 +31,11 @@ DEFAULTS: dict[str, Any] = {
     "method": "crckd",
     "recipe": "paper",
     "model": "densenet121",
-    # The paper and the released code fine-tune ImageNet weights; a run that cannot find them
-    # on disk stops before training and says how to supply them (--weights, efficientnet_lite0).
-    "pretrained": True,
+    # HAM10000, APTOS and the sample fine-tune ImageNet weights (DATASET_DEFAULTS), as the paper
+    # and the released code do; a run that cannot find them on disk stops before training and
+    # says how to supply them (--weights, efficientnet_lite0). Your own data: from scratch
+    # unless asked.
+    "pretrained": False,
     "weights": None,
     "image_size": 224,
     "epochs": 80,
@@ -109,6 +111,7 @@ DEFAULTS: dict[str, Any] = {
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "sample": {
         "model": "efficientnet_lite0",  # resnet18 from scratch without the pretrained extra
+        "pretrained": True,
         "image_size": 64,
         "epochs": 6,
         "batch_size": 32,
@@ -118,7 +121,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "last_epochs": 3,
         "num_workers": 0,
     },
-    "aptos": {"fold": 1},
+    "ham10000": {"pretrained": True},
+    "aptos": {"fold": 1, "pretrained": True},
     # Your own data keeps the paper's settings but K: many medical sets have fewer than 4096
     # training images, and K = min(4096, N_train / 2) keeps K well below the bank's size.
     "folder": {"negatives_max_fraction": 0.5},
