@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 
 from reference_training.config import METHODS  # noqa: E402
 from reference_training.metrics import METRICS, format_table  # noqa: E402
+from reference_training.runfiles import SUMMARY  # noqa: E402
 
 
 def load_summaries(run_dirs: list[str | Path]) -> list[dict]:
@@ -28,8 +29,8 @@ def load_summaries(run_dirs: list[str | Path]) -> list[dict]:
     summaries = []
     for run_dir in run_dirs:
         path = Path(run_dir)
-        found = [path / "summary.json"] if (path / "summary.json").is_file() else sorted(
-            path.glob("*/summary.json"))
+        found = [path / SUMMARY] if (path / SUMMARY).is_file() else sorted(
+            path.glob(f"*/{SUMMARY}"))
         if not found:
             raise FileNotFoundError(f"no summary.json in {path} or its subfolders")
         for file in found:

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
+from reference_training import runfiles  # noqa: E402
 from reference_training.config import load_file  # noqa: E402
 from reference_training.reproduce import copy_run, run_one  # noqa: E402
 
@@ -99,7 +100,7 @@ def run_grid(args: argparse.Namespace) -> list[Path]:
 
 
 def _history(folder: Path) -> list[dict[str, float]]:
-    with open(folder / "metrics.csv", newline="", encoding="utf-8") as handle:
+    with open(folder / runfiles.METRICS, newline="", encoding="utf-8") as handle:
         return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
                 for row in csv.DictReader(handle)]
 
@@ -139,9 +140,9 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
     runs = []
     for path in sorted(root.glob("*/*/summary.json")):
         summary = json.loads(path.read_text(encoding="utf-8"))
-        if "teacher" not in summary or not (path.parent / "metrics.csv").is_file():
+        if "teacher" not in summary or not (path.parent / runfiles.METRICS).is_file():
             continue
-        config_path = path.parent / "config.json"
+        config_path = path.parent / runfiles.CONFIG
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() \
             else {}
         history = _history(path.parent)

@@ -142,7 +142,7 @@ def _shared_out(config: dict[str, Any]) -> str:
 
 
 def _all_folds(config: dict[str, Any], stop_after_steps: int | None) -> list[Any]:
-    from reference_training import engine
+    from reference_training import engine, runfiles
     from reference_training.compare import compare
 
     root = Path(config["out"] or _shared_out(config))
@@ -152,7 +152,7 @@ def _all_folds(config: dict[str, Any], stop_after_steps: int | None) -> list[Any
         summaries.append(engine.train(fold_config, stop_after_steps=stop_after_steps))
     if int(os.environ.get("RANK", "0")) == 0:
         table = compare([root])
-        (root / "cv_summary.md").write_text(table + "\n", encoding="utf-8")
+        runfiles.write_text(table + "\n", root / runfiles.CV_SUMMARY)
         print(f"\n{len(summaries)}-fold cross-validation\n" + table)
     return summaries
 
