@@ -69,6 +69,12 @@ DEFAULTS: dict[str, Any] = {
     # "shuffle" is faster, its anchors of one class correlated.
     "sampler": None,
     "centroid_relu": True,
+    # The CRP ablation: relations to crp_anchor_rows random bank rows per class ("rows")
+    # instead of the class centroids; crp_anchor_norm (null: the recipe's) L2-normalises them
+    # and gives a small class only the rows it has, as the released code does.
+    "crp_anchors": "centroids",
+    "crp_anchor_rows": 30,
+    "crp_anchor_norm": None,
     "fold": None,  # APTOS: 1..5 or "all"; folder and csv: 1..num_folds or "all" for k-fold CV
     "num_folds": 5,  # folder and csv with a fold (APTOS has 5)
     # --dataset csv: the CSV (paths relative to data_dir) and its columns; a group column

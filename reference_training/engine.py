@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from crckd_losses import CRCKDLoss, EMATeacher, IndexedDataset, unwrap_model
 from crckd_losses.distributed import all_gather_varlen, world_size
-from crckd_losses.functional import consistency_kl
+from crckd_losses.functional import categorical_relation_loss, consistency_kl
 from crckd_losses.sampling import instance_indices
 
 from . import checkpoint, runfiles
@@ -286,6 +286,39 @@ def sample_rows(run: Run, step: int) -> torch.Tensor:
                        run.generator, run.crckd.ccd.sampler)
 
 
+def anchor_rows(labels: torch.Tensor, per_class: int, pad: bool,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The CRP ablation's rows: ``per_class`` random bank rows of each class, class by class.
+    ``pad``: a class with fewer rows repeats them (the library's
+    :meth:`~crckd_losses.MomentumMemoryBank.class_anchor_indices`); otherwise it gives the
+    rows it has (the released code)."""
+    keys = torch.rand(labels.shape[0], device=labels.device, generator=generator) + labels
+    by_class = torch.argsort(keys)
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    if pad:
+        step = torch.arange(per_class, device=labels.device)
+        return by_class[(starts[:, None] + step % counts[:, None]).flatten()]
+    rank = torch.arange(labels.shape[0], device=labels.device) - starts[labels[by_class]]
+    return by_class[rank < per_class]
+
+
+def crp_to_rows(run: Run, feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
+    """The CRP ablation (method §5): relations to ``crp_anchor_rows`` random rows of each class
+    of the (just updated) banks instead of the class centroids, the same rows for the student
+    and the teacher; L2-normalised when ``crp_anchor_norm`` is on (the released code)."""
+    assert run.crckd is not None
+    config, crckd = run.config, run.crckd
+    rows = anchor_rows(crckd.student_bank.labels, int(config["crp_anchor_rows"]),
+                       not config["crp_anchor_norm"], run.generator)
+    anchors = [bank.memory[rows] for bank in (crckd.student_bank, crckd.teacher_bank)]
+    if config["crp_anchor_norm"]:
+        anchors = [F.normalize(a, dim=1) for a in anchors]
+    g_s = crckd.student_head(feat_s)
+    g_t = crckd.teacher_head(feat_t.detach()).detach()
+    return categorical_relation_loss(g_s, g_t, anchors[0], anchors[1], crckd.crp.temperature)
+
+
 def train_step(run: Run, batch: tuple[torch.Tensor, ...], step: int,
                weights: dict[str, float]) -> dict[str, torch.Tensor]:
     """One optimiser step on one batch; returns the loss and its terms (detached, this rank's
@@ -321,6 +354,8 @@ def train_step(run: Run, batch: tuple[torch.Tensor, ...], step: int,
             rows = sample_rows(run, step)[run.batch_sampler.local_slice(global_size)]
             out = run.crckd_step(feat_s.float(), feat_t.float(), indices, sample_indices=rows)
             terms["ccd"], terms["crp"] = out.ccd, out.crp
+            if config["crp_anchors"] == "rows":
+                terms["crp"] = crp_to_rows(run, feat_s.float(), feat_t.float())
     loss = terms["ce"] + sum(weights[k] * v for k, v in terms.items() if k != "ce")
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()

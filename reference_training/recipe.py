@@ -18,6 +18,9 @@ drop_last          true                          false: the last partial batch i
                                                  its KL divided by the nominal batch size
 metric_labels      "present"                     "sklearn": scikit-learn's and imblearn's macro
                                                  averages (classes in the labels or predictions)
+crp_anchor_norm    false: the CRP ablation's     true: L2-normalised, and a small class gives
+                   rows as they are, a small     the rows it has
+                   class padded with repeats
 teacher_buffers,   the library's defaults        "leave", train mode
 teacher_train_mode
 class weights      the training split's counts   the whole dataset's counts
@@ -40,12 +43,14 @@ RELEASED: dict[str, Any] = {
     "sampler": "independent",
     "drop_last": False,
     "metric_labels": "sklearn",
+    "crp_anchor_norm": True,
 }
 PAPER: dict[str, Any] = {
     "epoch_lr_reset": False,
     "amp": True,
     "drop_last": True,
     "metric_labels": "present",
+    "crp_anchor_norm": False,
 }
 
 
@@ -64,10 +69,13 @@ def fill(config: dict[str, Any]) -> dict[str, Any]:
     if config["metric_labels"] not in METRIC_LABELS:
         raise ValueError(f"metric_labels must be one of {list(METRIC_LABELS)}, got "
                          f"{config['metric_labels']!r}")
+    if config["crp_anchors"] not in ("centroids", "rows"):
+        raise ValueError(f"crp_anchors must be 'centroids' or 'rows', got "
+                         f"{config['crp_anchors']!r}")
     if config["amp_dtype"] not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be one of {list(AMP_DTYPES)}, got "
                          f"{config['amp_dtype']!r}")
-    for key in ("amp", "drop_last", "channels_last"):
+    for key in ("amp", "drop_last", "channels_last", "crp_anchor_norm"):
         if not isinstance(config[key], bool):
             raise ValueError(f"{key} must be true or false, got {config[key]!r}")
     return config
