@@ -57,6 +57,7 @@ if str(ROOT) not in sys.path:
 from crckd_losses import EmbeddingHead  # noqa: E402
 from crckd_losses.functional import class_centroids  # noqa: E402
 from reference_training import checkpoint, runfiles  # noqa: E402
+from reference_training.metrics import class_mean  # noqa: E402
 
 
 def bank_stats(memory: torch.Tensor, labels: torch.Tensor, num_classes: int, tau: float,
@@ -93,15 +94,9 @@ def nearest_centroid(embeddings: torch.Tensor, labels: torch.Tensor, centroids: 
     num_classes = centroids.shape[0]
     scores = embeddings.double() @ centroids.double().T
     scores[:, centroids.abs().sum(dim=1) == 0] = float("-inf")
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    present = counts > 0
-    hit = torch.zeros(num_classes, dtype=torch.float64).index_add_(
-        0, labels, (scores.argmax(1) == labels).double())
     own = torch.softmax(scores / tau, dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
-    mass = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, own)
-    k = present.sum()
-    return (float((hit[present] / counts[present]).sum() / k),
-            float((mass[present] / counts[present]).sum() / k))
+    return (class_mean(scores.argmax(1) == labels, labels, num_classes),
+            class_mean(own, labels, num_classes))
 
 
 def run_images(folder: Path, config: dict[str, Any], data_dir: str | None = None,
@@ -135,12 +130,13 @@ def embed_parts(folder: Path, state: dict[str, Any], data_dir: str | None,
                           if k.startswith("teacher_head.")})
     network.eval()
     head.eval()
+    from reference_training.engine import predict
+
     parts = {}
     for part in ("train", "test"):
-        index = torch.as_tensor(split[part])
-        chunks = [head(network(images[index[i:i + batch_size]])[1])
-                  for i in range(0, len(index), batch_size)]
-        parts[part] = (torch.cat(chunks), torch.as_tensor(records.labels[split[part]]))
+        _, feats = predict(network, images[torch.as_tensor(split[part])], batch_size,
+                           torch.device("cpu"))
+        parts[part] = (head(feats), torch.as_tensor(records.labels[split[part]]))
     return parts
 
 

@@ -40,16 +40,12 @@ from reference_training.inspect_banks import (  # noqa: E402
     print_table,
     run_images,
 )
+from reference_training.metrics import class_mean  # noqa: E402
 
 
 def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     """Recall per class, averaged over the classes present in ``labels``."""
-    labels = labels.long()
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    hit = torch.zeros(num_classes, dtype=torch.float64).index_add_(
-        0, labels, (predicted.long() == labels).double())
-    present = counts > 0
-    return float((hit[present] / counts[present]).mean())
+    return class_mean(predicted.long() == labels.long(), labels, num_classes)
 
 
 def fit_scores(train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -76,7 +72,7 @@ def score_parts(folder: Path, state: dict[str, Any], data_dir: str | None = None
                 batch_size: int = 256,
                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
     """The run's student (as saved) on its training and test images, without augmentation:
-    ``({part: (logits, features, labels)}, num_classes)``."""
+    ``({part: (probabilities, features, labels)}, num_classes)``."""
     from reference_training.models import build_network
 
     config = checkpoint.config_of(state)
@@ -85,13 +81,14 @@ def score_parts(folder: Path, state: dict[str, Any], data_dir: str | None = None
     network = build_network(config["model"], num_classes, config["feat_dim"])
     network.load_state_dict(checkpoint.student_state(state))
     network.eval()
+    from reference_training.engine import predict
+
     parts = {}
     for part in ("train", "test"):
-        index = torch.as_tensor(split[part])
-        outputs = [network(images[index[i:i + batch_size]])
-                   for i in range(0, len(index), batch_size)]
-        parts[part] = (torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs]),
-                       torch.as_tensor(records.labels[split[part]]))
+        # probabilities stand for the logits: the table only reads their argmax
+        probs, feats = predict(network, images[torch.as_tensor(split[part])], batch_size,
+                               torch.device("cpu"))
+        parts[part] = (probs, feats, torch.as_tensor(records.labels[split[part]]))
     return parts, num_classes
 
 

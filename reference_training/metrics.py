@@ -6,6 +6,7 @@ import math
 import warnings
 
 import numpy as np
+import torch
 
 METRICS = ("auc", "accuracy", "precision", "balanced_accuracy", "f1", "kappa", "specificity")
 
@@ -76,6 +77,17 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int,
         "specificity": float(np.nanmean(specificity[averaged])),
         "classes_absent": float(num_classes - len(present)),
     }
+
+
+def class_mean(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """``values`` ``[N]`` averaged within each class of ``labels``, then over the classes
+    present: with ``values = (predicted == labels)`` it is the balanced accuracy (macro recall,
+    scikit-learn's ``balanced_accuracy_score``)."""
+    labels = labels.long()
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    sums = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, values.double())
+    present = counts > 0
+    return float((sums[present] / counts[present]).mean())
 
 
 def confusion(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> np.ndarray:
