@@ -71,7 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--max-images", type=int, help="train on a group-stratified subset")
     p.add_argument("--checkpoint-every-steps", type=int)
-    p.add_argument("--no-amp", dest="amp", action="store_false", default=None)
+    p.add_argument("--amp", dest="amp", action="store_true", default=None,
+                   help="autocast on CUDA (default: the recipe's; released-code runs float32)")
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--amp-dtype", choices=("float16", "bfloat16"))
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last memory format on CUDA")
+    p.add_argument("--sampler", choices=("independent", "shuffle"),
+                   help="CCD's row sampler (default: the library's, independent)")
+    p.add_argument("--epoch-lr-reset", type=float,
+                   help="set every group's lr to this after each epoch (the released code's "
+                        "base_lr reset; default: the recipe's)")
+    p.add_argument("--keep-last-batch", dest="drop_last", action="store_false", default=None,
+                   help="train on each epoch's last partial batch (released-code's default)")
+    p.add_argument("--metric-labels", choices=("present", "sklearn"),
+                   help="classes the macro precision, F1 and specificity average over")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
     return p
