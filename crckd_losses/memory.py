@@ -375,7 +375,11 @@ class MomentumMemoryBank(nn.Module):
         The first call reduces the whole bank in one ``index_add_``
         (:func:`~crckd_losses.functional.class_centroids`); the per-class sums are then kept
         current by :meth:`update` from the rows it changes, so later calls cost ``O(C d)``.
-        Any other write to ``memory`` is detected and triggers a full reduction again.
+        Any other write to ``memory`` is detected and triggers a full reduction again. The
+        running sums equal a full reduction up to float64 rounding; where a class's ReLU sum
+        is exactly zero (every row of the class is <= 0 in every dimension), a full reduction
+        gives a zero centroid and the running sum a residue of about 1e-16, normalised like
+        any sum below 1e-12 (``F.normalize``'s floor) to a vector of norm below about 1e-3.
 
         Args:
             relu: apply ReLU to the rows before averaging (the released code's default).
