@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -346,44 +346,8 @@ def _nce_rows(
         rows = directions
         weight = _tiled(neg_weight, batch, 1.0 / batch if reduction == "mean" else 1.0)
     with torch.autocast(raw.device.type, enabled=False):  # keep the reduction in `dtype`
-        if signed.device.type == "cpu" and dtype == torch.float32:
-            out: torch.Tensor = _LogSigmoidMatVec.apply(signed, weight, rows)
-        else:
-            out = torch.mv(F.logsigmoid(signed).view(rows, -1), weight)
+        out = torch.mv(F.logsigmoid(signed).view(rows, -1), weight)
     return out.view(directions, batch) if reduction == "none" else out
-
-
-class _LogSigmoidMatVec(torch.autograd.Function):
-    r"""``mv(logsigmoid(signed).view(rows, -1), weight)`` for float32 CPU tensors, with the
-    logsigmoid evaluated in float64: this CPU build's float32 logsigmoid (its ``log1p``) is
-    not vectorised and takes over three times as long as the float64 one. The backward,
-    :math:`\partial/\partial s\, \log\sigma(s) = \sigma(-s)`, stays in float32."""
-
-    @staticmethod
-    def forward(ctx: Any, signed: torch.Tensor, weight: torch.Tensor, rows: int
-                ) -> torch.Tensor:
-        ctx.save_for_backward(signed, weight)
-        terms = F.logsigmoid(signed.to(torch.float64)).view(rows, -1)
-        return torch.mv(terms, _as_float64(weight)).to(torch.float32)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        signed, weight = ctx.saved_tensors
-        coefficient = (grad.unsqueeze(1) * weight).view(signed.shape)
-        return torch.sigmoid(signed.neg()).mul_(coefficient), None, None
-
-
-_FLOAT64: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _as_float64(weight: torch.Tensor) -> torch.Tensor:
-    """A cached float64 copy of one of the cached column-weight tensors."""
-    key = (id(weight), weight.device)
-    cached = _FLOAT64.get(key)
-    if cached is None or cached[0] is not weight:
-        cached = (weight, weight.to(torch.float64))
-        _FLOAT64[key] = cached
-    return cached[1]
 
 
 _TILED: dict[tuple[int, int, float, torch.dtype, torch.device], torch.Tensor] = {}
