@@ -151,9 +151,9 @@ class EMA(Section):
     def markdown(self, result: dict[str, Any], meta: dict[str, Any], stem: str) -> list[str]:
         md = ["## EMA update", "",
               "One update of the teacher, decay 0.99. `buffers copied` = parameters averaged, "
-              "buffers copied (the library's default; torch AveragedModel with "
-              "use_buffers=False); `buffers averaged` = floating buffers averaged too (timm "
-              "ModelEmaV3).", ""]
+              "buffers copied (torch AveragedModel with use_buffers=False); `buffers "
+              "averaged` = floating buffers averaged too (timm ModelEmaV3; the library's "
+              "default since 0.2).", ""]
         for p in result["points"]:
             md += [f"{p['model']} ({p['parameters']:,} parameters in {p['parameter_tensors']} "
                    f"tensors, {p['buffer_tensors']} buffers):", ""]
