@@ -139,9 +139,7 @@ def check_unit_interval(name: str, value: object, *, closed_high: bool = False) 
 
 
 def check_reduction(reduction: str) -> str:
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    return reduction
+    return check_choice("reduction", reduction, ("mean", "sum", "none"))
 
 
 def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
