@@ -16,7 +16,6 @@ from ._checks import (
     check_range,
     check_same_device,
     check_unit_interval,
-    reads_values,
     reduce,
 )
 from .contrastive import ClassGuidedContrastiveLoss, Normalizer
@@ -202,9 +201,7 @@ class CRCKDLoss(nn.Module):
             check_finite(name, feat)
         check_range("indices", indices, self.student_bank.size)
         indices = indices.long()
-        # Where the indices' values were not read (accelerators by default), an out-of-range
-        # index is clamped for every read; the bank update refuses its row.
-        rows = indices if reads_values(indices) else indices.clamp(0, self.student_bank.size - 1)
+        rows = self.student_bank._readable(indices)
         ccd = self.ccd
         if sample_indices is None:
             sample_indices = class_guided_indices(

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ._cache import built_once
 from ._checks import (
     check_choice,
     check_finite,
@@ -355,13 +356,8 @@ _TILED: dict[tuple[int, int, float, torch.dtype, torch.device], torch.Tensor] = 
 
 def _tiled(weight: torch.Tensor, times: int, scale: float) -> torch.Tensor:
     """``weight`` repeated ``times`` times, times ``scale``; built once per setting."""
-    key = (id(weight), times, scale, weight.dtype, weight.device)
-    cached = None if torch.compiler.is_compiling() else _TILED.get(key)
-    if cached is None:
-        cached = weight.repeat(times) * scale
-        if not torch.compiler.is_compiling():
-            _TILED[key] = cached
-    return cached
+    return built_once(_TILED, (id(weight), times, scale, weight.dtype, weight.device),
+                      lambda: weight.repeat(times) * scale)
 
 
 _COLUMNS: dict[tuple[int, int, float, torch.dtype, torch.device],
@@ -373,17 +369,15 @@ def _nce_columns(width: int, num_positives: int, scale: float, dtype: torch.dtyp
     """Per-column constants of :func:`_nce_rows`: ``sign * scale``, ``-sign`` and ``-weight``
     (sign +1 for positives, -1 for negatives; weight 1/P for positives, 1 for negatives).
     They never change from step to step, so eager code builds them once per setting."""
-    key = (width, num_positives, scale, dtype, device)
-    cached = None if torch.compiler.is_compiling() else _COLUMNS.get(key)
-    if cached is None:
+
+    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sign = torch.full((width,), -1.0, dtype=dtype, device=device)
         sign[:num_positives] = 1.0
         weight = torch.ones(width, dtype=dtype, device=device)
         weight[:num_positives] = 1.0 / num_positives  # set in `dtype`, not rounded first
-        cached = (sign * scale, -sign, -weight)
-        if not torch.compiler.is_compiling():
-            _COLUMNS[key] = cached
-    return cached
+        return sign * scale, -sign, -weight
+
+    return built_once(_COLUMNS, (width, num_positives, scale, dtype, device), build)
 
 
 def class_guided_contrastive_loss(

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from ._cache import built_once
 from ._checks import (
     as_label_tensor,
     check_choice,
@@ -356,17 +357,14 @@ class MomentumMemoryBank(nn.Module):
                 f"use at most {self.size}"
             )
         self.warn_if_negatives_repeat(num_negatives)
-        return self._sample(indices, num_positives, num_negatives, generator, sampler)
+        return class_guided_indices(self.layout, self._readable(indices), num_positives,
+                                    num_negatives, generator, sampler)
 
-    def _sample(self, indices: torch.Tensor, num_positives: int, num_negatives: int,
-                generator: torch.Generator | None, sampler: Sampler) -> torch.Tensor:
-        """:meth:`sample` from checked arguments. Where the indices' values were not read
-        (see :func:`~crckd_losses.set_value_checks`), an out-of-range anchor is clamped into
-        the bank rather than read out of bounds; its row is refused by the update."""
-        if not reads_values(indices):
-            indices = indices.clamp(0, self.size - 1)
-        return class_guided_indices(self.layout, indices, num_positives, num_negatives,
-                                    generator, sampler)
+    def _readable(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices`` safe to read rows at: where their values were not checked (see
+        :func:`~crckd_losses.set_value_checks`), clamped into the bank rather than read out of
+        bounds; the update refuses such a row."""
+        return indices if reads_values(indices) else indices.clamp(0, self.size - 1)
 
     @torch.no_grad()
     def centroids(self, relu: bool = True) -> torch.Tensor:
@@ -528,12 +526,7 @@ _POSITIONS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 def _positions(count: int, device: torch.device) -> torch.Tensor:
     """``arange(count)`` on ``device``, built once per size in eager code."""
-    if torch.compiler.is_compiling():
-        return torch.arange(count, device=device)
-    key = (count, device)
-    if key not in _POSITIONS:
-        _POSITIONS[key] = torch.arange(count, device=device)
-    return _POSITIONS[key]
+    return built_once(_POSITIONS, (count, device), lambda: torch.arange(count, device=device))
 
 @torch.no_grad()
 def write_banks(banks: Sequence[MomentumMemoryBank], plan: WritePlan) -> None:

@@ -24,6 +24,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from ._cache import built_once
+
 Sampler = Literal["independent", "shuffle"]
 SAMPLERS: tuple[Sampler, ...] = ("independent", "shuffle")
 
@@ -65,16 +67,13 @@ def _columns(num_positives: int, num_negatives: int, device: torch.device
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[P-1+K]`` constants: whether each drawn column is a positive, and how many rows its
     anchor needs for a draw without replacement (``P-1`` or ``K``). Built once per setting."""
-    key = (num_positives, num_negatives, device)
-    cached = None if torch.compiler.is_compiling() else _COLUMNS.get(key)
-    if cached is None:
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
         width = num_positives - 1 + num_negatives
         positive = torch.arange(width, device=device) < num_positives - 1
-        need = torch.where(positive, num_positives - 1, num_negatives)
-        cached = (positive, need)
-        if not torch.compiler.is_compiling():
-            _COLUMNS[key] = cached
-    return cached
+        return positive, torch.where(positive, num_positives - 1, num_negatives)
+
+    return built_once(_COLUMNS, (num_positives, num_negatives, device), build)
 
 
 def class_guided_indices(
