@@ -155,23 +155,21 @@ class EMATeacher(nn.Module):
             )
         else:
             buffer_pairs = []
-        plan = _UpdatePlan([], [], [], [], [])
-        for t, s in pairs:
-            lerp = t.is_floating_point()
-            (plan.lerp_teacher if lerp else plan.copy_teacher).append(t)
-            (plan.lerp_student if lerp else plan.copy_student).append(s)
-        for t, s in buffer_pairs:
-            lerp = self.buffers_mode == "average" and t.is_floating_point()
-            (plan.lerp_teacher if lerp else plan.copy_teacher).append(t)
-            (plan.lerp_student if lerp else plan.copy_student).append(s)
-        # One _foreach_copy_ per dtype: a list of mixed dtypes (float statistics with the long
-        # num_batches_tracked) leaves the fused multi-tensor kernel on a GPU.
-        groups: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for t, s in zip(plan.copy_teacher, plan.copy_student):
-            group = groups.setdefault(t.dtype, ([], []))
-            group[0].append(t)
-            group[1].append(s)
-        plan = plan._replace(copy_groups=list(groups.values()))
+        plan = _UpdatePlan([], [], [])
+        # Copies go in one _foreach_copy_ per dtype: a list of mixed dtypes (float statistics
+        # with the long num_batches_tracked) leaves the fused multi-tensor kernel on a GPU.
+        copies: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        average_buffers = self.buffers_mode == "average"
+        for pair_list, averaged in ((pairs, True), (buffer_pairs, average_buffers)):
+            for t, s in pair_list:
+                if averaged and t.is_floating_point():
+                    plan.lerp_teacher.append(t)
+                    plan.lerp_student.append(s)
+                else:
+                    group = copies.setdefault(t.dtype, ([], []))
+                    group[0].append(t)
+                    group[1].append(s)
+        plan.copy_groups.extend(copies.values())
         self.__dict__["_cached_plan"] = (source, plan)
         return plan
 
@@ -203,6 +201,4 @@ class EMATeacher(nn.Module):
 class _UpdatePlan(NamedTuple):
     lerp_teacher: list[torch.Tensor]
     lerp_student: list[torch.Tensor]
-    copy_teacher: list[torch.Tensor]
-    copy_student: list[torch.Tensor]
     copy_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]]
