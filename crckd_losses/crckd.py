@@ -8,6 +8,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from . import _fused
 from ._checks import (
     check_finite,
     check_float,
@@ -18,6 +19,7 @@ from ._checks import (
     check_unit_interval,
     reduce,
 )
+from ._fused import Fused
 from .contrastive import ClassGuidedContrastiveLoss, Normalizer
 from .functional import ScorePath, _relation_per_sample
 from .heads import EmbeddingHead
@@ -86,6 +88,13 @@ class CRCKDLoss(nn.Module):
         num_classes: ``C``; defaults to ``labels.max() + 1``.
         copy_on_write: how the banks are written (see :class:`MomentumMemoryBank`):
             ``"snapshot"`` keeps every tensor in place, for capture in a CUDA graph.
+        fused: ``"auto"`` (default) compiles the step after the checks and the sampling
+            with inductor (``torch.compile``) where that pays and works: CUDA tensors with
+            Triton installed, in one process, outside an outer ``torch.compile``. ``True``
+            compiles it on any device, ``False`` never. The compiled step matches the eager
+            one to float rounding; the first training calls compile it (once for the first
+            step, which estimates :math:`Z`, once for the steady state). Under ``"auto"`` a
+            compile failure warns and falls back to eager. See :doc:`/howto/gpu`.
 
     Examples:
         >>> labels = torch.randint(0, 3, (100,))
@@ -118,8 +127,10 @@ class CRCKDLoss(nn.Module):
         path: ScorePath = "auto",
         num_classes: int | None = None,
         copy_on_write: bool | Literal["snapshot"] = True,
+        fused: Fused = "auto",
     ) -> None:
         super().__init__()
+        self.fused: Fused = _fused.check_fused(fused)
         for name, value in (("ccd_weight", ccd_weight), ("crp_weight", crp_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -209,24 +220,34 @@ class CRCKDLoss(nn.Module):
                 generator, ccd.sampler)
         else:
             sample_indices = ccd.check_sample_indices(sample_indices, batch, self.student_bank)
-        g_s = self.student_head(student_feat)
-        g_t = self.teacher_head(teacher_feat.detach())
-        both = ccd._both(g_s, g_t, self.student_bank, self.teacher_bank, sample_indices)
-        banks = (self.student_bank, self.teacher_bank)
-        if self.training:
-            with torch.no_grad():
-                for bank in banks:
-                    bank._sync_once()
-                gathered, (new_s, new_t) = gather_rows(indices, g_s.detach(), g_t.detach())
-                # One plan for both banks: a row enters neither bank unless both sides are
-                # finite, and the index bookkeeping is done once.
-                plan = plan_write(gathered, self.student_bank.labels, new_s, new_t,
-                                  rows=None if gathered is not indices else rows)
-                write_banks(banks, plan)
-        # Both banks' centroids in one [2, C, d] tensor, 1/tau folded in.
-        scaled = centroids_of(banks, self.centroid_relu, scale=1.0 / self.crp.temperature)
-        crp = reduce(_relation_per_sample(g_s, g_t.detach(), scaled[0], scaled[1], 1.0),
-                     self.crp.reduction)
-        ccd_loss = both.sum(dim=0)
-        loss = torch.add(ccd_loss * self.ccd_weight, crp, alpha=self.crp_weight)
-        return CRCKDOutput(loss, ccd_loss, crp, both[0], both[1])
+        out: CRCKDOutput = _fused.run(self, self.fused, _step, self, student_feat,
+                                      teacher_feat, indices, rows, sample_indices)
+        return out
+
+
+def _step(crckd: CRCKDLoss, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+          indices: torch.Tensor, rows: torch.Tensor, sample_indices: torch.Tensor
+          ) -> CRCKDOutput:
+    """Steps 1-5 of :class:`CRCKDLoss` on checked inputs and drawn samples; what the fused
+    path compiles."""
+    g_s = crckd.student_head(student_feat)
+    g_t = crckd.teacher_head(teacher_feat.detach())
+    both = crckd.ccd._both(g_s, g_t, crckd.student_bank, crckd.teacher_bank, sample_indices)
+    banks = (crckd.student_bank, crckd.teacher_bank)
+    if crckd.training:
+        with torch.no_grad():
+            for bank in banks:
+                bank._sync_once()
+            gathered, (new_s, new_t) = gather_rows(indices, g_s.detach(), g_t.detach())
+            # One plan for both banks: a row enters neither bank unless both sides are
+            # finite, and the index bookkeeping is done once.
+            plan = plan_write(gathered, crckd.student_bank.labels, new_s, new_t,
+                              rows=None if gathered is not indices else rows)
+            write_banks(banks, plan)
+    # Both banks' centroids in one [2, C, d] tensor, 1/tau folded in.
+    scaled = centroids_of(banks, crckd.centroid_relu, scale=1.0 / crckd.crp.temperature)
+    crp = reduce(_relation_per_sample(g_s, g_t.detach(), scaled[0], scaled[1], 1.0),
+                 crckd.crp.reduction)
+    ccd_loss = both.sum(dim=0)
+    loss = torch.add(ccd_loss * crckd.ccd_weight, crp, alpha=crckd.crp_weight)
+    return CRCKDOutput(loss, ccd_loss, crp, both[0], both[1])

@@ -8,11 +8,11 @@ from crckd_losses import CRCKDLoss, EMATeacher, MomentumMemoryBank
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def paper_sized(device, dtype=torch.float32):
+def paper_sized(device, dtype=torch.float32, fused=False):
     torch.manual_seed(0)
     labels = torch.randint(0, 7, (7012,))
     labels[:7] = torch.arange(7)
-    crckd = CRCKDLoss(labels, 128, 128).to(device=device, dtype=dtype)
+    crckd = CRCKDLoss(labels, 128, 128, fused=fused).to(device=device, dtype=dtype)
     f_s = torch.randn(64, 128, dtype=dtype)
     f_t = torch.randn(64, 128, dtype=dtype)
     idx = torch.randperm(7012)[:64]
@@ -61,19 +61,27 @@ def test_autocast_close_to_float32(dtype):
 
 
 @pytest.mark.parametrize("sampler", ["independent", "shuffle"])
-def test_default_training_step_has_no_host_sync(sampler):
+@pytest.mark.parametrize("fused", [False, "auto"])
+def test_default_training_step_has_no_host_sync(sampler, fused):
     """A whole default step: CRCKDLoss forward and backward (sampling, both bank updates,
-    centroids, the first call's Z too) and the EMA update, with the default value checks."""
-    crckd, f_s, f_t, idx = paper_sized("cuda")
+    centroids, the first call's Z too) and the EMA update, with the default value checks;
+    eager, and on the fused path that "auto" selects on CUDA (compiled by two warm-up steps
+    first, since compiling is not a training step)."""
+    crckd, f_s, f_t, idx = paper_sized("cuda", fused=fused)
     crckd.ccd.sampler = sampler
     student = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.BatchNorm1d(128)).cuda()
     teacher = EMATeacher(student)
     optimizer = torch.optim.Adam([*student.parameters(), *crckd.parameters()],
                                  capturable=True)
+    steps = 3
+    if fused:
+        for _ in range(2):
+            crckd(student(f_s), f_t, idx).loss.backward()
+        steps = 2
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
+        for _ in range(steps):
             out = crckd(student(f_s), f_t, idx)
             optimizer.zero_grad()
             out.loss.backward()
@@ -112,6 +120,12 @@ def test_ema_teacher_on_device():
         torch.testing.assert_close(t, 0.5 * b + 0.5 * s)
 
 
+def test_auto_takes_the_fused_path_on_cuda():
+    from crckd_losses import _fused
+
+    assert _fused.use_fused("auto", torch.device("cuda")) == _fused.triton_available()
+
+
 def test_compile_inductor_matches_eager():
     crckd, f_s, f_t, idx = paper_sized("cuda")
     sample = crckd.student_bank.sample(idx, 20, 4096)
@@ -124,12 +138,12 @@ def test_compile_inductor_matches_eager():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-def _graph_setup(seed=0):
+def _graph_setup(seed=0, fused=False):
     torch.manual_seed(seed)
     labels = torch.randint(0, 7, (7012,))
     labels[:7] = torch.arange(7)
     student = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.BatchNorm1d(128)).cuda()
-    crckd = CRCKDLoss(labels.cuda(), 128, 128, copy_on_write="snapshot").cuda()
+    crckd = CRCKDLoss(labels.cuda(), 128, 128, copy_on_write="snapshot", fused=fused).cuda()
     teacher = EMATeacher(student, warmup=False)
     optimizer = torch.optim.Adam([*student.parameters(), *crckd.parameters()], lr=1e-3,
                                  capturable=True)
@@ -146,13 +160,14 @@ def _step(student, crckd, teacher, optimizer, x, f_t, idx, sample=None):
 
 
 @pytest.mark.parametrize("sampled", [False, True])
-def test_cuda_graph_replays_a_whole_step(sampled):
+@pytest.mark.parametrize("fused", [False, "auto"])
+def test_cuda_graph_replays_a_whole_step(sampled, fused):
     """The whole default step (forward, backward, both bank updates, centroids, the optimiser
     and the EMA update) captured once and replayed: with the rows given, every replay matches
     eager execution of the same steps; with the library's sampler, replays draw fresh rows."""
     import copy
 
-    parts = _graph_setup()
+    parts = _graph_setup(fused=fused)
     x = torch.randn(64, 64, device="cuda")
     f_t = torch.randn(64, 128, device="cuda")
     idx = torch.randperm(7012, device="cuda")[:64]

@@ -5,6 +5,7 @@ reference. Also the CCD inputs and contenders that the sweeps and the crossover 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,6 +197,36 @@ def ccd_fns(
     return {name: _ccd_step(x, makers[name], ctx) for name in names}
 
 
+#: The row of the library's CCD compiled with inductor (the fused path of ``CRCKDLoss``).
+FUSED = "auto, compiled (inductor)"
+
+
+_COMPILED: dict[str, Callable[[CCDInputs], tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def fused_ccd() -> Callable[[CCDInputs], tuple[torch.Tensor, torch.Tensor]]:
+    """The library's CCD compiled with inductor into one graph (built once), as
+    ``CRCKDLoss(fused=True)`` compiles it inside its step."""
+    if "auto" not in _COMPILED:
+        _COMPILED["auto"] = torch.compile(lambda v: ccd_library(v, "auto"), fullgraph=True)
+    return _COMPILED["auto"]
+
+
+def check_fused(x: CCDInputs) -> dict[str, float]:
+    """Asserts that the compiled CCD matches the eager dense path (losses, grads); compiles it
+    on the way, so the timing that follows measures no compilation."""
+    compiled = fused_ccd()
+    got: list[torch.Tensor] = []
+    want: list[torch.Tensor] = []
+    for compute, into in ((compiled, got), (lambda v: ccd_library(v, "dense"), want)):
+        loss_s, loss_t = compute(x)
+        grads = torch.autograd.grad(loss_s + loss_t, [x.student_emb, x.teacher_emb])
+        into.extend([loss_s.detach(), loss_t.detach(), *grads])
+    tol = tolerance(torch.float32)
+    return {f"compiled/{what}": assert_close(f"CCD compiled {what}", a, b, tol)
+            for what, a, b in zip(("L_S", "L_T", "grad_S", "grad_T"), got, want)}
+
+
 def run_ccd(bench: Bench) -> dict[str, Any]:
     """CCD, both directions, at the paper's sizes: library paths against the reference."""
     p = dict(PAPER)
@@ -213,6 +244,9 @@ def run_ccd(bench: Bench) -> dict[str, Any]:
                 step()
 
         fns["auto, value checks off"] = checks_off
+        if dtype == torch.float32 and not bench.quick:
+            checks.update(check_fused(x))
+            fns[FUSED] = _ccd_step(x, fused_ccd(), nullcontext)
         rows = bench.compare(fns, samples=p["B"], budget_s=2 * bench.budget_s)
         out["by_dtype"][dtype_name(dtype)] = {
             "auto_path": functional.choose_score_path(p["N"], p["P"] + p["K"]),
@@ -293,7 +327,12 @@ class CCD(Section):
         bound, where = speed_bound(meta)
         auto_rows = result.get("autocast", {}).get("rows", {})
         slowdown = ratio(auto_rows, AUTOCAST_ROWS[1], AUTOCAST_ROWS[0])
+        fused = ratio(rows, "reference", FUSED) if FUSED in rows else None
         return [target("ccd_speed", _speed_text(bound, where), speed, bound, detail=others),
+                target("ccd_speed_fused", _speed_text(bound, where).replace(
+                    "library time", "compiled library time"), fused, bound,
+                    detail="the step's fused path (`fused=True`; `\"auto\"` selects it on CUDA)"
+                    if fused is not None else "not measured in this run"),
                 target("ccd_memory", CCD_MEMORY, mem, 20, detail=others),
                 target("ccd_autocast", CCD_AUTOCAST, slowdown, 1.2, higher_is_better=False,
                        detail=f"{meta.get('device', 'cpu')}, `{params(result['params'])}`"

@@ -1,0 +1,125 @@
+"""CRCKDLoss's fused path: the step compiled with inductor matches the eager step, "auto"
+chooses it only where it pays, and a failed compile under "auto" falls back."""
+
+import copy
+
+import pytest
+import torch
+
+from crckd_losses import CRCKDLoss, _fused
+
+
+def _pair(fused_b, **kw):
+    torch.manual_seed(0)
+    labels = torch.arange(120) % 4
+    kw = {"embed_dim": 8, "num_positives": 4, "num_negatives": 30, **kw}
+    a = CRCKDLoss(labels, student_dim=10, teacher_dim=12, fused=False, **kw)
+    b = copy.deepcopy(a)
+    b.fused = fused_b
+    return a, b
+
+
+def _step(crckd, seed, batch=6):
+    g = torch.Generator().manual_seed(seed)
+    f_s = torch.randn(batch, 10, generator=g, requires_grad=True)
+    f_t = torch.randn(batch, 12, generator=g)
+    idx = torch.randperm(120, generator=g)[:batch]
+    idx[-1] = idx[0]  # a repeated index, as samplers with replacement give
+    out = crckd(f_s, f_t, idx, generator=torch.Generator().manual_seed(100 + seed))
+    out.loss.backward()
+    return out, f_s.grad
+
+
+def test_compiled_step_matches_eager_over_training_steps():
+    """Four training steps (the first estimates Z, the later read it; the last is a partial
+    batch), each sampling from its own generator: losses, input gradients, head gradients,
+    both banks, centroids and Z agree to float32 rounding."""
+    torch._dynamo.reset()
+    eager, fused = _pair(True)
+    for seed, batch in ((0, 6), (1, 6), (2, 6), (3, 4)):
+        want, want_grad = _step(eager, seed, batch)
+        got, got_grad = _step(fused, seed, batch)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager.parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+    for name in ("student_bank", "teacher_bank"):
+        bank_a, bank_b = getattr(eager, name), getattr(fused, name)
+        torch.testing.assert_close(bank_b.memory, bank_a.memory, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bank_b.centroids(), bank_a.centroids(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.ccd.log_normalizer, eager.ccd.log_normalizer)
+    assert torch.equal(fused.student_bank.rejected_rows, eager.student_bank.rejected_rows)
+
+
+def test_compiled_step_masks_a_non_finite_row_like_eager():
+    """With value checks off, a NaN feature row is refused on the device by both paths."""
+    from crckd_losses import set_value_checks
+
+    torch._dynamo.reset()
+    eager, fused = _pair(True)
+    f_s, f_t = torch.randn(5, 10), torch.randn(5, 12)
+    f_s[2, 0] = float("nan")
+    idx = torch.tensor([3, 8, 9, 50, 77])
+    set_value_checks("mask")
+    try:
+        for crckd in (eager, fused):
+            crckd(f_s, f_t, idx, generator=torch.Generator().manual_seed(0))
+    finally:
+        set_value_checks("auto")
+    for crckd in (eager, fused):
+        assert int(crckd.student_bank.rejected_rows) == 1
+        assert torch.isfinite(crckd.student_bank.memory).all()
+    torch.testing.assert_close(fused.student_bank.memory, eager.student_bank.memory)
+
+
+def test_auto_is_eager_on_cpu_and_compiles_only_on_cuda_with_triton(monkeypatch):
+    cpu = torch.device("cpu")
+    cuda = torch.device("cuda")
+    assert not _fused.use_fused("auto", cpu)
+    assert _fused.use_fused(True, cpu)
+    assert not _fused.use_fused(False, cuda)
+    monkeypatch.setattr(_fused, "triton_available", lambda: True)
+    assert _fused.use_fused("auto", cuda)
+    monkeypatch.setattr(_fused, "triton_available", lambda: False)
+    assert not _fused.use_fused("auto", cuda)
+
+    def refuse(fn):
+        raise AssertionError("auto compiled on a CPU")
+
+    monkeypatch.setattr(_fused, "compiled", refuse)
+    crckd = CRCKDLoss(torch.arange(40) % 2, 6, 6, embed_dim=4, num_positives=2,
+                      num_negatives=5)
+    assert crckd.fused == "auto"
+    crckd(torch.randn(3, 6), torch.randn(3, 6), torch.arange(3)).loss.backward()
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    def broken(fn):
+        def call(*args):
+            raise torch._dynamo.exc.TorchDynamoException("no compiler here")
+        return call
+
+    monkeypatch.setattr(_fused, "compiled", broken)
+    monkeypatch.setattr(_fused, "use_fused", lambda setting, device: setting is not False)
+    eager, auto = _pair("auto")
+    with pytest.warns(UserWarning, match="no compiler here"):
+        got, _ = _step(auto, 0)
+    want, _ = _step(eager, 0)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a)
+    torch.testing.assert_close(auto.student_bank.memory, eager.student_bank.memory)
+    # Warned once; later steps run eagerly without trying again.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step(auto, 1)
+    _, forced = _pair(True)
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException):
+        _step(forced, 0)
+
+
+def test_fused_setting_is_checked():
+    with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
+        CRCKDLoss(torch.arange(10) % 2, 4, 4, embed_dim=4, num_positives=2,
+                  num_negatives=4, fused="yes")
