@@ -209,7 +209,7 @@ def table(runs: list[dict[str, Any]]) -> str:
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     """Per-epoch validation balanced accuracy, one panel per case: teacher solid, student
     dashed, one colour per setting."""
-    from reference_training.plots import _pyplot
+    from reference_training.plots import _pyplot, label_epoch_axes
 
     plt = _pyplot()
     cases = list(dict.fromkeys(r["case"] for r in runs))
@@ -223,12 +223,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                 ax.plot(epochs, [100 * row[f"{prefix}val_balanced_accuracy"]
                                  for row in r["history"]], style, color=colour,
                         label=f"{r['setting']} {who}")
-        ax.set_title(case, fontsize=8)
-        ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_ylabel("validation balanced accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        label_epoch_axes(ax, case, "validation balanced accuracy (%)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

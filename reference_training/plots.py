@@ -18,6 +18,16 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
+def label_epoch_axes(ax, title: str, ylabel: str, fontsize: int = 9) -> None:  # type: ignore[no-untyped-def]
+    """Title, an integer epoch x axis, ``ylabel``, a light grid and a small legend."""
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
     """``losses.png`` (training losses per epoch) and ``metrics.png`` (val/test curves of the
     student, solid, and of the mean teacher, dashed, where the run has one)."""
