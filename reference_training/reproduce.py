@@ -263,32 +263,37 @@ def paired_table(summaries: list[dict[str, Any]], protocol: str = "last", by: st
     """Method against method, seed by seed (the same seed gives both runs the same split,
     initial weights and batch order), or fold by fold with ``by="fold"`` (runs of one seed):
     the mean ± std of the difference in test metrics, in points, and on how many seeds (folds)
-    the first method is ahead. Paper recipe only; ``""`` when no pair of runs shares a key."""
-    by_key: dict[tuple[str, int], dict[str, float]] = {}
+    the first method is ahead. Methods are compared in the paper recipe; a method run in both
+    recipes also gets released-code − paper. ``""`` when no pair of runs shares a key."""
+    by_key: dict[tuple[str, str, int], dict[str, float]] = {}
     for s in summaries:
-        if s["recipe"] != "paper":
-            continue
         source = (s["last_epochs"]["test"] if protocol == "last"
                   else (s.get("best_on_val") or {}).get("test"))
         if source:
-            by_key[(s["method"], int(s.get(by) or 1))] = source
+            by_key[(s["method"], s["recipe"], int(s.get(by) or 1))] = source
     head = ["comparison", f"{by}s", *[f"Δ {m}" for m in PAIR_METRICS],
             *[f"ahead on {m}" for m in PAIR_METRICS[:2]]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for a, b in PAIRS:
-        keys = sorted(k for (m, k) in by_key if m == a and (b, k) in by_key)
+    methods = list(dict.fromkeys(m for m, _, _ in by_key))
+    pairs = [((a, "paper"), (b, "paper"), f"{a} − {b}") for a, b in PAIRS]
+    pairs += [((m, "released-code"), (m, "paper"), f"{m}: released-code − paper")
+              for m in methods]
+    for first, second, name in pairs:
+        keys = sorted(k for (m, r, k) in by_key if (m, r) == first and (*second, k) in by_key)
         if not keys:
             continue
-        deltas = {m: [by_key[(a, k)][m] - by_key[(b, k)][m] for k in keys]
+        deltas = {m: [by_key[(*first, k)][m] - by_key[(*second, k)][m] for k in keys]
                   for m in PAIR_METRICS}
         cells = [_signed(deltas[m]) for m in PAIR_METRICS]
         cells += [f"{sum(d > 0 for d in deltas[m])}/{len(keys)}" for m in PAIR_METRICS[:2]]
-        lines.append("| " + " | ".join([f"{a} − {b}", str(len(keys)), *cells]) + " |")
+        lines.append("| " + " | ".join([name, str(len(keys)), *cells]) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _signed(values: list[float]) -> str:
     text = _mean_std(values, 100.0, 1)
+    if text.startswith("-0.0 ") or text == "-0.0":  # a mean that rounds to zero has no sign
+        text = text[1:]
     return text if text.startswith("-") else "+" + text
 
 

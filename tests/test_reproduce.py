@@ -38,6 +38,17 @@ def test_paired_table_differences_and_wins() -> None:
     assert paired_table([_summary("baseline", 1, 0.5, 0.4)]) == ""
 
 
+def test_paired_table_sets_a_methods_recipes_side_by_side() -> None:
+    runs = [_summary("crckd", 1, 0.50, 0.40), _summary("crckd", 2, 0.60, 0.50),
+            _summary("crckd", 1, 0.53, 0.41, recipe="released-code"),
+            _summary("crckd", 2, 0.62, 0.49, recipe="released-code"),
+            _summary("mt", 1, 0.40, 0.40, recipe="released-code")]  # no paper run to pair
+    rows = [line for line in paired_table(runs).splitlines() if "released-code" in line]
+    # balanced accuracy +3 and +2 -> +2.5 ± 0.7; F1 +1 and -1 -> +0.0 ± 1.4
+    assert rows == ["| crckd: released-code − paper | 2 | +2.5 ± 0.7 | +0.0 ± 1.4 | "
+                    "+0.0 ± 0.0 | 2/2 | 1/2 |"]
+
+
 def test_recall_time_table_groups_seeds_in_method_order() -> None:
     runs = [_summary("crckd", 1, 0.5, 0.4, seconds=12), _summary("baseline", 1, 0.2, 0.4),
             _summary("crckd", 2, 0.7, 0.4, seconds=14)]
