@@ -6,6 +6,8 @@ Usage::
         [--part test|val]
 
 Runs are grouped by (dataset, method, recipe, model, tag); each group is one row.
+``--against DIR`` pairs each run with the run of the same folder name in ``DIR`` instead (the
+same setting measured before a change) and tables the differences.
 """
 
 from __future__ import annotations
@@ -83,6 +85,61 @@ def run_order(summary: dict) -> tuple:
             summary.get("tag") or "", summary.get("seed") or 0, summary.get("fold") or 0)
 
 
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std`` (sample std; the mean alone for one value), ``n/a`` for none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "n/a"
+    mean = sum(finite) / len(finite)
+    text = f"{scale * mean:.{digits}f}"
+    if len(finite) > 1:
+        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+        text += f" ± {scale * std:.{digits}f}"
+    return text
+
+
+def signed_mean_std(values: list[float]) -> str:
+    """``mean_std`` of ``values`` in points, with its sign."""
+    text = mean_std(values, 100.0, 1)
+    if text.startswith("-0.0 ") or text == "-0.0":  # a mean that rounds to zero has no sign
+        text = text[1:]
+    return text if text.startswith("-") else "+" + text
+
+
+#: The metrics of the paired tables: balanced accuracy and macro F1 (the paper's headline
+#: ones on these imbalanced sets), then AUC.
+PAIR_METRICS = ("balanced_accuracy", "f1", "auc")
+
+
+def paired_against(run_dirs: list[str | Path], before: str | Path, protocol: str = "last",
+                   part: str = "test") -> str:
+    """Each run against the run of the same folder name under ``before`` (the same setting
+    measured with other code or defaults): the mean ± std of the differences, in points, per
+    group of :func:`group_name`, and on how many runs the new one is ahead."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for run_dir in run_dirs:
+        path = Path(run_dir)
+        old_path = Path(before) / path.name
+        if not (old_path / SUMMARY).is_file():
+            raise FileNotFoundError(f"no {SUMMARY} in {old_path} to compare {path} with")
+        new, old = load_summaries([path])[0], load_summaries([old_path])[0]
+        got, was = metrics_of(new, protocol, part), metrics_of(old, protocol, part)
+        group = rows.setdefault(group_name(new), {m: [] for m in PAIR_METRICS})
+        for m in PAIR_METRICS:
+            group[m].append(got[m] - was[m])
+    head = ["runs", "n", *[f"Δ {m}" for m in PAIR_METRICS],
+            *[f"ahead on {m}" for m in PAIR_METRICS]]
+    lines = [f"{part}, {'mean of the last epochs' if protocol == 'last' else 'best epoch'}: "
+             f"these runs − the same runs in {before}, in points", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, deltas in rows.items():
+        n = len(deltas[PAIR_METRICS[0]])
+        cells = [signed_mean_std(deltas[m]) for m in PAIR_METRICS]
+        cells += [f"{sum(d > 0 for d in deltas[m])}/{n}" for m in PAIR_METRICS]
+        lines.append("| " + " | ".join([name, str(n), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
@@ -103,8 +160,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--protocol", choices=("last", "best"), default="last")
     parser.add_argument("--part", choices=("test", "val"), default="test",
                         help="report the test metrics (default) or the validation ones")
+    parser.add_argument("--against", metavar="DIR",
+                        help="instead: each run against the run of the same folder name in "
+                        "DIR (the same setting, measured before), paired")
     args = parser.parse_args(argv)
-    table = compare(args.runs, args.protocol, args.part)
+    table = (paired_against(args.runs, args.against, args.protocol, args.part) if args.against
+             else compare(args.runs, args.protocol, args.part))
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n", encoding="utf-8")

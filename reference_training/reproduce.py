@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import re
 import shutil
 import subprocess
@@ -48,7 +47,15 @@ DOCS_RUNS = ROOT / "docs" / "reproduction_runs"
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from reference_training.compare import compare, group_name, load_summaries, run_order  # noqa: E402
+from reference_training.compare import (  # noqa: E402
+    PAIR_METRICS,
+    compare,
+    group_name,
+    load_summaries,
+    mean_std,
+    run_order,
+    signed_mean_std,
+)
 from reference_training.config import load_file  # noqa: E402
 from reference_training.data import OWN_DATASETS  # noqa: E402
 from reference_training.runfiles import (  # noqa: E402
@@ -222,19 +229,6 @@ def _group_name(s: dict[str, Any]) -> str:
     return f"{s['method']} / {s['recipe']}"
 
 
-def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    """``mean ± std`` (sample std; the mean alone for one value), ``n/a`` for none."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return "n/a"
-    mean = sum(finite) / len(finite)
-    text = f"{scale * mean:.{digits}f}"
-    if len(finite) > 1:
-        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
-        text += f" ± {scale * std:.{digits}f}"
-    return text
-
-
 def recall_time_table(summaries: list[dict[str, Any]]) -> str:
     """Per-class test recall (mean of the last epochs) and training seconds per epoch, one row
     per method and recipe (mean ± std over its seeds), so the rare classes and the cost of
@@ -248,14 +242,13 @@ def recall_time_table(summaries: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in groups.items():
         recalls = [r.get("test_recall_per_class", {}).get("last_epochs", {}) for r in runs]
-        cells = [_mean_std([rec[c] for rec in recalls if c in rec]) for c in classes]
-        cells.append(_mean_std([r.get("train_seconds_per_epoch") for r in runs], 1.0, 0))
+        cells = [mean_std([rec[c] for rec in recalls if c in rec]) for c in classes]
+        cells.append(mean_std([r.get("train_seconds_per_epoch") for r in runs], 1.0, 0))
         lines.append("| " + " | ".join([name, str(len(runs)), *cells]) + " |")
     return "\n".join(lines)
 
 
 PAIRS = (("mt", "baseline"), ("crckd", "mt"), ("crckd", "baseline"))
-PAIR_METRICS = ("balanced_accuracy", "f1", "auc")
 
 
 def paired_table(summaries: list[dict[str, Any]], protocol: str = "last", by: str = "seed",
@@ -284,17 +277,10 @@ def paired_table(summaries: list[dict[str, Any]], protocol: str = "last", by: st
             continue
         deltas = {m: [by_key[(*first, k)][m] - by_key[(*second, k)][m] for k in keys]
                   for m in PAIR_METRICS}
-        cells = [_signed(deltas[m]) for m in PAIR_METRICS]
+        cells = [signed_mean_std(deltas[m]) for m in PAIR_METRICS]
         cells += [f"{sum(d > 0 for d in deltas[m])}/{len(keys)}" for m in PAIR_METRICS[:2]]
         lines.append("| " + " | ".join([name, str(len(keys)), *cells]) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
-
-
-def _signed(values: list[float]) -> str:
-    text = _mean_std(values, 100.0, 1)
-    if text.startswith("-0.0 ") or text == "-0.0":  # a mean that rounds to zero has no sign
-        text = text[1:]
-    return text if text.startswith("-") else "+" + text
 
 
 def _read_history(folder: Path) -> list[dict[str, str]]:

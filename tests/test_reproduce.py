@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -261,3 +263,21 @@ def test_grid_runs_concurrently_packs_and_continues_elsewhere(tmp_path: Path, ma
           "--throughput-out", str(report)])
     assert json.loads(report.read_text())["finished"] == 0  # both kept, nothing rerun
     assert (elsewhere / "ham10000" / "mt-paper-s2020" / "summary.json").is_file()
+
+
+def test_paired_against_the_same_runs_measured_before(tmp_path: Path) -> None:
+    from reference_training.compare import main as compare_main
+
+    for root, bals in (("now", (0.55, 0.62)), ("before", (0.50, 0.64))):
+        for seed, bal in zip((1, 2), bals, strict=True):
+            folder = tmp_path / root / f"mt-paper-s{seed}"
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps(_summary("mt", seed, bal, 0.4)))
+    table = compare_main([str(tmp_path / "now" / "mt-paper-s1"),
+                          str(tmp_path / "now" / "mt-paper-s2"),
+                          "--against", str(tmp_path / "before")])
+    # balanced accuracy +5 and -2 points: +1.5 ± 4.9, ahead on one run of two; F1 and AUC equal
+    assert "| aptos / mt / paper / m | 2 | +1.5 ± 4.9 | +0.0 ± 0.0 | +0.0 ± 0.0 | 1/2 | 0/2 | " \
+        "0/2 |" in table
+    with pytest.raises(FileNotFoundError, match="to compare"):
+        compare_main([str(tmp_path / "now" / "mt-paper-s1"), "--against", str(tmp_path)])
