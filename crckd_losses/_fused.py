@@ -6,7 +6,9 @@ work into a few generated kernels. ``fused="auto"`` (the default) takes this pat
 known to pay and to work: CUDA tensors, Triton installed, one process (no
 ``torch.distributed`` group of several ranks), and not already inside a ``torch.compile``
 trace (the outer compile then fuses the step itself). Everywhere else the same function runs
-eagerly. ``fused=True`` forces the path on any device (on a CPU inductor generates C++).
+eagerly. ``fused=True`` forces the path on any device (on a CPU inductor generates C++), except
+under a ``TorchDispatchMode`` (operator counters, memory trackers), where nothing compiled can
+run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import distributed
 from ._checks import warn_at_caller
@@ -38,8 +41,11 @@ def triton_available() -> bool:
 
 
 def use_fused(setting: Fused, device: torch.device) -> bool:
-    """Whether a step on ``device`` takes the compiled path under ``setting``."""
-    if torch.compiler.is_compiling() or setting is False:
+    """Whether a step on ``device`` takes the compiled path under ``setting``. Never inside a
+    ``torch.compile`` trace, nor under a ``TorchDispatchMode`` (an operator counter or memory
+    tracker), which compiled code cannot run under: there the step runs eagerly."""
+    if torch.compiler.is_compiling() or setting is False or \
+            _get_current_dispatch_mode() is not None:
         return False
     if setting is True:
         return True

@@ -123,3 +123,25 @@ def test_fused_setting_is_checked():
     with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
         CRCKDLoss(torch.arange(10) % 2, 4, 4, embed_dim=4, num_positives=2,
                   num_negatives=4, fused="yes")
+
+
+def test_a_dispatch_mode_runs_the_step_eagerly(monkeypatch):
+    """Operator counters and memory trackers are TorchDispatchModes, which compiled code cannot
+    run under: there even fused=True runs the eager step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def refuse(fn):
+        raise AssertionError("compiled under a dispatch mode")
+
+    monkeypatch.setattr(_fused, "compiled", refuse)
+    _, fused = _pair(True)
+    with Count():
+        _step(fused, 0)
+    assert Count.calls > 0
