@@ -37,9 +37,10 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 # _generated/ holds copied benchmark results: included by benchmarks.md, never pages of their own.
-# Result tables (teacher_runs/) are pulled into pages with include directives, not built alone.
-exclude_patterns = ["_build", "_scripts", "_generated", "reproduction_runs", "teacher_runs",
-                    "Thumbs.db", ".DS_Store"]
+# Result tables (reproduction_runs*/, reproduction_checks/, teacher_runs/) are pulled into pages
+# with include directives, not built alone.
+exclude_patterns = ["_build", "_scripts", "_generated", "reproduction_runs*",
+                    "reproduction_checks", "teacher_runs", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []
 html_static_path = ["_static"]
 html_theme = "alabaster"

@@ -192,10 +192,12 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path, help="run folders with a validation part")
+    p.add_argument("runs", nargs="+", type=Path,
+                   help="run folders with a validation part (files among them are skipped)")
     p.add_argument("--out", type=Path, required=True, help="folder for the table and the plot")
     args = p.parse_args(argv)
-    runs = [load(folder) for folder in args.runs]
+    # Files beside the run folders (a grid's logs, matched by a glob) are not runs.
+    runs = [load(folder) for folder in args.runs if not folder.is_file()]
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(runs)
     (args.out / "table_lag.md").write_text(text + "\n", encoding="utf-8")
