@@ -123,27 +123,38 @@ def read_ham10000(data_dir: str | Path, name: str = "ham10000") -> Records:
         raise ValueError(
             f"no .jpg images under {root} (looked in {', '.join(HAM10000_IMAGE_FOLDERS)})"
         )
-    lookup = {c: i for i, c in enumerate(HAM10000_CLASSES)}
-    paths, labels, groups, ids = [], [], [], []
-    for line, row in enumerate(rows, start=2):
-        dx = row["dx"].strip()
-        if dx not in lookup:
-            raise ValueError(
-                f"{csv_path}, line {line}: unknown label {dx!r} in column 'dx'; "
-                f"expected one of {list(HAM10000_CLASSES)}"
-            )
-        image_id = row["image_id"].strip()
-        if image_id not in images:
-            raise FileNotFoundError(
-                f"{csv_path}, line {line}: image {image_id}.jpg not found in "
-                f"{', '.join(str(f) for f in folders if f.is_dir())}"
-            )
-        paths.append(images[image_id])
-        labels.append(lookup[dx])
-        groups.append(row["lesion_id"].strip() or image_id)
-        ids.append(image_id)
+    where = ", ".join(str(f) for f in folders if f.is_dir())
+    paths, labels, ids = _match_rows(rows, csv_path, "dx", HAM10000_CLASSES, "image_id",
+                                     images, ".jpg", where)
+    groups = [row["lesion_id"].strip() or image_id for row, image_id in zip(rows, ids)]
     return Records(name, paths, np.asarray(labels, np.int64), groups, ids, HAM10000_CLASSES,
                    csv_path)
+
+
+def _match_rows(rows: list[dict[str, str]], csv_path: Path, label_column: str,
+                classes: tuple[str, ...], id_column: str, images: dict[str, Path],
+                suffix: str, where: str) -> tuple[list[Path], list[int], list[str]]:
+    """Each CSV row's image path, class index (its ``label_column`` value's position in
+    ``classes``) and image id, in row order; an unknown label or a missing image is an error
+    naming the CSV line (``where``: the image folders, for the message)."""
+    lookup = {c: i for i, c in enumerate(classes)}
+    paths, labels, ids = [], [], []
+    for line, row in enumerate(rows, start=2):
+        value = row[label_column].strip()
+        if value not in lookup:
+            raise ValueError(
+                f"{csv_path}, line {line}: unknown label {value!r} in column "
+                f"'{label_column}'; expected one of {list(classes)}"
+            )
+        image_id = row[id_column].strip()
+        if image_id not in images:
+            raise FileNotFoundError(
+                f"{csv_path}, line {line}: image {image_id}{suffix} not found in {where}"
+            )
+        paths.append(images[image_id])
+        labels.append(lookup[value])
+        ids.append(image_id)
+    return paths, labels, ids
 
 
 def read_aptos(data_dir: str | Path) -> Records:
@@ -160,22 +171,8 @@ def read_aptos(data_dir: str | Path) -> Records:
     images = _index_images([folder], ".png")
     if not images:
         raise ValueError(f"no .png images in {folder}")
-    paths, labels, ids = [], [], []
-    for line, row in enumerate(rows, start=2):
-        grade = row["diagnosis"].strip()
-        if grade not in APTOS_CLASSES:
-            raise ValueError(
-                f"{csv_path}, line {line}: unknown label {grade!r} in column 'diagnosis'; "
-                f"expected one of {list(APTOS_CLASSES)}"
-            )
-        image_id = row["id_code"].strip()
-        if image_id not in images:
-            raise FileNotFoundError(
-                f"{csv_path}, line {line}: image {image_id}.png not found in {folder}"
-            )
-        paths.append(images[image_id])
-        labels.append(int(grade))
-        ids.append(image_id)
+    paths, labels, ids = _match_rows(rows, csv_path, "diagnosis", APTOS_CLASSES, "id_code",
+                                     images, ".png", str(folder))
     return Records("aptos", paths, np.asarray(labels, np.int64), list(ids), ids, APTOS_CLASSES,
                    csv_path)
 
