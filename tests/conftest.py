@@ -103,6 +103,12 @@ def make_ham():
 
 
 @pytest.fixture(scope="session")
+def ham(tmp_path_factory, make_ham):
+    """A tiny HAM10000 in the official two-part layout, made once and only read by tests."""
+    return make_ham(tmp_path_factory.mktemp("ham") / "HAM10000", "parts")
+
+
+@pytest.fixture(scope="session")
 def make_aptos():
     """``make_aptos(root, per_class=10, seed=0)``: a tiny APTOS 2019."""
     return _make_aptos

@@ -20,11 +20,6 @@ from reference_training import engine  # noqa: E402
 from reference_training.metrics import compute_metrics  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ham(tmp_path_factory: pytest.TempPathFactory, make_ham) -> Path:
-    return make_ham(tmp_path_factory.mktemp("ham") / "HAM10000", "parts")
-
-
 def test_each_recipe_fills_its_settings_and_a_key_set_alone_wins() -> None:
     paper = cfgmod.resolve({"dataset": "ham10000", "data_dir": "x"})
     assert (paper["epoch_lr_reset"], paper["amp"], paper["sampler"], paper["drop_last"],

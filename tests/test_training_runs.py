@@ -24,11 +24,6 @@ from reference_training import train as train_cli  # noqa: E402
 from reference_training.compare import compare  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ham(tmp_path_factory: pytest.TempPathFactory, make_ham) -> Path:
-    return make_ham(tmp_path_factory.mktemp("ham") / "HAM10000", "parts")
-
-
 @pytest.mark.parametrize("method", cfgmod.METHODS)
 def test_every_method_runs_and_writes_its_outputs(
         tmp_path: Path, ham: Path, method: str, tiny_config) -> None:
