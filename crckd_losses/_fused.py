@@ -65,11 +65,11 @@ def is_compile_error(error: BaseException) -> bool:
     return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
-def run(owner: Any, setting: Fused, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, compiled when :func:`use_fused` says so. Under ``"auto"`` a compile
-    failure warns once and falls back to eager for ``owner`` from then on (nothing has run
-    when compilation fails, so no state has changed); under ``True`` it is raised."""
-    device = args[1].device
+def run(owner: Any, setting: Fused, device: torch.device, fn: Callable[..., Any],
+        *args: Any) -> Any:
+    """``fn(*args)`` on ``device``, compiled when :func:`use_fused` says so. Under ``"auto"`` a
+    compile failure warns once and falls back to eager for ``owner`` from then on (nothing has
+    run when compilation fails, so no state has changed); under ``True`` it is raised."""
     if owner.__dict__.get("_fused_failed") or not use_fused(setting, device):
         return fn(*args)
     try:

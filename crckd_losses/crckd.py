@@ -220,8 +220,9 @@ class CRCKDLoss(nn.Module):
                 generator, ccd.sampler)
         else:
             sample_indices = ccd.check_sample_indices(sample_indices, batch, self.student_bank)
-        out: CRCKDOutput = _fused.run(self, self.fused, _step, self, student_feat,
-                                      teacher_feat, indices, rows, sample_indices)
+        out: CRCKDOutput = _fused.run(self, self.fused, student_feat.device, _step, self,
+                                      student_feat, teacher_feat, indices, rows,
+                                      sample_indices)
         return out
 
 
