@@ -5,6 +5,8 @@ Outside a distributed job (or with one process) every helper returns its input u
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -91,9 +93,10 @@ def global_log_mean_exp(values: torch.Tensor) -> torch.Tensor:
     """
     flat = values.flatten()
     lse = torch.logsumexp(flat, 0)
-    count = torch.tensor(float(flat.numel()), dtype=flat.dtype, device=flat.device)
     if world_size() == 1:
-        return lse - torch.log(count)
+        return lse - math.log(flat.numel())
+    # A fill on the device, not torch.tensor(): that copies from the host, a sync on CUDA.
+    count = torch.full((), float(flat.numel()), dtype=flat.dtype, device=flat.device)
     pair = torch.stack([lse, count])
     gathered = all_gather_varlen(pair.unsqueeze(0))
     return torch.logsumexp(gathered[:, 0], 0) - torch.log(gathered[:, 1].sum())

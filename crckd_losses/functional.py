@@ -345,19 +345,22 @@ def _nce_rows(
     else:
         # The batch reduction folded into the column weights: one matrix-vector product.
         rows = directions
-        weight = _tiled(neg_weight, batch, 1.0 / batch if reduction == "mean" else 1.0)
+        weight = _tiled(neg_weight, num_positives, batch,
+                        1.0 / batch if reduction == "mean" else 1.0)
     with torch.autocast(raw.device.type, enabled=False):  # keep the reduction in `dtype`
         out = torch.mv(F.logsigmoid(signed).view(rows, -1), weight)
     return out.view(directions, batch) if reduction == "none" else out
 
 
-_TILED: dict[tuple[int, int, float, torch.dtype, torch.device], torch.Tensor] = {}
+_TILED: dict[tuple[int, int, int, float, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _tiled(weight: torch.Tensor, times: int, scale: float) -> torch.Tensor:
-    """``weight`` repeated ``times`` times, times ``scale``; built once per setting."""
-    return built_once(_TILED, (id(weight), times, scale, weight.dtype, weight.device),
-                      lambda: weight.repeat(times) * scale)
+def _tiled(weight: torch.Tensor, num_positives: int, times: int, scale: float) -> torch.Tensor:
+    """``weight`` (the column weights of :func:`_nce_columns`) repeated ``times`` times, times
+    ``scale``; built once per setting. The key is the setting, not the tensor's ``id``, which
+    ``torch.compile`` cannot trace."""
+    key = (weight.numel(), num_positives, times, scale, weight.dtype, weight.device)
+    return built_once(_TILED, key, lambda: weight.repeat(times) * scale)
 
 
 _COLUMNS: dict[tuple[int, int, float, torch.dtype, torch.device],
