@@ -163,8 +163,9 @@ def _step(student, crckd, teacher, optimizer, x, f_t, idx, sample=None):
 @pytest.mark.parametrize("fused", [False, "auto"])
 def test_cuda_graph_replays_a_whole_step(sampled, fused):
     """The whole default step (forward, backward, both bank updates, centroids, the optimiser
-    and the EMA update) captured once and replayed: with the rows given, every replay matches
-    eager execution of the same steps; with the library's sampler, replays draw fresh rows."""
+    and the EMA update) captured once and replayed: every replay matches eager execution of
+    the same step, with the rows given and with the library's sampler drawing from the same
+    seed; the banks, the teacher and the loss agree after four steps."""
     import copy
 
     parts = _graph_setup(fused=fused)
@@ -181,30 +182,33 @@ def test_cuda_graph_replays_a_whole_step(sampled, fused):
     eager = copy.deepcopy(parts[:3])
     eager_opt = torch.optim.Adam([*eager[0].parameters(), *eager[1].parameters()], lr=1e-3,
                                  capturable=True)
-    eager_opt.load_state_dict(parts[3].state_dict())
+    # load_state_dict keeps tensors that are already on the right device: without the
+    # deepcopy both optimisers would update the same moments.
+    eager_opt.load_state_dict(copy.deepcopy(parts[3].state_dict()))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_loss = _step(*parts, x, f_t, idx, sample)
     inputs = [(torch.randn(64, 64, device="cuda"), torch.randn(64, 128, device="cuda"),
                torch.randperm(7012, device="cuda")[:64]) for _ in range(4)]
     rows_seen = []
-    for new_x, new_ft, new_idx in inputs:
+    for seed, (new_x, new_ft, new_idx) in enumerate(inputs):
         x.copy_(new_x)
         f_t.copy_(new_ft)
         idx.copy_(new_idx)
+        # a replay draws from the default generator where it stands, as eager code does
+        torch.cuda.manual_seed(seed)
         graph.replay()
         rows_seen.append(parts[1].student_bank.read().clone())
-        if not sampled:
-            want = _step(*eager, eager_opt, new_x, new_ft, new_idx, sample)
-            torch.testing.assert_close(static_loss, want, rtol=1e-5, atol=1e-6)
+        torch.cuda.manual_seed(seed)
+        want = _step(*eager, eager_opt, new_x, new_ft, new_idx, sample)
+        torch.testing.assert_close(static_loss, want, rtol=1e-5, atol=1e-6)
     torch.cuda.synchronize()
     assert torch.isfinite(static_loss)
     assert int(parts[1].student_bank.rejected_rows) == 0
-    if not sampled:
-        for name in ("student_bank", "teacher_bank"):
-            torch.testing.assert_close(getattr(parts[1], name).memory,
-                                       getattr(eager[1], name).memory, rtol=1e-5, atol=1e-6)
-        for a, b in zip(parts[2].module.parameters(), eager[2].module.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name in ("student_bank", "teacher_bank"):
+        torch.testing.assert_close(getattr(parts[1], name).memory,
+                                   getattr(eager[1], name).memory, rtol=1e-5, atol=1e-6)
+    for a, b in zip(parts[2].module.parameters(), eager[2].module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # each replay wrote the batch's rows: the banks moved between replays
     assert not torch.equal(rows_seen[0], rows_seen[-1])
