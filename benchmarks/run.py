@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--quick, which checks that the suite works, not speed)")
     parser.add_argument("--note", default="",
                         help="a remark recorded with the results (e.g. other load on the machine)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="on CUDA, leave out the training steps captured in a CUDA graph")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timing per comparison (default 5, quick 0.3)")
     return parser.parse_args(argv)
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dtypes=[DTYPES[d] for d in args.dtype],
         quick=args.quick,
         budget_s=args.budget if args.budget is not None else (0.3 if args.quick else 5.0),
+        cuda_graphs=args.cuda_graphs,
     )
     name = device_name(device) + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)

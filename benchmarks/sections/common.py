@@ -41,6 +41,7 @@ class Bench:
         dtypes: the dtypes to run the paper-size comparisons in; sweeps use the first.
         quick: the reduced grid.
         budget_s: seconds of timing to aim for per comparison (after warm-up).
+        cuda_graphs: on CUDA, also time steps captured in a CUDA graph.
         skipped: human-readable notes of grid points left out, and why.
     """
 
@@ -48,6 +49,7 @@ class Bench:
     dtypes: list[torch.dtype]
     quick: bool = False
     budget_s: float = 6.0
+    cuda_graphs: bool = True
     skipped: list[str] = field(default_factory=list)
 
     @property

@@ -11,7 +11,7 @@ is what an accelerator runs. Each count is of the third call, after two warm-up 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -56,17 +56,19 @@ def _summary(counts: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def crckd_step(p: dict[str, Any], seed: int = 0) -> Callable[[], None]:
+def crckd_step(p: dict[str, Any], seed: int = 0, device: torch.device | None = None,
+               fused: bool | Literal["auto"] = "auto") -> Callable[[], None]:
     """One default ``CRCKDLoss`` step (forward and ``loss.backward()``) at sizes ``p``; every
     call takes the next batch of a fixed random order."""
+    device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
     labels = torch.cat([torch.arange(p["C"]),
                         torch.randint(0, p["C"], (p["N"] - p["C"],), generator=g)])
     loss_fn = CRCKDLoss(labels, p["d"], p["d"], embed_dim=p["d"], num_positives=p["P"],
-                        num_negatives=p["K"], temperature=p["tau"])
-    order = torch.randperm(p["N"], generator=g)
-    student = torch.randn(p["B"], p["d"], generator=g, requires_grad=True)
-    teacher = torch.randn(p["B"], p["d"], generator=g)
+                        num_negatives=p["K"], temperature=p["tau"], fused=fused).to(device)
+    order = torch.randperm(p["N"], generator=g).to(device)
+    student = torch.randn(p["B"], p["d"], generator=g).to(device).requires_grad_()
+    teacher = torch.randn(p["B"], p["d"], generator=g).to(device)
     calls = [0]
 
     def step() -> None:
@@ -140,7 +142,34 @@ def run_ops(bench: Bench) -> dict[str, Any]:
                                  f"{out['crckd_step'][policy]['skipped']}")
     for buffers in ("copy", "average"):
         out["ema_update"][buffers] = count_ema(buffers)
+    if bench.device.type == "cuda":
+        out["gpu_kernels"] = {}
+        for fused in (False, "auto"):
+            try:
+                out["gpu_kernels"][str(fused)] = count_kernels(p, bench.device, fused)
+            except Exception as exc:  # noqa: BLE001 - recorded in the results, not hidden
+                bench.skipped.append(f"ops: GPU kernel count, fused={fused!r}: {exc!r}")
     return out
+
+
+def count_kernels(p: dict[str, Any], device: torch.device,
+                  fused: bool | Literal["auto"], calls: int = 5) -> dict[str, float]:
+    """GPU kernels (and copies and fills) one default ``CRCKDLoss`` step launches, and their
+    summed GPU time, from ``torch.profiler`` over ``calls`` steps after three warm-up steps
+    (which compile on the fused path)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = crckd_step(p, device=device, fused=fused)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"kernels": len(kernels) / calls,
+            "gpu_us": sum(e.device_time for e in kernels) / calls}
 
 
 class Ops(Section):
@@ -191,6 +220,13 @@ class Ops(Section):
                       f"{c['total']} | {c['host_syncs']} | "
                       + ", ".join(f"{name.removeprefix('aten.')} {n}" for name, n in c["top"])
                       + " |")
+        if result.get("gpu_kernels"):
+            md += ["", "GPU kernels (with copies and fills) one default `CRCKDLoss` step "
+                   "launches on this device, counted with `torch.profiler`, and their summed "
+                   "GPU time:", "", "| fused | kernels per step | GPU time per step (us) |",
+                   "|---|---:|---:|"]
+            for fused, k in result["gpu_kernels"].items():
+                md.append(f"| {fused} | {k['kernels']:.0f} | {k['gpu_us']:.0f} |")
         return md + [""]
 
 
