@@ -257,3 +257,59 @@ def test_labels_out_of_range_rejected():
 def test_too_few_columns_rejected():
     with pytest.raises(ValueError, match="at least one negative"):
         CF.nce_loss(torch.randn(2, 3), 0.0, 0.1, num_positives=3)
+
+
+def _ulps(got, want):
+    """|got - want| in float32 epsilons of |want| (want in float64)."""
+    scale = torch.finfo(torch.float32).eps * want.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    return ((got.double() - want).abs() / scale).max().item()
+
+
+def test_cpu_logsigmoid_is_as_accurate_as_torchs():
+    """The CPU's vectorised log-sigmoid (torch's CPU log1p is a scalar loop) agrees with
+    float64 to torch's own float32 accuracy, in value and gradient, over the whole range."""
+    x = torch.cat([torch.linspace(-120, 120, 400_001), torch.logspace(-30, 2, 20_001),
+                   -torch.logspace(-30, 2, 20_001), torch.tensor([0.0, -0.0])])
+    want = F.logsigmoid(x.double().requires_grad_())
+    got = CF._CPULogSigmoid.apply(x.clone().requires_grad_())
+    torchs = F.logsigmoid(x)
+    assert _ulps(got, want) <= 2.0 and _ulps(torchs, want) <= 2.0
+    xg, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    CF._CPULogSigmoid.apply(xg).sum().backward()
+    F.logsigmoid(x64).sum().backward()
+    normal = x < 80  # beyond, the gradient is below 2e-35 and may be flushed to zero
+    assert _ulps(xg.grad[normal], x64.grad[normal]) <= 2.0
+    assert (xg.grad[~normal].double() - x64.grad[~normal]).abs().max() < 1e-34
+
+
+def test_cpu_logsigmoid_edges_and_double_backward():
+    x = torch.tensor([math.inf, -math.inf, math.nan, 0.0])
+    out = CF._CPULogSigmoid.apply(x)
+    assert out[0] == 0 and out[1] == -math.inf and math.isnan(out[2])
+    assert out[3] == pytest.approx(-math.log(2.0))
+    x64 = torch.randn(20, dtype=D64).mul_(10).requires_grad_()
+    assert torch.autograd.gradcheck(CF._CPULogSigmoid.apply, (x64,))
+    assert torch.autograd.gradgradcheck(CF._CPULogSigmoid.apply, (x64,))
+
+
+def test_ccd_on_cpu_takes_the_vectorised_logsigmoid_and_matches_torchs(monkeypatch):
+    """float32 CCD on a CPU runs the vectorised log-sigmoid; its losses and gradients match
+    the F.logsigmoid path to float32 rounding."""
+    g_s, g_t, m_s, m_t, idx = (t.float() if t.is_floating_point() else t for t in make_case())
+
+    def run():
+        a, b = g_s.clone().requires_grad_(), g_t.clone().requires_grad_()
+        ls, lt = CF.class_guided_contrastive_loss(a, b, m_s, m_t, idx, 3, 0.07, 1.0, 1.0)
+        (ls + lt).backward()
+        return ls, lt, a.grad, b.grad
+
+    calls = []
+    original = CF._CPULogSigmoid.apply
+    monkeypatch.setattr(CF._CPULogSigmoid, "apply", lambda x: calls.append(1) or original(x))
+    fast = run()
+    assert calls
+    monkeypatch.setattr(CF, "_CPU_VECTORISED_LOGSIGMOID", False)
+    slow = run()
+    assert len(calls) == 1
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
