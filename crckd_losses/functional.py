@@ -326,9 +326,11 @@ def _nce_rows(
     bias: torch.Tensor,
     num_positives: int,
     reduction: str = "none",
+    owned: bool = False,
 ) -> torch.Tensor:
     r"""``[D, B]`` NCE losses of ``D`` directions at once (``[D]`` for ``reduction`` "mean" or
-    "sum"), without checks.
+    "sum"), without checks. ``owned``: ``raw`` is a temporary of the caller's that may be
+    overwritten.
 
     ``raw`` is ``[D, B, P+K]`` with scores :math:`u = \mathrm{scale} \cdot \mathrm{raw}`;
     ``bias`` is :func:`_nce_bias`. One fused pass: :math:`\log h = \mathrm{logsigmoid}(v)` for
@@ -339,7 +341,13 @@ def _nce_rows(
     dtype = bias.dtype
     directions, batch, width = raw.shape
     signed_scale, _, neg_weight = _nce_columns(width, num_positives, scale, dtype, raw.device)
-    signed = torch.addcmul(bias, raw if raw.dtype == dtype else raw.to(dtype), signed_scale)
+    x = raw if raw.dtype == dtype else raw.to(dtype)
+    if (owned or x is not raw) and _cpu_logsigmoid(x):
+        # The CPU log-sigmoid needs two more buffers than F.logsigmoid while it runs; writing
+        # the scores in place (they are this function's own) keeps the peak where it was.
+        signed = x.mul_(signed_scale).add_(bias)
+    else:
+        signed = torch.addcmul(bias, x, signed_scale)
     if reduction == "none":
         rows, weight = directions * batch, neg_weight
     else:
@@ -357,11 +365,16 @@ def _nce_rows(
 _CPU_VECTORISED_LOGSIGMOID = True
 
 
+def _cpu_logsigmoid(x: torch.Tensor) -> bool:
+    """Whether :func:`_logsigmoid` takes :class:`_CPULogSigmoid` for ``x``: float32 on a CPU,
+    outside ``torch.compile`` (inductor's own code is vectorised)."""
+    return _CPU_VECTORISED_LOGSIGMOID and x.device.type == "cpu" and \
+        x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
 def _logsigmoid(x: torch.Tensor) -> torch.Tensor:
-    """``F.logsigmoid(x)``; for float32 on a CPU outside ``torch.compile``, the same values
-    from :class:`_CPULogSigmoid`."""
-    if _CPU_VECTORISED_LOGSIGMOID and x.device.type == "cpu" and x.dtype == torch.float32 \
-            and not torch.compiler.is_compiling():
+    """``F.logsigmoid(x)``, from :class:`_CPULogSigmoid` where :func:`_cpu_logsigmoid` says."""
+    if _cpu_logsigmoid(x):
         out: torch.Tensor = _CPULogSigmoid.apply(x)
         return out
     return F.logsigmoid(x)
@@ -383,18 +396,21 @@ class _CPULogSigmoid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        # Three buffers of x's size at most, as F.logsigmoid (its output and its buffer).
         t = x.abs().neg_().exp_()
         u = t + 1.0
-        log1p_t = torch.log(u).addcdiv_(torch.sub(t, u - 1.0), u)
+        err = (u - 1.0).sub_(t).div_(u)  # ((u - 1) - t) / u
+        log1p_t = torch.log(u, out=t).sub_(err)  # t is not needed any more
+        del err
         ctx.save_for_backward(x)
-        return torch.clamp(x, max=0.0).sub_(log1p_t)
+        return torch.clamp(x, max=0.0, out=u).sub_(log1p_t)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        s = torch.sigmoid(x.neg())
-        # In place unless a double backward records this (it needs the sigmoid's output).
-        return s * grad if torch.is_grad_enabled() else s.mul_(grad)
+        x: torch.Tensor = ctx.saved_tensors[0]  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # a double backward records this: out of place
+            return torch.sigmoid(-x) * grad
+        return x.neg().sigmoid_().mul_(grad)
 
 
 _TILED: dict[tuple[int, int, int, float, torch.dtype, torch.device], torch.Tensor] = {}
@@ -542,7 +558,8 @@ def _ccd_pair(
                              sample_indices, path)
     scale = 1.0 / temperature
     noise = (sample_indices.shape[1] - num_positives) / student_memory.shape[0]
-    return _nce_rows(raw, scale, bias_of(raw, scale, noise), num_positives, reduction)
+    return _nce_rows(raw, scale, bias_of(raw, scale, noise), num_positives, reduction,
+                     owned=True)
 
 
 def class_centroids(
