@@ -1,9 +1,10 @@
 """Timing and peak-memory measurement shared by every benchmark section.
 
 Timing: each contender runs a few warm-up calls, then the contenders of one comparison run
-round-robin (one call each per round), so that a burst of load from other processes slows
-them all alike; the reported figure is the median over rounds. Ratios are always taken
-between contenders timed in the same round-robin.
+round-robin (one call each per round, the order rotated by one each round), so that a burst
+of load from other processes slows them all alike and none always runs after the same one;
+the reported figure is the median over rounds. Ratios are always taken between contenders
+timed in the same round-robin.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory allocated before the
 call. On CPU there is no allocator statistic, so :class:`LiveTensorBytes`, a
@@ -187,7 +188,8 @@ def time_group(
     min_seconds: float = 0.0,
     max_seconds: float = 60.0,
 ) -> dict[str, dict[str, float]]:
-    """Times several contenders round-robin and returns per-contender statistics.
+    """Times several contenders round-robin, in an order rotated by one each round, and
+    returns per-contender statistics.
 
     Args:
         fns: name -> zero-argument callable (one forward+backward, one update, ...).
@@ -205,10 +207,15 @@ def time_group(
             fn()
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     start = time.perf_counter()
     rounds = 0
     while True:
-        for name, fn in fns.items():
+        # Each round starts one contender later: a call runs slower after a contender that
+        # allocates a lot (its memory comes back cold), and rotating spreads that over all.
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             synchronize(device)
             t0 = time.perf_counter()
             fn()
