@@ -24,6 +24,7 @@ from .common import (
     assert_close,
     autocast,
     bar,
+    cpu_logsigmoid,
     dtype_name,
     fmt,
     has_value_check_policies,
@@ -199,6 +200,31 @@ def ccd_fns(
 
 #: The row of the library's CCD compiled with inductor (the fused path of ``CRCKDLoss``).
 FUSED = "auto, compiled (inductor)"
+#: The row of the dense path with torch's ``F.logsigmoid`` in place of the library's CPU one.
+TORCH_LOGSIGMOID = "dense, F.logsigmoid"
+
+
+def dense_torch_logsigmoid(x: CCDInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense path with the library's CPU log-sigmoid switched off (torch's instead)."""
+    with cpu_logsigmoid(False):
+        return ccd_library(x, "dense")
+
+
+def check_torch_logsigmoid(x: CCDInputs) -> dict[str, float]:
+    """Asserts that the dense path computes the same with torch's log-sigmoid."""
+    got, want = (_losses_and_grads(x, f) for f in (dense_torch_logsigmoid,
+                                                  lambda v: ccd_library(v, "dense")))
+    return {f"F.logsigmoid/{what}": assert_close(f"CCD F.logsigmoid {what}", a, b,
+                                                 tolerance(torch.float32))
+            for what, a, b in zip(("L_S", "L_T", "grad_S", "grad_T"), got, want)}
+
+
+def _losses_and_grads(
+    x: CCDInputs, compute: Callable[[CCDInputs], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, ...]:
+    loss_s, loss_t = compute(x)
+    grads = torch.autograd.grad(loss_s + loss_t, [x.student_emb, x.teacher_emb])
+    return (loss_s.detach(), loss_t.detach(), *grads)
 
 
 _COMPILED: dict[str, Callable[[CCDInputs], tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -247,6 +273,10 @@ def run_ccd(bench: Bench) -> dict[str, Any]:
         if dtype == torch.float32 and not bench.quick:
             checks.update(check_fused(x))
             fns[FUSED] = _ccd_step(x, fused_ccd(), nullcontext)
+        if dtype == torch.float32 and bench.device.type == "cpu" and \
+                hasattr(functional, "_CPU_VECTORISED_LOGSIGMOID"):
+            checks.update(check_torch_logsigmoid(x))
+            fns[TORCH_LOGSIGMOID] = _ccd_step(x, dense_torch_logsigmoid, nullcontext)
         # On a CPU memory is traced with a dispatch mode, which compiled code cannot run under.
         untraced = (FUSED,) if bench.device.type == "cpu" else ()
         rows = bench.compare(fns, samples=p["B"], budget_s=2 * bench.budget_s,
@@ -346,7 +376,11 @@ class CCD(Section):
         md = ["## CCD at the paper's sizes", "",
               f"Both directions, forward+backward, `{params(s['params'])}`; samples = anchors. "
               "`auto` is the library's default; `reference` gathers the B x (P+K) x d block and "
-              "exponentiates (CRD's way).", ""]
+              "exponentiates (CRD's way)."
+              + (f" `{TORCH_LOGSIGMOID}` is the dense path with torch's log-sigmoid in place of "
+                 "the library's vectorised CPU one." if any(
+                     TORCH_LOGSIGMOID in v["rows"] for v in s["by_dtype"].values()) else ""),
+              ""]
         for dt, v in s["by_dtype"].items():
             md += [f"### {dt} (auto picks `{v['auto_path']}`)", ""]
             md += table(v["rows"], "reference")

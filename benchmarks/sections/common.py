@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import crckd_losses
+from crckd_losses import functional
 
 from ..measure import peak_extra_bytes, synchronize, time_group
 
@@ -158,6 +159,19 @@ class Section:
 def bar(label: str, value: float | None, bound: float | None) -> list[Bar]:
     """One overview bar, or none where the value is missing."""
     return [] if value is None else [(label, value, bound)]
+
+
+@contextmanager
+def cpu_logsigmoid(on: bool) -> Iterator[None]:
+    """The CPU's vectorised log-sigmoid on or off inside the block (where the library has it)."""
+    before = getattr(functional, "_CPU_VECTORISED_LOGSIGMOID", None)
+    if before is not None:
+        functional._CPU_VECTORISED_LOGSIGMOID = on
+    try:
+        yield
+    finally:
+        if before is not None:
+            functional._CPU_VECTORISED_LOGSIGMOID = before
 
 
 def target(

@@ -13,14 +13,13 @@ accelerator runs. Each count is of the third call, after two warm-up calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from crckd_losses import CRCKDLoss, EMATeacher, functional
+from crckd_losses import CRCKDLoss, EMATeacher
 
 from ..measure import HOST_SYNC_OP, count_ops
 from .common import (
@@ -29,6 +28,7 @@ from .common import (
     Section,
     Target,
     ValueChecksUnsupported,
+    cpu_logsigmoid,
     params,
     target,
     value_checks,
@@ -111,19 +111,6 @@ def _counted(fn: Callable[[], None]) -> dict[str, int]:
     for _ in range(WARMUP):
         fn()
     return dict(count_ops(fn).counts)
-
-
-@contextmanager
-def cpu_logsigmoid(on: bool) -> Iterator[None]:
-    """The CPU's vectorised log-sigmoid on or off inside the block (where the library has it)."""
-    before = getattr(functional, "_CPU_VECTORISED_LOGSIGMOID", None)
-    if before is not None:
-        functional._CPU_VECTORISED_LOGSIGMOID = on
-    try:
-        yield
-    finally:
-        if before is not None:
-            functional._CPU_VECTORISED_LOGSIGMOID = before
 
 
 def count_crckd(p: dict[str, Any], policy: str) -> dict[str, Any]:
