@@ -389,7 +389,7 @@ class _CPULogSigmoid(torch.autograd.Function):
     Here :math:`\mathrm{log1p}(t)` for :math:`t = e^{-|x|} \in (0, 1]` is
     :math:`\log u - ((u - 1) - t) / u` with :math:`u = 1 + t` (the correction restores what
     rounding :math:`u` lost; :math:`u - 1` and its difference with :math:`t` are exact), and
-    the backward is :math:`\sigma(-x)` times the incoming gradient. Both are within 1.5 ulp of
+    the backward is :math:`\sigma(-x)` times the incoming gradient. Both are within 2 ulp of
     float64 over :math:`x \in [-120, 120]` (``tests/test_functional.py``), as torch's own are;
     a gradient below about 3e-39 (``x`` above about 88) is flushed to zero.
     """

@@ -89,14 +89,7 @@ def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
     opt = torch.optim.Adam(params, lr=3e-4, weight_decay=5e-4, capturable=graph)
 
     def step() -> torch.Tensor:
-        f_s, logits = student(b.view1)
-        loss = F.cross_entropy(logits, b.y, weight=b.weight)
-        if teacher is not None:
-            with torch.no_grad():
-                f_t, logits_t = teacher(b.view2)
-            loss = loss + functional.consistency_kl(logits, logits_t)
-            if crckd is not None:
-                loss = loss + crckd(f_s, f_t, b.index).loss
+        loss = step_loss(b, student, teacher, crckd)
         if not graph:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -108,6 +101,21 @@ def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
         return loss.detach()
 
     return step, (student, teacher, crckd, opt)
+
+
+def step_loss(b: Batch, student: nn.Module, teacher: EMATeacher | None,
+              crckd: CRCKDLoss | None) -> torch.Tensor:
+    """The loss of one step on ``b``: weighted cross-entropy, plus the consistency term with a
+    teacher, plus CRCKD's with ``crckd``."""
+    f_s, logits = student(b.view1)
+    loss = F.cross_entropy(logits, b.y, weight=b.weight)
+    if teacher is not None:
+        with torch.no_grad():
+            f_t, logits_t = teacher(b.view2)
+        loss = loss + functional.consistency_kl(logits, logits_t)
+        if crckd is not None:
+            loss = loss + crckd(f_s, f_t, b.index).loss
+    return loss
 
 
 def capture(b: Batch, kind: str) -> tuple[Callable[[], None], float]:
@@ -137,19 +145,7 @@ def capture(b: Batch, kind: str) -> tuple[Callable[[], None], float]:
     torch.cuda.manual_seed(1234)
     graph.replay()
     torch.cuda.manual_seed(1234)
-    student, teacher, crckd, opt = twin
-
-    def twin_step() -> torch.Tensor:  # the same step, eagerly, on the copied state
-        f_s, logits = student(b.view1)
-        with torch.no_grad():
-            f_t, logits_t = teacher(b.view2)
-        loss = F.cross_entropy(logits, b.y, weight=b.weight)
-        loss = loss + functional.consistency_kl(logits, logits_t)
-        if crckd is not None:
-            loss = loss + crckd(f_s, f_t, b.index).loss
-        return loss.detach()
-
-    want = twin_step()
+    want = step_loss(b, *twin[:3]).detach()  # the same step, eagerly, on the copy
     diff = float((static_loss - want).abs() / want.abs())
     if not diff <= 1e-4:
         raise AssertionError(f"{kind}: the replayed step's loss differs from eager by {diff:.2e}")
