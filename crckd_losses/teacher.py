@@ -158,6 +158,7 @@ class EMATeacher(nn.Module):
         plan = _UpdatePlan([], [], [])
         # Copies go in one _foreach_copy_ per dtype: a list of mixed dtypes (float statistics
         # with the long num_batches_tracked) leaves the fused multi-tensor kernel on a GPU.
+        # Where there are several, _as_one_copy_group turns them into one group of raw views.
         copies: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         average_buffers = self.buffers_mode == "average"
         for pair_list, averaged in ((pairs, True), (buffer_pairs, average_buffers)):
@@ -169,7 +170,7 @@ class EMATeacher(nn.Module):
                     group = copies.setdefault(t.dtype, ([], []))
                     group[0].append(t)
                     group[1].append(s)
-        plan.copy_groups.extend(copies.values())
+        plan.copy_groups.extend(_as_one_copy_group(list(copies.values())))
         self.__dict__["_cached_plan"] = (source, plan)
         return plan
 
@@ -196,6 +197,27 @@ class EMATeacher(nn.Module):
                 "the teacher was copied from"
             )
         return [(t, s) for (_, t), (_, s) in zip(teacher, student)]
+
+
+#: Integer dtypes by size in bytes: the raw views a bitwise copy goes through.
+_RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_one_copy_group(
+    groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Copy groups of several dtypes as one group of integer views of the same bytes, so that
+    one ``_foreach_copy_`` copies them all: a copy moves bits, so viewing both sides as the
+    same integer type copies every value exactly (NaN payloads and signed zeros too). With
+    buffers copied, a BatchNorm model then takes one copy call, as with buffers averaged,
+    instead of one per dtype. Groups stay as they are where a tensor is not contiguous or
+    the devices differ."""
+    pairs = [(t, s) for teacher, student in groups for t, s in zip(teacher, student)]
+    if len(groups) < 2 or len({t.device for t, _ in pairs} | {s.device for _, s in pairs}) != 1 \
+            or not all(t.is_contiguous() and s.is_contiguous() for t, s in pairs):
+        return groups
+    raw = _RAW_DTYPES[min(t.element_size() for t, _ in pairs)]
+    return [([t.view(-1).view(raw) for t, _ in pairs], [s.view(-1).view(raw) for _, s in pairs])]
 
 
 class _UpdatePlan(NamedTuple):

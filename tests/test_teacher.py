@@ -127,3 +127,40 @@ def test_bad_arguments():
         EMATeacher(net(), buffers="sync")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="student must be an nn.Module"):
         EMATeacher("resnet")  # type: ignore[arg-type]
+
+
+class _Buffers(torch.nn.Module):
+    """A parameter and buffers of three dtypes, one of them 0-d, as in BatchNorm models."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3))
+        self.register_buffer("stat", torch.zeros(5))
+        self.register_buffer("low", torch.zeros(3, dtype=torch.float16))
+        self.register_buffer("count", torch.tensor(0, dtype=torch.long))
+
+
+def test_copied_buffers_of_several_dtypes_take_one_bitwise_copy():
+    """With buffers copied, buffers of several dtypes are copied by one _foreach_copy_ through
+    integer views of their bytes: every value arrives bit for bit (a NaN's payload, -0.0, an
+    int64 beyond float precision), and the teacher's buffers stay its own tensors."""
+    from crckd_losses.teacher import _as_one_copy_group
+
+    student = _Buffers()
+    teacher = EMATeacher(student, buffers="copy")
+    nan_payload = torch.tensor([0x7FC00123], dtype=torch.int32).view(torch.float32)
+    student.stat.copy_(torch.tensor([1.5, -0.0, float("inf"), 3e-39, 0.0]))
+    student.stat[4] = nan_payload[0]
+    student.low.copy_(torch.tensor([1e-7, -2.0, 65504.0], dtype=torch.float16))
+    student.count.fill_(2**53 + 1)
+    teacher.update(student)
+    for name in ("stat", "low", "count"):
+        got, want = getattr(teacher.module, name), getattr(student, name)
+        assert got.dtype == want.dtype and got.data_ptr() != want.data_ptr()
+        assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+    plan = teacher._plan(student)
+    assert len(plan.copy_groups) == 1 and plan.copy_groups[0][0][0].dtype == torch.int16
+    # a buffer that is not contiguous keeps the groups per dtype
+    a, b = torch.zeros(4, 2).t(), torch.zeros(4, 2).t()
+    groups = [([a], [b]), ([torch.zeros((), dtype=torch.long)], [torch.ones((), dtype=torch.long)])]
+    assert _as_one_copy_group(groups) is groups
