@@ -342,7 +342,8 @@ def _nce_rows(
     directions, batch, width = raw.shape
     signed_scale, _, neg_weight = _nce_columns(width, num_positives, scale, dtype, raw.device)
     x = raw if raw.dtype == dtype else raw.to(dtype)
-    if (owned or x is not raw) and _cpu_logsigmoid(x):
+    cpu = _cpu_logsigmoid(x)
+    if cpu and (owned or x is not raw):
         # The CPU log-sigmoid needs two more buffers than F.logsigmoid while it runs; writing
         # the scores in place (they are this function's own) keeps the peak where it was.
         signed = x.mul_(signed_scale).add_(bias)
@@ -356,7 +357,8 @@ def _nce_rows(
         weight = _tiled(neg_weight, num_positives, batch,
                         1.0 / batch if reduction == "mean" else 1.0)
     with torch.autocast(raw.device.type, enabled=False):  # keep the reduction in `dtype`
-        out = torch.mv(_logsigmoid(signed).view(rows, -1), weight)
+        logsig = _CPULogSigmoid.apply(signed) if cpu else F.logsigmoid(signed)
+        out = torch.mv(logsig.view(rows, -1), weight)
     return out.view(directions, batch) if reduction == "none" else out
 
 
@@ -366,18 +368,11 @@ _CPU_VECTORISED_LOGSIGMOID = True
 
 
 def _cpu_logsigmoid(x: torch.Tensor) -> bool:
-    """Whether :func:`_logsigmoid` takes :class:`_CPULogSigmoid` for ``x``: float32 on a CPU,
-    outside ``torch.compile`` (inductor's own code is vectorised)."""
+    """Whether the log-sigmoid of ``x`` takes :class:`_CPULogSigmoid` instead of
+    ``F.logsigmoid``: float32 on a CPU, outside ``torch.compile`` (inductor's own code is
+    vectorised)."""
     return _CPU_VECTORISED_LOGSIGMOID and x.device.type == "cpu" and \
         x.dtype == torch.float32 and not torch.compiler.is_compiling()
-
-
-def _logsigmoid(x: torch.Tensor) -> torch.Tensor:
-    """``F.logsigmoid(x)``, from :class:`_CPULogSigmoid` where :func:`_cpu_logsigmoid` says."""
-    if _cpu_logsigmoid(x):
-        out: torch.Tensor = _CPULogSigmoid.apply(x)
-        return out
-    return F.logsigmoid(x)
 
 
 class _CPULogSigmoid(torch.autograd.Function):

@@ -212,19 +212,21 @@ def dense_torch_logsigmoid(x: CCDInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def check_torch_logsigmoid(x: CCDInputs) -> dict[str, float]:
     """Asserts that the dense path computes the same with torch's log-sigmoid."""
-    got, want = (_losses_and_grads(x, f) for f in (dense_torch_logsigmoid,
-                                                  lambda v: ccd_library(v, "dense")))
-    return {f"F.logsigmoid/{what}": assert_close(f"CCD F.logsigmoid {what}", a, b,
-                                                 tolerance(torch.float32))
-            for what, a, b in zip(("L_S", "L_T", "grad_S", "grad_T"), got, want)}
+    return _check_against_dense(x, dense_torch_logsigmoid, "F.logsigmoid")
 
 
-def _losses_and_grads(
-    x: CCDInputs, compute: Callable[[CCDInputs], tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[torch.Tensor, ...]:
-    loss_s, loss_t = compute(x)
-    grads = torch.autograd.grad(loss_s + loss_t, [x.student_emb, x.teacher_emb])
-    return (loss_s.detach(), loss_t.detach(), *grads)
+def _check_against_dense(
+    x: CCDInputs, compute: Callable[[CCDInputs], tuple[torch.Tensor, torch.Tensor]], label: str
+) -> dict[str, float]:
+    """Asserts that ``compute`` gives the eager dense path's losses and gradients (float32)."""
+    results = []
+    for f in (compute, lambda v: ccd_library(v, "dense")):
+        loss_s, loss_t = f(x)
+        grads = torch.autograd.grad(loss_s + loss_t, [x.student_emb, x.teacher_emb])
+        results.append((loss_s.detach(), loss_t.detach(), *grads))
+    return {f"{label}/{what}": assert_close(f"CCD {label} {what}", a, b,
+                                            tolerance(torch.float32))
+            for what, a, b in zip(("L_S", "L_T", "grad_S", "grad_T"), *results)}
 
 
 _COMPILED: dict[str, Callable[[CCDInputs], tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -241,16 +243,7 @@ def fused_ccd() -> Callable[[CCDInputs], tuple[torch.Tensor, torch.Tensor]]:
 def check_fused(x: CCDInputs) -> dict[str, float]:
     """Asserts that the compiled CCD matches the eager dense path (losses, grads); compiles it
     on the way, so the timing that follows measures no compilation."""
-    compiled = fused_ccd()
-    got: list[torch.Tensor] = []
-    want: list[torch.Tensor] = []
-    for compute, into in ((compiled, got), (lambda v: ccd_library(v, "dense"), want)):
-        loss_s, loss_t = compute(x)
-        grads = torch.autograd.grad(loss_s + loss_t, [x.student_emb, x.teacher_emb])
-        into.extend([loss_s.detach(), loss_t.detach(), *grads])
-    tol = tolerance(torch.float32)
-    return {f"compiled/{what}": assert_close(f"CCD compiled {what}", a, b, tol)
-            for what, a, b in zip(("L_S", "L_T", "grad_S", "grad_T"), got, want)}
+    return _check_against_dense(x, fused_ccd(), "compiled")
 
 
 def run_ccd(bench: Bench) -> dict[str, Any]:
