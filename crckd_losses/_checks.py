@@ -107,7 +107,7 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 def check_range(name: str, x: torch.Tensor, high: int) -> None:
     """Every entry of ``x`` must lie in ``[0, high)``."""
     if reads_values(x) and x.numel() > 0:
-        lo, hi = int(x.min()), int(x.max())
+        lo, hi = (int(v) for v in torch.aminmax(x))  # one pass over x, not two
         if lo < 0 or hi >= high:
             raise ValueError(f"{name} must lie in [0, {high}), got values in [{lo}, {hi}]")
 

@@ -293,8 +293,8 @@ def test_cpu_logsigmoid_edges_and_double_backward():
 
 
 def test_ccd_on_cpu_takes_the_vectorised_logsigmoid_and_matches_torchs(monkeypatch):
-    """float32 CCD on a CPU runs the vectorised log-sigmoid; its losses and gradients match
-    the F.logsigmoid path to float32 rounding."""
+    """float32 CCD on a CPU runs the written-out dense pair with the vectorised log-sigmoid;
+    its losses and gradients match the F.logsigmoid path to float32 rounding."""
     g_s, g_t, m_s, m_t, idx = (t.float() if t.is_floating_point() else t for t in make_case())
 
     def run():
@@ -304,8 +304,8 @@ def test_ccd_on_cpu_takes_the_vectorised_logsigmoid_and_matches_torchs(monkeypat
         return ls, lt, a.grad, b.grad
 
     calls = []
-    original = CF._CPULogSigmoid.apply
-    monkeypatch.setattr(CF._CPULogSigmoid, "apply", lambda x: calls.append(1) or original(x))
+    original = CF._CPUDenseNCE.apply
+    monkeypatch.setattr(CF._CPUDenseNCE, "apply", lambda *a: calls.append(1) or original(*a))
     fast = run()
     assert calls
     monkeypatch.setattr(CF, "_CPU_VECTORISED_LOGSIGMOID", False)
@@ -313,3 +313,68 @@ def test_ccd_on_cpu_takes_the_vectorised_logsigmoid_and_matches_torchs(monkeypat
     assert len(calls) == 1
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _ccd_outputs(g_s, g_t, m_s, m_t, idx, reduction, log_z, create_graph=False,
+                 dtype=torch.float32):
+    """Losses, gradients and (with create_graph) second-order gradients of both directions."""
+    a = g_s.clone().to(dtype).requires_grad_()
+    b = g_t.clone().to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        ls, lt = CF.class_guided_contrastive_loss(a, b, m_s, m_t, idx, 3, 0.07, log_z, log_z,
+                                                  reduction=reduction, path="dense")
+    total = (1.7 * ls + 0.3 * lt).sum()
+    grads = torch.autograd.grad(total, [a, b], create_graph=create_graph)
+    if create_graph:
+        grads = (*grads, *torch.autograd.grad((grads[0] ** 2).sum() + grads[1].sum(), [a, b]))
+    return (ls.detach(), lt.detach(), *(g.detach() for g in grads))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("log_z", [None, 0.7])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_cpu_dense_pair_is_bitwise_the_general_path(monkeypatch, reduction, log_z,
+                                                     create_graph):
+    """The written-out CPU dense pair runs the general path's operators in its order, so its
+    losses, gradients and second-order gradients are the general path's bit for bit."""
+    case = [t.float() if t.is_floating_point() else t for t in make_case(8, 60, 16, 3, 30)]
+    calls = []
+    original = CF._CPUDenseNCE.apply
+    monkeypatch.setattr(CF._CPUDenseNCE, "apply", lambda *a: calls.append(1) or original(*a))
+    fast = _ccd_outputs(*case, reduction, log_z, create_graph)
+    assert len(calls) == 1
+    monkeypatch.setattr(CF, "_cpu_dense_pair", lambda *a: False)
+    general = _ccd_outputs(*case, reduction, log_z, create_graph)
+    assert len(calls) == 1
+    for got, want in zip(fast, general, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_cpu_dense_pair_under_autocast_and_with_one_anchor_frozen(monkeypatch):
+    """bfloat16 anchors under CPU autocast are scored in float32 (the pair takes them), and an
+    anchor that needs no gradient gets none; both as on the general path."""
+    case = [t.float() if t.is_floating_point() else t for t in make_case(8, 60, 16, 3, 30)]
+    fast = _ccd_outputs(*case, "mean", 0.7, dtype=torch.bfloat16)
+    monkeypatch.setattr(CF, "_cpu_dense_pair", lambda *a: False)
+    general = _ccd_outputs(*case, "mean", 0.7, dtype=torch.bfloat16)
+    assert fast[0].dtype == torch.float32
+    for got, want in zip(fast, general, strict=True):
+        assert torch.equal(got, want)
+    monkeypatch.undo()
+    g_s, g_t, m_s, m_t, idx = case
+    a = g_s.clone().requires_grad_()
+    ls, lt = CF.class_guided_contrastive_loss(a, g_t, m_s, m_t, idx, 3, path="dense")
+    (ls + lt).backward()
+    assert a.grad is not None and g_t.grad is None
+
+
+def test_cpu_dense_pair_backward_can_run_twice():
+    """The pair's saved tensors are only read in backward (its workspace is rewritten), so a
+    graph kept with retain_graph gives the same gradients twice."""
+    g_s, g_t, m_s, m_t, idx = (t.float() if t.is_floating_point() else t
+                               for t in make_case(8, 60, 16, 3, 30))
+    a = g_s.clone().requires_grad_()
+    ls, lt = CF.class_guided_contrastive_loss(a, g_t, m_s, m_t, idx, 3, path="dense")
+    first = torch.autograd.grad(ls + lt, a, retain_graph=True)[0]
+    second = torch.autograd.grad(ls + lt, a)[0]
+    assert torch.equal(first, second) and first.abs().sum() > 0

@@ -24,6 +24,7 @@ from .common import (
     assert_close,
     autocast,
     bar,
+    cpu_dense_pair,
     cpu_logsigmoid,
     dtype_name,
     fmt,
@@ -202,6 +203,8 @@ def ccd_fns(
 FUSED = "auto, compiled (inductor)"
 #: The row of the dense path with torch's ``F.logsigmoid`` in place of the library's CPU one.
 TORCH_LOGSIGMOID = "dense, F.logsigmoid"
+#: The row of the dense path through the general operators instead of the CPU dense pair.
+GENERAL_OPS = "dense, general operators"
 
 
 def dense_torch_logsigmoid(x: CCDInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,9 +213,18 @@ def dense_torch_logsigmoid(x: CCDInputs) -> tuple[torch.Tensor, torch.Tensor]:
         return ccd_library(x, "dense")
 
 
-def check_torch_logsigmoid(x: CCDInputs) -> dict[str, float]:
-    """Asserts that the dense path computes the same with torch's log-sigmoid."""
-    return _check_against_dense(x, dense_torch_logsigmoid, "F.logsigmoid")
+def dense_general_ops(x: CCDInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense path with the CPU log-sigmoid, through the general operators (the library's
+    written-out CPU dense pair switched off)."""
+    with cpu_dense_pair(False):
+        return ccd_library(x, "dense")
+
+
+def check_cpu_variants(x: CCDInputs) -> dict[str, float]:
+    """Asserts that the dense path computes the same with torch's log-sigmoid and through the
+    general operators (float32 rounding)."""
+    return {**_check_against_dense(x, dense_torch_logsigmoid, "F.logsigmoid"),
+            **_check_against_dense(x, dense_general_ops, "general operators")}
 
 
 def _check_against_dense(
@@ -268,8 +280,10 @@ def run_ccd(bench: Bench) -> dict[str, Any]:
             fns[FUSED] = _ccd_step(x, fused_ccd(), nullcontext)
         if dtype == torch.float32 and bench.device.type == "cpu" and \
                 hasattr(functional, "_CPU_VECTORISED_LOGSIGMOID"):
-            checks.update(check_torch_logsigmoid(x))
+            checks.update(check_cpu_variants(x))
             fns[TORCH_LOGSIGMOID] = _ccd_step(x, dense_torch_logsigmoid, nullcontext)
+            if hasattr(functional, "_CPU_DENSE_PAIR"):
+                fns[GENERAL_OPS] = _ccd_step(x, dense_general_ops, nullcontext)
         # On a CPU memory is traced with a dispatch mode, which compiled code cannot run under.
         untraced = (FUSED,) if bench.device.type == "cpu" else ()
         rows = bench.compare(fns, samples=p["B"], budget_s=2 * bench.budget_s,
@@ -372,7 +386,10 @@ class CCD(Section):
               "exponentiates (CRD's way)."
               + (f" `{TORCH_LOGSIGMOID}` is the dense path with torch's log-sigmoid in place of "
                  "the library's vectorised CPU one." if any(
-                     TORCH_LOGSIGMOID in v["rows"] for v in s["by_dtype"].values()) else ""),
+                     TORCH_LOGSIGMOID in v["rows"] for v in s["by_dtype"].values()) else "")
+              + (f" `{GENERAL_OPS}` is the dense path through the general operators, without "
+                 "the written-out CPU dense pair (same values, bit for bit)." if any(
+                     GENERAL_OPS in v["rows"] for v in s["by_dtype"].values()) else ""),
               ""]
         for dt, v in s["by_dtype"].items():
             md += [f"### {dt} (auto picks `{v['auto_path']}`)", ""]

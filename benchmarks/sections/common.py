@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,16 +162,29 @@ def bar(label: str, value: float | None, bound: float | None) -> list[Bar]:
 
 
 @contextmanager
-def cpu_logsigmoid(on: bool) -> Iterator[None]:
-    """The CPU's vectorised log-sigmoid on or off inside the block (where the library has it)."""
-    before = getattr(functional, "_CPU_VECTORISED_LOGSIGMOID", None)
+def _switch(name: str, on: bool) -> Iterator[None]:
+    """The library's module switch ``functional.<name>`` set to ``on`` inside the block (where
+    the library has it)."""
+    before = getattr(functional, name, None)
     if before is not None:
-        functional._CPU_VECTORISED_LOGSIGMOID = on
+        setattr(functional, name, on)
     try:
         yield
     finally:
         if before is not None:
-            functional._CPU_VECTORISED_LOGSIGMOID = before
+            setattr(functional, name, before)
+
+
+def cpu_logsigmoid(on: bool) -> AbstractContextManager[None]:
+    """The CPU's vectorised log-sigmoid on or off inside the block (where the library has it);
+    off, the written-out CPU dense pair, which computes it, is off too."""
+    return _switch("_CPU_VECTORISED_LOGSIGMOID", on)
+
+
+def cpu_dense_pair(on: bool) -> AbstractContextManager[None]:
+    """The written-out CPU dense CCD pair on or off inside the block (where the library has
+    it); off, dense CCD takes the general operators."""
+    return _switch("_CPU_DENSE_PAIR", on)
 
 
 def target(
