@@ -137,6 +137,7 @@ class MomentumMemoryBank(nn.Module):
         self.register_buffer("_class_count", layout.sizes, persistent=False)
         self.register_buffer("_class_start", layout.starts, persistent=False)
         self.register_buffer("_row_info", layout.row_info, persistent=False)
+        self._size_range = layout.size_range  # host ints: the labels never change
         self._warned_negatives = False
         # Per-class sums of the rows ([0]) and of their ReLU ([1]), float64, kept current by
         # update() in O(B d) so that centroids() need not reduce the whole bank every step.
@@ -282,7 +283,7 @@ class MomentumMemoryBank(nn.Module):
     def layout(self) -> ClassLayout:
         """The bank's class-sorted row order (:class:`~crckd_losses.sampling.ClassLayout`)."""
         return ClassLayout(self.labels, self._order, self._class_start, self._class_count,
-                           self._row_info)
+                           self._row_info, self._size_range)
 
     @property
     def max_distinct_negatives(self) -> int:

@@ -42,6 +42,10 @@ class ClassLayout(NamedTuple):
         sizes: ``[C]`` long, rows per class.
         row_info: ``[N, 4]`` long, per row: its class, that class's size and start, and the
             number of rows of other classes (one lookup gives a batch all four).
+        size_range: the smallest and the largest class size as Python ints, or ``None``
+            where unknown. Known, they tell the sampler without a device read whether any
+            anchor's pool is too small for a draw without replacement; where none is, it
+            draws no with-replacement fallback at all.
     """
 
     labels: torch.Tensor
@@ -49,15 +53,27 @@ class ClassLayout(NamedTuple):
     starts: torch.Tensor
     sizes: torch.Tensor
     row_info: torch.Tensor
+    size_range: tuple[int, int] | None = None
 
     @classmethod
     def from_labels(cls, labels: torch.Tensor, num_classes: int) -> ClassLayout:
-        """Build the layout of ``labels`` (``[N]`` long in ``[0, num_classes)``)."""
+        """Build the layout of ``labels`` (``[N]`` long in ``[0, num_classes)``); reads the
+        smallest and largest class size to the host once, for ``size_range``."""
         sizes = torch.bincount(labels, minlength=num_classes)
         starts = torch.cumsum(sizes, 0) - sizes
         size = sizes[labels]
         info = torch.stack([labels, size, starts[labels], labels.shape[0] - size], dim=1)
-        return cls(labels, torch.argsort(labels, stable=True), starts, sizes, info)
+        low, high = (int(v) for v in torch.aminmax(sizes))
+        return cls(labels, torch.argsort(labels, stable=True), starts, sizes, info, (low, high))
+
+    def needs_replacement(self, num_positives: int, num_negatives: int) -> bool:
+        """Whether some anchor's pool may be too small for a draw without replacement: a
+        class with fewer than ``P - 1`` rows, or fewer than ``K`` rows outside some class.
+        ``True`` where ``size_range`` is unknown."""
+        if self.size_range is None:
+            return True
+        smallest, largest = self.size_range
+        return smallest < num_positives - 1 or self.labels.shape[0] - largest < num_negatives
 
 
 _COLUMNS: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -88,7 +104,9 @@ def class_guided_indices(
     :meth:`~crckd_losses.MomentumMemoryBank.sample` for the checked call.
 
     Where a class has too few rows for a draw without replacement, both samplers draw that
-    anchor's columns i.i.d. with replacement. Where it has enough:
+    anchor's columns i.i.d. with replacement (these draws are made only where the layout's
+    ``size_range`` allows such a class, see :meth:`ClassLayout.needs_replacement`). Where it
+    has enough:
 
     - ``"independent"``: a uniform subset per anchor from its own random keys
       (``O(B N)`` random numbers and a ``topk`` per call), independent across anchors.
@@ -110,17 +128,19 @@ def class_guided_indices(
     y, count, start, other = layout.row_info.index_select(0, indices).unbind(1)
     batch, width = indices.shape[0], num_positives - 1 + num_negatives
     positive, need = _columns(num_positives, num_negatives, indices.device)
-    # Every column's draw with replacement, used where its anchor's pool is too small: a
-    # uniform position in the pool (the anchor's class for positives, the other classes for
-    # negatives), mapped through the class-sorted order.
-    pool = torch.where(positive, count[:, None], other[:, None])  # [B, P-1+K]
-    u = torch.rand(batch, width, device=indices.device, generator=generator,
-                   dtype=torch.float64)
-    # floor(u * pool) < pool for float64 u <= 1 - 2^-53 and any pool < 2^52: no clamp needed.
-    pos = (u * pool).long()
-    # Positives start at the class's block; negatives skip over it.
-    offset = torch.where(positive, start[:, None], (pos >= start[:, None]) * count[:, None])
-    iid = layout.order[pos + offset]
+    fallback = layout.needs_replacement(num_positives, num_negatives)
+    if fallback:
+        # Every column's draw with replacement, used where its anchor's pool is too small: a
+        # uniform position in the pool (the anchor's class for positives, the other classes
+        # for negatives), mapped through the class-sorted order.
+        pool = torch.where(positive, count[:, None], other[:, None])  # [B, P-1+K]
+        u = torch.rand(batch, width, device=indices.device, generator=generator,
+                       dtype=torch.float64)
+        # floor(u * pool) < pool for float64 u <= 1 - 2^-53 and any pool < 2^52: no clamp.
+        pos = (u * pool).long()
+        # Positives start at the class's block; negatives skip over it.
+        offset = torch.where(positive, start[:, None], (pos >= start[:, None]) * count[:, None])
+        iid = layout.order[pos + offset]
     if sampler == "shuffle":
         without = torch.cat(_shuffle_windows(layout, y, num_positives - 1, num_negatives,
                                              generator), dim=1)
@@ -137,7 +157,7 @@ def class_guided_indices(
         pos_without = _smallest(keys, num_positives - 1)
         without = torch.cat([pos_without,
                              _smallest(keys.add_(elsewhere, alpha=-2), num_negatives)], dim=1)
-    chosen = torch.where(pool < need, iid, without)
+    chosen = torch.where(pool < need, iid, without) if fallback else without
     return torch.cat([indices.unsqueeze(1), chosen], dim=1)
 
 

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crckd_losses import MomentumMemoryBank
+from crckd_losses.sampling import class_guided_indices
 
 
 def imbalanced_labels(n=200, classes=5, seed=0):
@@ -159,6 +160,37 @@ def test_sample_is_uniform_over_allowed_rows(sampler):
         sigma = math.sqrt(expected * (1 - expected) / draws)
         assert float((freq - expected).abs().max()) < 5 * sigma
     assert hits_pos[10:].sum() == 0 and hits_neg[:10].sum() == 0
+
+
+def test_layout_knows_on_the_host_whether_a_pool_is_too_small():
+    """The bank's layout carries its smallest and largest class size as host ints, so the
+    sampler can tell without a device read whether any anchor needs the with-replacement
+    fallback: a class of fewer than P-1 rows, or fewer than K rows outside some class."""
+    labels = torch.tensor([0] * 4 + [1] * 6 + [2] * 10)  # N = 20
+    layout = MomentumMemoryBank(labels, dim=4).layout
+    assert layout.size_range == (4, 10)
+    assert not layout.needs_replacement(5, 10)  # 4 >= P-1 = 4; 20 - 10 >= K = 10
+    assert layout.needs_replacement(6, 10)  # class 0 has 4 < 5 rows
+    assert layout.needs_replacement(5, 11)  # only 10 rows outside class 2
+    assert layout._replace(size_range=None).needs_replacement(1, 1)  # unknown: assume so
+
+
+@pytest.mark.parametrize("sampler", ["shuffle", "independent"])
+def test_sampler_skips_the_fallback_draw_exactly(sampler):
+    """Where no pool is too small, the sampler makes no with-replacement draw: its indices are
+    those a layout without size_range gives (which draws the fallback and discards it) from a
+    generator one fallback draw behind."""
+    labels = torch.tensor([0] * 12 + [1] * 20 + [2] * 28)
+    layout = MomentumMemoryBank(labels, dim=4).layout
+    anchors = torch.tensor([0, 13, 40, 59])
+    positives, negatives = 5, 30
+    assert not layout.needs_replacement(positives, negatives)
+    g_known = torch.Generator().manual_seed(7)
+    torch.rand(4, positives - 1 + negatives, generator=g_known, dtype=torch.float64)
+    known = class_guided_indices(layout, anchors, positives, negatives, g_known, sampler)
+    unknown = class_guided_indices(layout._replace(size_range=None), anchors, positives,
+                                   negatives, torch.Generator().manual_seed(7), sampler)
+    assert torch.equal(known, unknown)
 
 
 def test_sample_generator_reproducible():
