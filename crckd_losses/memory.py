@@ -282,8 +282,9 @@ class MomentumMemoryBank(nn.Module):
     @property
     def layout(self) -> ClassLayout:
         """The bank's class-sorted row order (:class:`~crckd_losses.sampling.ClassLayout`)."""
+        # .get: a bank pickled whole by an older version has no _size_range (None: unknown).
         return ClassLayout(self.labels, self._order, self._class_start, self._class_count,
-                           self._row_info, self._size_range)
+                           self._row_info, self.__dict__.get("_size_range"))
 
     @property
     def max_distinct_negatives(self) -> int:
