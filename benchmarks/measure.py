@@ -1,9 +1,9 @@
 """Timing and peak-memory measurement shared by every benchmark section.
 
 Timing: each contender runs a few warm-up calls, then the contenders of one comparison run
-round-robin (one call each per round, the order rotated by one each round), so that a burst
-of load from other processes slows them all alike and none always runs after the same one;
-the reported figure is the median over rounds. Ratios are always taken between contenders
+round-robin (one call each per round, in a new seeded random order each round), so that a
+burst of load from other processes slows them all alike and none always runs after the same
+one; the reported figure is the median over rounds. Ratios are always taken between contenders
 timed in the same round-robin.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory allocated before the
@@ -24,6 +24,7 @@ host (``.item()``, ``bool(t)``, ``int(t)``): on an accelerator, a device-to-host
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 import weakref
@@ -188,8 +189,8 @@ def time_group(
     min_seconds: float = 0.0,
     max_seconds: float = 60.0,
 ) -> dict[str, dict[str, float]]:
-    """Times several contenders round-robin, in an order rotated by one each round, and
-    returns per-contender statistics.
+    """Times several contenders round-robin, in a new random order each round (seeded, so a
+    rerun times the same orders), and returns per-contender statistics.
 
     Args:
         fns: name -> zero-argument callable (one forward+backward, one update, ...).
@@ -208,13 +209,16 @@ def time_group(
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
+    order = random.Random(0)
     start = time.perf_counter()
     rounds = 0
     while True:
-        # Each round starts one contender later: a call runs slower after a contender that
-        # allocates a lot (its memory comes back cold), and rotating spreads that over all.
-        shift = rounds % len(names)
-        for name in names[shift:] + names[:shift]:
+        # A call runs slower right after a contender that streams a lot of memory (its own
+        # data comes back cold from DRAM). A fixed order, or one rotated by one each round,
+        # keeps the same predecessor for most calls, so one contender would always pay it
+        # and its neighbour never; a shuffled order spreads it over all of them.
+        order.shuffle(names)
+        for name in names:
             fn = fns[name]
             synchronize(device)
             t0 = time.perf_counter()

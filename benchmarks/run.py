@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "dtypes": list(args.dtype),
         "quick": args.quick,
-        "timing_method": "median over round-robin rounds (order rotated each round) after "
+        "timing_method": "median over round-robin rounds (order shuffled each round) after "
         "warm-up; forward+backward "
         "where there is a backward",
         "memory_method": measure.MEMORY_METHOD_CUDA if device.type == "cuda"
