@@ -588,8 +588,9 @@ class _CPUDenseNCE(torch.autograd.Function):
     workspace: both ``[B, N]`` products are written into it (no stack), its space then holds
     the log-sigmoid's temporaries, and in backward it is the target of the scatter. The
     scores' buffer becomes :math:`\sigma(-v)`, the only ``[2, B, P+K]`` tensor kept for
-    backward. On the project's 2-core CPU this cut the peak extra memory of CCD at the paper's
-    sizes from 12.9 MB to 8.5 MB and its time by about a sixth (``benchmarks/``).
+    backward. At the paper's sizes this cut the peak extra memory of CCD from 12.9 MB to
+    8.5 MB; the CCD table of ``benchmarks/`` times it beside the general path (the row
+    ``dense, general operators``).
 
     A second-order gradient (``create_graph=True``) is taken through the general path,
     recomputed from the saved inputs.
