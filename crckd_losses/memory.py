@@ -282,16 +282,22 @@ class MomentumMemoryBank(nn.Module):
     @property
     def layout(self) -> ClassLayout:
         """The bank's class-sorted row order (:class:`~crckd_losses.sampling.ClassLayout`)."""
-        # .get: a bank pickled whole by an older version has no _size_range (None: unknown).
         return ClassLayout(self.labels, self._order, self._class_start, self._class_count,
-                           self._row_info, self.__dict__.get("_size_range"))
+                           self._row_info, self._known_size_range())
+
+    def _known_size_range(self) -> tuple[int, int] | None:
+        """The smallest and largest class size, kept on the host; ``None`` for a bank pickled
+        whole by a version without them."""
+        known: tuple[int, int] | None = self.__dict__.get("_size_range")
+        return known
 
     @property
     def max_distinct_negatives(self) -> int:
         """The largest ``K`` for which every anchor's negatives are distinct rows: ``N`` minus
         the size of the largest class. Above it, anchors of the largest class (and, past
         ``N - n_c``, of class ``c``) draw their negatives with replacement."""
-        return self.size - int(self._class_count.max())
+        known = self._known_size_range()
+        return self.size - (known[1] if known is not None else int(self._class_count.max()))
 
     def warn_if_negatives_repeat(self, num_negatives: int) -> None:
         """Warn, once per bank, when ``num_negatives`` is larger than the bank itself, so that
