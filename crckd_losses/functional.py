@@ -391,14 +391,10 @@ class _CPULogSigmoid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
-        # Three buffers of x's size at most, as F.logsigmoid (its output and its buffer).
-        t = x.abs().neg_().exp_()
-        u = t + 1.0
-        err = (u - 1.0).sub_(t).div_(u)  # ((u - 1) - t) / u
-        log1p_t = torch.log(u, out=t).sub_(err)  # t is not needed any more
-        del err
+        # Three buffers of x's size, as F.logsigmoid holds (its output and its buffer).
+        t, u, err = (torch.empty_like(x) for _ in range(3))
         ctx.save_for_backward(x)
-        return torch.clamp(x, max=0.0, out=u).sub_(log1p_t)
+        return _logsigmoid_into(x, t, u, err)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
@@ -406,6 +402,17 @@ class _CPULogSigmoid(torch.autograd.Function):
         if torch.is_grad_enabled():  # a double backward records this: out of place
             return torch.sigmoid(-x) * grad
         return x.neg().sigmoid_().mul_(grad)
+
+
+def _logsigmoid_into(x: torch.Tensor, t: torch.Tensor, u: torch.Tensor, err: torch.Tensor
+                     ) -> torch.Tensor:
+    """:class:`_CPULogSigmoid`'s forward into three given buffers of ``x``'s shape; the
+    result is written into ``u``, which is returned."""
+    torch.abs(x, out=t).neg_().exp_()  # t = exp(-|x|)
+    torch.add(t, 1.0, out=u)
+    torch.sub(u, 1.0, out=err).sub_(t).div_(u)  # ((u - 1) - t) / u
+    torch.log(u, out=t).sub_(err)  # log1p(t); t is not needed any more
+    return torch.clamp(x, max=0.0, out=u).sub_(t)
 
 
 _TILED: dict[tuple[int, int, int, float, torch.dtype, torch.device], torch.Tensor] = {}
@@ -622,13 +629,9 @@ class _CPUDenseNCE(torch.autograd.Function):
             signed_scale, _, neg_weight = _nce_columns(width, num_positives, scale,
                                                        torch.float32, x.device)
             x.mul_(signed_scale).add_(bias)
-            # _CPULogSigmoid.forward, its temporaries in the workspace (full is spent).
-            t, u, err = (ws[k * sampled:(k + 1) * sampled].view_as(x) for k in range(3))
-            torch.abs(x, out=t).neg_().exp_()
-            torch.add(t, 1.0, out=u)
-            torch.sub(u, 1.0, out=err).sub_(t).div_(u)
-            torch.log(u, out=t).sub_(err)
-            logsig = torch.clamp(x, max=0.0, out=err).sub_(t)
+            # The CPU log-sigmoid, its temporaries in the workspace (full is spent).
+            logsig = _logsigmoid_into(x, *(ws[k * sampled:(k + 1) * sampled].view_as(x)
+                                           for k in range(3)))
             if reduction == "none":
                 out = torch.mv(logsig.view(2 * batch, -1), neg_weight).view(2, batch)
             else:
