@@ -84,7 +84,8 @@ class CRCKDLoss(nn.Module):
         centroid_relu: ReLU the bank rows before averaging (method §3, the default).
         sampler: ``"independent"`` (the method's law) or ``"shuffle"`` (faster, anchors of one
             class correlated; see :meth:`MomentumMemoryBank.sample`).
-        path: ``"auto"``, ``"dense"`` or ``"gather"``.
+        path: ``"auto"``, ``"dense"``, ``"gather"`` or ``"triton"`` (see
+            :class:`ClassGuidedContrastiveLoss`).
         num_classes: ``C``; defaults to ``labels.max() + 1``.
         copy_on_write: how the banks are written (see :class:`MomentumMemoryBank`):
             ``"snapshot"`` keeps every tensor in place, for capture in a CUDA graph.
@@ -94,7 +95,9 @@ class CRCKDLoss(nn.Module):
             compiles it on any device, ``False`` never. The compiled step matches the eager
             one to float rounding; the first training calls compile it (once for the first
             step, which estimates :math:`Z`, once for the steady state). Under ``"auto"`` a
-            compile failure warns and falls back to eager. See :doc:`/howto/gpu`.
+            compile failure warns and falls back to eager. With ``path="triton"``,
+            ``"auto"`` runs the step eagerly with the Triton kernels; ``True`` compiles it
+            and inductor generates its own kernels instead. See :doc:`/howto/gpu`.
 
     Examples:
         >>> labels = torch.randint(0, 3, (100,))
@@ -220,7 +223,9 @@ class CRCKDLoss(nn.Module):
                 generator, ccd.sampler)
         else:
             sample_indices = ccd.check_sample_indices(sample_indices, batch, self.student_bank)
-        out: CRCKDOutput = _fused.run(self, self.fused, student_feat.device, _step, self,
+        # The Triton kernels are the fused CCD of path="triton": "auto" leaves that step eager.
+        fused = False if self.fused == "auto" and ccd.path == "triton" else self.fused
+        out: CRCKDOutput = _fused.run(self, fused, student_feat.device, _step, self,
                                       student_feat, teacher_feat, indices, rows,
                                       sample_indices)
         return out

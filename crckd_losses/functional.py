@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from . import _fused
 from ._cache import built_once
 from ._checks import (
     check_choice,
@@ -47,8 +48,8 @@ __all__ = [
     "sigmoid_rampup",
 ]
 
-ScorePath = Literal["auto", "dense", "gather"]
-SCORE_PATHS: tuple[ScorePath, ...] = ("auto", "dense", "gather")
+ScorePath = Literal["auto", "dense", "gather", "triton"]
+SCORE_PATHS: tuple[ScorePath, ...] = ("auto", "dense", "gather", "triton")
 
 #: The dense path (one ``B x N`` matmul, then a gather of the sampled columns) is taken while
 #: ``N <= DENSE_PATH_FACTOR * (P + K)``. Past that, gathering the ``B x (P+K) x d`` rows costs
@@ -133,7 +134,8 @@ def contrastive_scores(
         temperature: ``tau > 0``.
         path: ``"dense"`` multiplies the batch against the whole bank (``B x N``) and gathers
             the sampled columns; ``"gather"`` gathers ``B x (P+K) x d`` rows first. ``"auto"``
-            picks by :func:`choose_score_path`. Both give the same values.
+            picks by :func:`choose_score_path`. Both give the same values. ``"triton"``
+            selects the Triton kernels of the CCD losses; scores alone then gather.
 
     Returns:
         ``[B, P+K]`` scores, in the matmul's dtype (float16/bfloat16 under autocast).
@@ -214,6 +216,8 @@ def _paired_raw_scores(
     """``[D, B, P+K]``: the dot products of ``anchors[k]`` against ``memories[k]`` at the same
     sampled rows, for ``D`` directions. On the dense path the ``D`` score matrices are
     stacked and gathered once (one gather, and one scatter in backward, for all)."""
+    if path == "triton":  # the Triton kernels compute the CCD pair; scores alone gather
+        path = "gather"
     if path == "auto":
         path = choose_score_path(memories[0].shape[0], sample_indices.shape[1])
     dtype = _score_dtype(anchors[0], memories[0])
@@ -478,7 +482,9 @@ def class_guided_contrastive_loss(
             scores (:func:`estimate_log_normalizer`), which is what a first call does.
         teacher_log_normalizer: :math:`\log Z` for :math:`L_T`; ``None`` as above.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        path: see :func:`contrastive_scores`.
+        path: see :func:`contrastive_scores`; ``"triton"`` computes both directions,
+            forward and backward, in hand-written Triton kernels (CUDA tensors; see
+            :class:`~crckd_losses.ClassGuidedContrastiveLoss`).
 
     Returns:
         ``(L_S, L_T)``.
@@ -558,7 +564,15 @@ def _ccd_pair(
     which keeps its own :math:`Z`."""
     scale = 1.0 / temperature
     noise = (sample_indices.shape[1] - num_positives) / student_memory.shape[0]
-    if path == "auto":
+    if path == "triton" and not torch.compiler.is_compiling():
+        _check_triton(student_emb, teacher_memory)
+        dtype = _score_dtype(student_emb, teacher_memory)
+        triton_out: torch.Tensor = _TritonNCE.apply(
+            student_emb.to(dtype).contiguous(), teacher_emb.to(dtype).contiguous(),
+            teacher_memory.detach().contiguous(), student_memory.detach().contiguous(),
+            sample_indices.contiguous(), scale, noise, num_positives, bias_of, reduction)
+        return triton_out
+    if path in ("auto", "triton"):  # "triton" inside torch.compile: inductor fuses its own
         path = choose_score_path(student_memory.shape[0], sample_indices.shape[1])
     if path == "dense" and _cpu_dense_pair(student_emb, teacher_memory):
         f32 = torch.float32
@@ -656,11 +670,9 @@ class _CPUDenseNCE(torch.autograd.Function):
         needs = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
         rest = (None,) * 8
         if torch.is_grad_enabled():  # a double backward: through the general path
-            raw = _paired_raw_scores([anchor_s, anchor_t], [memory_t, memory_s], index, "dense")
-            out = _nce_rows(raw, scale, bias, num_positives, reduction, owned=True)
-            inputs = [a for a, n in zip((anchor_s, anchor_t), needs) if n]
-            grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
-            return (*(next(grads) if n else None for n in needs), *rest)
+            return (*_recomputed_pair_grads(anchor_s, anchor_t, memory_t, memory_s, index,
+                                            scale, bias, num_positives, reduction, needs,
+                                            grad, "dense"), *rest)
         batch, width = index.shape
         signed_scale, _, neg_weight = _nce_columns(width, num_positives, scale, torch.float32,
                                                    grad.device)
@@ -676,6 +688,133 @@ class _CPUDenseNCE(torch.autograd.Function):
         full.zero_().scatter_add_(2, index.expand_as(g), g)
         return (torch.mm(full[0], memory_t) if needs[0] else None,
                 torch.mm(full[1], memory_s) if needs[1] else None, *rest)
+
+
+def _recomputed_pair_grads(anchor_s: torch.Tensor, anchor_t: torch.Tensor,
+                           memory_t: torch.Tensor, memory_s: torch.Tensor, index: torch.Tensor,
+                           scale: float, bias: torch.Tensor, num_positives: int, reduction: str,
+                           needs: tuple[bool, ...], grad: torch.Tensor, path: ScorePath,
+                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The anchors' gradients of a hand-written CCD pair, recomputed through the general
+    operators with ``create_graph=True``: the pairs' backward under a double backward."""
+    raw = _paired_raw_scores([anchor_s, anchor_t], [memory_t, memory_s], index, path)
+    out = _nce_rows(raw, scale, bias, num_positives, reduction, owned=True)
+    inputs = [a for a, n in zip((anchor_s, anchor_t), needs) if n]
+    grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
+    return next(grads) if needs[0] else None, next(grads) if needs[1] else None
+
+
+def _check_triton(anchor: torch.Tensor, memory: torch.Tensor) -> None:
+    """``path="triton"`` needs Triton, CUDA tensors (CPU tensors under Triton's interpreter,
+    ``TRITON_INTERPRET=1``) and scores in float32, bfloat16 or float16."""
+    if not _fused.triton_available():
+        raise ValueError("path='triton' needs Triton installed (pip install triton)")
+    from . import _triton_kernels
+
+    device = anchor.device.type
+    if device != "cuda" and not (device == "cpu" and _triton_kernels.interpreted()):
+        raise ValueError(
+            f"path='triton' runs on CUDA tensors (on CPU tensors only under Triton's "
+            f"interpreter, TRITON_INTERPRET=1), got {device} tensors; use 'auto' there"
+        )
+    if _score_dtype(anchor, memory) not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"path='triton' computes float32, bfloat16 or float16 scores, got "
+            f"{_score_dtype(anchor, memory)}; use 'auto' for other dtypes"
+        )
+
+
+_TRITON_BLOCK = 32  # sampled columns per program of the scores kernel and per gradient step
+#: Sampled columns per program of the gradient kernel: at the paper's sizes (P+K = 4116,
+#: B = 64) 9 chunks of 64 anchors, 576 programs, enough to fill a large GPU.
+_TRITON_CHUNK = 512
+
+
+class _TritonNCE(torch.autograd.Function):
+    r"""Both CCD directions with the hand-written Triton kernels of ``_triton_kernels``
+    (``path="triton"``): the sampled rows are gathered and dotted inside the kernels (from
+    the GPU's cache: the paper's banks are 3.6 MB), so neither the ``B x N`` product nor the
+    ``B x (P+K) x d`` block is formed, and a forward and backward take five kernel launches
+    (scores, :math:`Z` aside; NCE; the batch reduction; gradients and the sum of their
+    column chunks) where the general operators take about forty.
+
+    The values are the general path's to float rounding (the sums run in another order);
+    under bfloat16 or float16 autocast the bank rows and the scores are rounded to that
+    dtype as the general path's matmul rounds them. The scores' buffer becomes the backward's
+    factor :math:`-w_j\,\mathrm{sign}_j\,\sigma(-x_j)/	au`, the one ``[2, B, P+K]`` tensor
+    kept. A second-order gradient is taken through the general path, recomputed.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override, unused-ignore]
+        ctx: torch.autograd.function.FunctionCtx,
+        anchor_s: torch.Tensor,
+        anchor_t: torch.Tensor,
+        memory_t: torch.Tensor,
+        memory_s: torch.Tensor,
+        index: torch.Tensor,
+        scale: float,
+        noise: float,
+        num_positives: int,
+        bias_of: BiasOf,
+        reduction: str,
+    ) -> torch.Tensor:
+        from ._triton_kernels import build
+
+        kernels = build()
+        batch, width = index.shape
+        dim = anchor_s.shape[1]
+        dtype = anchor_s.dtype
+        block_d = max(16, 1 << (dim - 1).bit_length())
+        raw = torch.empty(2, batch, width, dtype=torch.float32, device=index.device)
+        kernels["scores"][(_cdiv(width, _TRITON_BLOCK), batch)](
+            anchor_s, anchor_t, memory_t, memory_s, index, raw, batch, width, dim,
+            anchor_s.stride(0), memory_t.stride(0),
+            ROUND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
+            BLOCK_J=_TRITON_BLOCK, BLOCK_D=block_d)
+        bias = bias_of(raw if dtype == torch.float32 else raw.to(dtype), scale, noise)
+        rows = torch.empty(2, batch, dtype=torch.float32, device=index.device)
+        kernels["nce"][(batch, 2)](raw, bias.contiguous(), rows, batch, width, num_positives,
+                                   scale, 1.0 / num_positives, BLOCK=1024)
+        out = rows if reduction == "none" else rows.mean(1) if reduction == "mean" else \
+            rows.sum(1)
+        ctx.save_for_backward(raw, index, memory_t, memory_s, anchor_s, anchor_t, bias)
+        ctx.setting = (scale, num_positives, reduction, block_d)  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override, unused-ignore]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        factor, index, memory_t, memory_s, anchor_s, anchor_t, bias = \
+            ctx.saved_tensors  # type: ignore[attr-defined]
+        scale, num_positives, reduction, block_d = ctx.setting  # type: ignore[attr-defined]
+        needs = tuple(ctx.needs_input_grad[:2])  # type: ignore[attr-defined]
+        rest = (None,) * 8
+        if torch.is_grad_enabled():  # a double backward: through the general path
+            return (*_recomputed_pair_grads(anchor_s, anchor_t, memory_t, memory_s, index,
+                                            scale, bias, num_positives, reduction, needs,
+                                            grad, "gather"), *rest)
+        from ._triton_kernels import build
+
+        batch, width = index.shape
+        dim = anchor_s.shape[1]
+        chunks = _cdiv(width, _TRITON_CHUNK)
+        partial = torch.empty(chunks, 2, batch, dim, dtype=torch.float32, device=index.device)
+        coef_b = grad.stride(1) if reduction == "none" else 0
+        build()["grad"][(batch, chunks)](
+            factor, index, memory_t, memory_s, grad, partial, batch, width, dim, _TRITON_CHUNK,
+            memory_t.stride(0), grad.stride(0), coef_b,
+            1.0 / batch if reduction == "mean" else 1.0,
+            NEED_S=needs[0], NEED_T=needs[1], BLOCK_J=_TRITON_BLOCK, BLOCK_D=block_d)
+        grads = partial[0] if chunks == 1 else partial.sum(0)
+        out = [g.to(a.dtype) if n else None for g, a, n in zip(grads, (anchor_s, anchor_t), needs)]
+        return (out[0], out[1], *rest)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)``, for launch grids."""
+    return -(-a // b)
 
 
 def class_centroids(

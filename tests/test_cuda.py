@@ -1,11 +1,15 @@
 """CUDA checks: the same results as on the CPU, mixed precision, and no host syncs."""
 
+import importlib.util
+
 import pytest
 import torch
 
 from crckd_losses import CRCKDLoss, EMATeacher, MomentumMemoryBank
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="needs Triton")
 
 
 def paper_sized(device, dtype=torch.float32, fused=False):
@@ -60,14 +64,48 @@ def test_autocast_close_to_float32(dtype):
         assert float(b.detach()) == pytest.approx(float(a.detach()), rel=1e-2, abs=1e-3)
 
 
+@needs_triton
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16])
+def test_triton_path_matches_dense(autocast):
+    """path="triton" (compiled kernels) against the dense path: the same losses, the same
+    gradients of both heads, at the paper's sizes, in float32 and under autocast."""
+    crckd, f_s, f_t, idx = paper_sized("cuda")
+    sample = crckd.student_bank.sample(idx, 20, 4096)
+    crckd.eval()  # no bank writes: both calls read the same banks
+    crckd.ccd.train()
+    crckd(f_s, f_t, idx, sample_indices=sample)  # Z estimated once, then frozen for both
+    results = {}
+    for path in ("dense", "triton"):
+        crckd.ccd.path = path
+        crckd.zero_grad()
+        f = f_s.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=autocast or torch.float32,
+                            enabled=autocast is not None):
+            out = crckd(f, f_t, idx, sample_indices=sample)
+        out.loss.backward()
+        results[path] = (*out, f.grad, crckd.student_head.linear.weight.grad.clone(),
+                         crckd.teacher_head.linear.weight.grad.clone())
+    rel = 2e-5 if autocast is None else 1e-2
+    for a, b in zip(results["dense"], results["triton"]):
+        err = float((b.float() - a.float()).abs().max())
+        assert err <= rel * float(a.float().abs().max()) + 1e-7, err
+
+
 @pytest.mark.parametrize("sampler", ["independent", "shuffle"])
-@pytest.mark.parametrize("fused", [False, "auto"])
+@pytest.mark.parametrize("fused", [False, "auto", "triton"])
 def test_default_training_step_has_no_host_sync(sampler, fused):
     """A whole default step: CRCKDLoss forward and backward (sampling, both bank updates,
     centroids, the first call's Z too) and the EMA update, with the default value checks;
     eager, and on the fused path that "auto" selects on CUDA (compiled by two warm-up steps
     first, since compiling is not a training step)."""
-    crckd, f_s, f_t, idx = paper_sized("cuda", fused=fused)
+    if fused == "triton":  # the step with path="triton": eager, the CCD in Triton kernels
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("needs Triton")
+        fused = "auto"
+        crckd, f_s, f_t, idx = paper_sized("cuda", fused=fused)
+        crckd.ccd.path = "triton"
+    else:
+        crckd, f_s, f_t, idx = paper_sized("cuda", fused=fused)
     crckd.ccd.sampler = sampler
     student = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.BatchNorm1d(128)).cuda()
     teacher = EMATeacher(student)
@@ -143,7 +181,10 @@ def _graph_setup(seed=0, fused=False):
     labels = torch.randint(0, 7, (7012,))
     labels[:7] = torch.arange(7)
     student = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.BatchNorm1d(128)).cuda()
-    crckd = CRCKDLoss(labels.cuda(), 128, 128, copy_on_write="snapshot", fused=fused).cuda()
+    path = "triton" if fused == "triton" else "auto"
+    fused = "auto" if fused == "triton" else fused
+    crckd = CRCKDLoss(labels.cuda(), 128, 128, copy_on_write="snapshot", fused=fused,
+                      path=path).cuda()
     teacher = EMATeacher(student, warmup=False)
     optimizer = torch.optim.Adam([*student.parameters(), *crckd.parameters()], lr=1e-3,
                                  capturable=True)
@@ -160,7 +201,7 @@ def _step(student, crckd, teacher, optimizer, x, f_t, idx, sample=None):
 
 
 @pytest.mark.parametrize("sampled", [False, True])
-@pytest.mark.parametrize("fused", [False, "auto"])
+@pytest.mark.parametrize("fused", [False, "auto", pytest.param("triton", marks=needs_triton)])
 def test_cuda_graph_replays_a_whole_step(sampled, fused):
     """The whole default step (forward, backward, both bank updates, centroids, the optimiser
     and the EMA update) captured once and replayed: every replay matches eager execution of
