@@ -4,6 +4,7 @@ reference. Also the CCD inputs and contenders that the sweeps and the crossover 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -146,13 +147,26 @@ def _ccd_step(
     return step
 
 
+#: The row of the library's CCD with ``path="triton"`` (its hand-written Triton kernels).
+TRITON = "triton kernels"
+
+
+def triton_row(device: torch.device) -> bool:
+    """Whether the run times ``path="triton"``: on CUDA, with Triton installed, with a
+    library version that has the path."""
+    return device.type == "cuda" and "triton" in functional.SCORE_PATHS and \
+        importlib.util.find_spec("triton") is not None
+
+
 def check_ccd(x: CCDInputs, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
-    """Asserts that the dense path, the gather path and the reference agree (losses, grads)."""
+    """Asserts that the dense path, the gather path, the Triton kernels (where timed) and the
+    reference agree (losses, grads)."""
     ctx = autocast(device, dtype)
     results = {}
     for name, compute in (
         ("dense", lambda v: ccd_library(v, "dense")),
         ("gather", lambda v: ccd_library(v, "gather")),
+        *((("triton", lambda v: ccd_library(v, "triton")),) if triton_row(device) else ()),
         ("reference", ccd_reference),
     ):
         with ctx:
@@ -163,7 +177,7 @@ def check_ccd(x: CCDInputs, dtype: torch.dtype, device: torch.device) -> dict[st
     diffs = {}
     tol = tolerance(dtype)
     low_precision = dtype not in (torch.float32, torch.float64)
-    for name in ("gather", "reference"):
+    for name in [n for n in results if n != "dense"]:
         for what, got, exp in zip(("L_S", "L_T", "grad_S", "grad_T"), results[name], want):
             if name == "reference" and low_precision:
                 # exp/log in bfloat16 loses the loss (log(1-h) rounds near 1): record, do not
@@ -195,6 +209,7 @@ def ccd_fns(
         "dense": lambda v: ccd_library(v, "dense"),
         "gather": lambda v: ccd_library(v, "gather"),
         "reference": ccd_reference,
+        TRITON: lambda v: ccd_library(v, "triton"),
     }
     return {name: _ccd_step(x, makers[name], ctx) for name in names}
 
@@ -268,7 +283,8 @@ def run_ccd(bench: Bench) -> dict[str, Any]:
     for dtype in bench.dtypes:
         x = make_ccd_inputs(p["B"], p["d"], p["P"], p["K"], p["N"], bench.device, p["C"])
         checks = check_ccd(x, dtype, bench.device)
-        fns = ccd_fns(x, dtype, bench.device, CCD_CONTENDERS)
+        fns = ccd_fns(x, dtype, bench.device, CCD_CONTENDERS
+                      + ((TRITON,) if triton_row(bench.device) else ()))
 
         def checks_off(step: Callable[[], None] = fns["auto"]) -> None:
             with value_checks_off(policies):
@@ -368,7 +384,13 @@ class CCD(Section):
         auto_rows = result.get("autocast", {}).get("rows", {})
         slowdown = ratio(auto_rows, AUTOCAST_ROWS[1], AUTOCAST_ROWS[0])
         fused = ratio(rows, "reference", FUSED) if FUSED in rows else None
+        kernels = [target("ccd_speed_triton", _speed_text(bound, where).replace(
+                       "library time", "library time with `path=\"triton\"`"),
+                       ratio(rows, "reference", TRITON), bound,
+                       detail="the hand-written Triton kernels (not chosen by `\"auto\"`)")
+                   ] if TRITON in rows else []
         return [target("ccd_speed", _speed_text(bound, where), speed, bound, detail=others),
+                *kernels,
                 target("ccd_speed_fused", _speed_text(bound, where).replace(
                     "library time", "compiled library time"), fused, bound,
                     detail="the step's fused path (`fused=True`; `\"auto\"` selects it on CUDA)"
@@ -387,6 +409,9 @@ class CCD(Section):
               + (f" `{TORCH_LOGSIGMOID}` is the dense path with torch's log-sigmoid in place of "
                  "the library's vectorised CPU one." if any(
                      TORCH_LOGSIGMOID in v["rows"] for v in s["by_dtype"].values()) else "")
+              + (f" `{TRITON}` is `path=\"triton\"`: both directions, forward and "
+                 "backward, in the library's hand-written Triton kernels." if any(
+                     TRITON in v["rows"] for v in s["by_dtype"].values()) else "")
               + (f" `{GENERAL_OPS}` is the dense path through the general operators, without "
                  "the written-out CPU dense pair (same values, bit for bit)." if any(
                      GENERAL_OPS in v["rows"] for v in s["by_dtype"].values()) else ""),

@@ -16,6 +16,7 @@ from torch import nn
 from crckd_losses import CRCKDLoss, EMATeacher, functional
 from crckd_losses._fused import use_fused
 
+from .ccd import triton_row
 from .common import PAPER, Bench, Section, Target, params, table, target
 
 
@@ -65,10 +66,12 @@ def make_batch(device: torch.device, quick: bool = False) -> Batch:
 
 
 def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
-              graph: bool = False) -> tuple[Callable[[], torch.Tensor], tuple[Any, ...]]:
+              graph: bool = False, path: str = "auto"
+              ) -> tuple[Callable[[], torch.Tensor], tuple[Any, ...]]:
     """One training step of ``kind`` ("baseline", "MT" or "CRCKD") and the state it trains.
 
-    With ``graph`` the step is written for CUDA-graph capture (the recipe of the GPU how-to):
+    ``path`` is CRCKD's score path (``"triton"`` for its Triton kernels). With ``graph`` the
+    step is written for CUDA-graph capture (the recipe of the GPU how-to):
     banks with ``copy_on_write="snapshot"``, a capturable Adam whose gradients are zeroed in
     place after the step, and a teacher whose decay does not change (``warmup=False``).
 
@@ -84,6 +87,7 @@ def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
     if kind == "CRCKD":
         crckd = CRCKDLoss(b.labels, 128, 128, embed_dim=p["d"], num_positives=p["P"],
                           num_negatives=p["K"], temperature=p["tau"], fused=fused,
+                          path=path,  # type: ignore[arg-type]
                           copy_on_write="snapshot" if graph else True).to(b.view1.device)
         params += list(crckd.parameters())
     opt = torch.optim.Adam(params, lr=3e-4, weight_decay=5e-4, capturable=graph)
@@ -168,10 +172,13 @@ def run_train(bench: Bench) -> dict[str, Any]:
     default_fused = use_fused("auto", dev)
     other = "CRCKD, eager" if default_fused else "CRCKD, fused"
     kinds = ["baseline", "MT", "CRCKD"] + ([] if bench.quick else [other])
+    if triton_row(dev) and not bench.quick:
+        kinds.append(TRITON_ROW)
     fns: dict[str, Callable[[], Any]] = {}
     for kind in kinds:
         fused: bool | Literal["auto"] = "auto" if kind != other else not default_fused
-        fns[kind], state = make_step(b, kind.split(",")[0], fused)
+        fns[kind], state = make_step(b, kind.split(",")[0], fused,
+                                     path="triton" if kind == TRITON_ROW else "auto")
         if state[2] is not None and state[2].fused is not False:
             for _ in range(2):  # both compilations (the first step's Z, then steady state)
                 fns[kind]()
@@ -197,6 +204,8 @@ def run_train(bench: Bench) -> dict[str, Any]:
     if other in rows:
         out["other_path"] = other
         out["other_over_mt"] = rows[other]["median_s"] / mt - 1.0
+    if TRITON_ROW in rows:
+        out["triton_over_mt"] = rows[TRITON_ROW]["median_s"] / mt - 1.0
     if "CRCKD, CUDA graph" in rows:
         out["graph_over_mt"] = (rows["CRCKD, CUDA graph"]["median_s"]
                                 / rows["MT, CUDA graph"]["median_s"] - 1.0)
@@ -227,6 +236,9 @@ def host_ms(fns: dict[str, Callable[[], Any]], dev: torch.device,
         out[name] = 1e3 * statistics.median(times)
     return out
 
+
+#: The row of CRCKD with ``path="triton"`` (eager, its CCD in the Triton kernels).
+TRITON_ROW = "CRCKD, Triton kernels"
 
 TRAIN_OVERHEAD = "Training step: CRCKD over MT <= 15 %"
 TRAIN_OVERHEAD_GPU = "Training step on a GPU: CRCKD (default) over MT <= 5 %"
@@ -266,6 +278,9 @@ class Train(Section):
         if "other_path" in s:
             md[-1] += (f" {s['other_path']} over MT: {100 * s['other_over_mt']:.1f} % "
                        f"(`fused={not s['default_fused']}`).")
+        if "triton_over_mt" in s:
+            md[-1] += (f" {TRITON_ROW} over MT (`path=\"triton\"`, eager): "
+                       f"{100 * s['triton_over_mt']:.1f} %.")
         if "graph_over_mt" in s:
             md[-1] += (f" Both steps captured in a CUDA graph (`copy_on_write=\"snapshot\"`, "
                        f"capturable Adam, replayed): CRCKD over MT "
