@@ -73,7 +73,7 @@ class ClassGuidedContrastiveLoss(nn.Module):
             :func:`crckd_losses.functional.contrastive_scores`), or ``"triton"``: both
             directions, forward and backward, in hand-written Triton kernels that gather the
             sampled rows themselves (CUDA tensors and Triton needed; five kernel launches
-            where the other paths take about forty). Not chosen by ``"auto"``: its speed has
+            where the other paths take about twenty). Not chosen by ``"auto"``: its speed has
             not been measured on a GPU yet (:doc:`/howto/gpu`).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 

@@ -736,7 +736,7 @@ class _TritonNCE(torch.autograd.Function):
     the GPU's cache: the paper's banks are 3.6 MB), so neither the ``B x N`` product nor the
     ``B x (P+K) x d`` block is formed, and a forward and backward take five kernel launches
     (scores, :math:`Z` aside; NCE; the batch reduction; gradients and the sum of their
-    column chunks) where the general operators take about forty.
+    column chunks) where the general operators take about twenty.
 
     The values are the general path's to float rounding (the sums run in another order);
     under bfloat16 or float16 autocast the bank rows and the scores are rounded to that
