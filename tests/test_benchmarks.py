@@ -6,7 +6,6 @@ No speed is asserted: timing depends on the machine and its load.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -263,42 +262,3 @@ def test_value_checks_policy_is_restored() -> None:
         assert crckd_losses.value_checks() == "mask"
     assert crckd_losses.value_checks() == before
 
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-def test_ccd_section_checks_times_and_reports_the_triton_row(monkeypatch) -> None:
-    """The CUDA-only row of ``path="triton"``, run here in Triton's interpreter: its values
-    are checked against the dense path before timing, its step runs, and the section reports
-    it (a target of its own, a sentence in the markdown)."""
-    from benchmarks.sections import ccd
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(ccd, "triton_row", lambda device: True)
-    x = ccd.make_ccd_inputs(4, 8, 3, 20, 60, torch.device("cpu"), 3)
-    diffs = ccd.check_ccd(x, torch.float32, torch.device("cpu"))
-    assert {"triton/L_S", "triton/L_T", "triton/grad_S", "triton/grad_T"} <= set(diffs)
-    step = ccd.ccd_fns(x, torch.float32, torch.device("cpu"), (ccd.TRITON,))[ccd.TRITON]
-    step()
-    rows = {name: {"median_s": t, "min_s": t, "iqr_s": 0.1, "rounds": 3,
-                   "samples_per_s": 4 / t, "peak_bytes": 1e6}
-            for name, t in (("auto", 1.0), ("reference", 2.0), (ccd.TRITON, 0.25))}
-    result = {"params": dict(common.PAPER), "by_dtype": {"float32": {
-        "auto_path": "dense", "rows": rows, "max_rel_diff_vs_dense": diffs}}}
-    meta = {"device": "cuda"}
-    found = {t["name"]: t for t in ccd.SECTION.targets(result, meta)}
-    assert found["ccd_speed_triton"]["value"] == 8.0 and found["ccd_speed_triton"]["met"]
-    assert "`triton kernels` is `path=\"triton\"`" in "\n".join(
-        ccd.SECTION.markdown(result, meta, "x"))
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-def test_train_section_step_with_the_triton_path(monkeypatch) -> None:
-    """The training step the CUDA-only row ``CRCKD, Triton kernels`` times, here in Triton's
-    interpreter on the quick grid: it trains with ``path="triton"``, eagerly."""
-    from benchmarks.sections import train
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    step, (_, _, crckd, _) = train.make_step(train.make_batch(torch.device("cpu"), quick=True),
-                                             "CRCKD", path="triton")
-    assert crckd.ccd.path == "triton"
-    losses = [step() for _ in range(2)]
-    assert all(bool(torch.isfinite(loss)) for loss in losses)
