@@ -262,3 +262,23 @@ def test_value_checks_policy_is_restored() -> None:
         assert crckd_losses.value_checks() == "mask"
     assert crckd_losses.value_checks() == before
 
+
+
+def test_sweep_table_has_triton_columns_only_where_timed() -> None:
+    from benchmarks.sections import ccd, sweeps
+
+    row = {"median_s": 1e-3, "min_s": 1e-3, "iqr_s": 1e-4, "rounds": 3,
+           "samples_per_s": 1.0, "peak_bytes": 1e6}
+    names = ("auto", "dense", "gather", "reference")
+
+    def result(with_triton: bool) -> dict:
+        rows = {n: dict(row) for n in names + ((ccd.TRITON,) if with_triton else ())}
+        point = {"params": dict(common.PAPER), "auto_path": "dense", "rows": rows}
+        return {"dtype": "float32", "sweeps": {"N": [point]}, "fits": {}}
+
+    for with_triton in (False, True):
+        md = sweeps.SECTION.markdown(result(with_triton), {}, "x")
+        header = next(line for line in md if line.startswith("| N |"))
+        body = next(line for line in md if line.startswith(f"| {common.PAPER['N']} |"))
+        assert (f"{ccd.TRITON} ms" in header) == with_triton
+        assert header.count("|") == body.count("|") == md[md.index(header) + 1].count("|")

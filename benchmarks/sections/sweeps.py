@@ -12,7 +12,7 @@ import torch
 
 from crckd_losses import functional
 
-from .ccd import ccd_fns, make_ccd_inputs
+from .ccd import TRITON, ccd_fns, make_ccd_inputs, triton_row
 from .common import (
     BLOCK_CAP_BYTES,
     PAPER,
@@ -68,6 +68,8 @@ def run_sweeps(bench: Bench) -> dict[str, Any]:
                     f"B x (P+K) x d block would be {block / 1e9:.1f} GB "
                     f"(cap {BLOCK_CAP_BYTES / 1e9:.1f} GB)"
                 )
+            if triton_row(bench.device):
+                names += (TRITON,)
             x = make_ccd_inputs(q["B"], q["d"], q["P"], q["K"], q["N"], bench.device)
             fns = ccd_fns(x, dtype, bench.device, names)
             timed = bench.compare(fns, samples=q["B"], min_rounds=3)
@@ -124,7 +126,8 @@ FLAT_IN_N = "Library CCD time flat in N where it gathers (log-log slope <= 0.1)"
 
 #: Line style of each contender in the sweep plot: (colour, line style, width).
 STYLE = {"auto": ("k", "-", 2.5), "dense": ("tab:blue", "--", 1.2),
-         "gather": ("tab:orange", "--", 1.2), "reference": ("tab:red", ":", 1.8)}
+         "gather": ("tab:orange", "--", 1.2), "reference": ("tab:red", ":", 1.8),
+         TRITON: ("tab:green", "-.", 1.5)}
 
 
 class Sweeps(Section):
@@ -157,16 +160,17 @@ class Sweeps(Section):
               "(its figures are that path's). Plot: "
               f"![sweeps]({stem}-sweeps.png)", ""]
         for axis, points in s["sweeps"].items():
+            # path="triton" (timed on CUDA only) gets its columns where it was timed
+            cols = ("auto", "dense", "gather", "reference") + (
+                (TRITON,) if any(TRITON in p["rows"] for p in points) else ())
             md += [f"### over {axis}", "",
-                   f"| {axis} | auto path | auto ms | dense ms | gather ms | reference ms | "
-                   "auto MB | dense MB | gather MB | reference MB | reference/auto time |",
-                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                   f"| {axis} | auto path | " + " | ".join(f"{c} ms" for c in cols) + " | "
+                   + " | ".join(f"{c} MB" for c in cols) + " | reference/auto time |",
+                   "|---:|---|" + "---:|" * (2 * len(cols) + 1)]
             for p in points:
                 r = p["rows"]
-                cells = [ms(r[k]) if r.get(k) else "skipped" for k in
-                         ("auto", "dense", "gather", "reference")]
-                mems = [mb(r[k]) if r.get(k) else "skipped" for k in
-                        ("auto", "dense", "gather", "reference")]
+                cells = [ms(r[k]) if r.get(k) else "skipped" for k in cols]
+                mems = [mb(r[k]) if r.get(k) else "skipped" for k in cols]
                 md.append(f"| {p['params'][axis]} | {p['auto_path']} | " + " | ".join(cells)
                           + " | " + " | ".join(mems)
                           + f" | {fmt(ratio(r, 'reference', 'auto'))} |")
