@@ -724,9 +724,18 @@ def _check_triton(anchor: torch.Tensor, memory: torch.Tensor) -> None:
         )
 
 
-_TRITON_BLOCK = 32  # sampled columns per program of the scores kernel and per gradient step
-#: Sampled columns per program of the gradient kernel: at the paper's sizes (P+K = 4116,
-#: B = 64) 9 chunks of 64 anchors, 576 programs, enough to fill a large GPU.
+def _triton_blocks(dim: int) -> tuple[int, int]:
+    """``(BLOCK_J, BLOCK_D)``: sampled columns per program of the scores kernel (and per
+    step of the gradient kernel), and ``d`` rounded up to a power of two. The gathered tile
+    is ``BLOCK_J x BLOCK_D``, at most 4096 values per bank (32 columns at ``d = 128``), so
+    that a large ``d`` does not overflow the registers."""
+    block_d = max(16, 1 << (dim - 1).bit_length())
+    return max(2, min(32, 4096 // block_d)), block_d
+
+
+#: Sampled columns per program of the gradient kernel (a multiple of every ``BLOCK_J``): at
+#: the paper's sizes (P+K = 4116, B = 64) 9 chunks of 64 anchors, 576 programs, enough to
+#: fill a large GPU.
 _TRITON_CHUNK = 512
 
 
@@ -765,13 +774,13 @@ class _TritonNCE(torch.autograd.Function):
         batch, width = index.shape
         dim = anchor_s.shape[1]
         dtype = anchor_s.dtype
-        block_d = max(16, 1 << (dim - 1).bit_length())
+        block_j, block_d = _triton_blocks(dim)
         raw = torch.empty(2, batch, width, dtype=torch.float32, device=index.device)
-        kernels["scores"][(_cdiv(width, _TRITON_BLOCK), batch)](
+        kernels["scores"][(_cdiv(width, block_j), batch)](
             anchor_s, anchor_t, memory_t, memory_s, index, raw, batch, width, dim,
             anchor_s.stride(0), memory_t.stride(0),
             ROUND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
-            BLOCK_J=_TRITON_BLOCK, BLOCK_D=block_d)
+            BLOCK_J=block_j, BLOCK_D=block_d)
         bias = bias_of(raw if dtype == torch.float32 else raw.to(dtype), scale, noise)
         rows = torch.empty(2, batch, dtype=torch.float32, device=index.device)
         kernels["nce"][(batch, 2)](raw, bias.contiguous(), rows, batch, width, num_positives,
@@ -779,7 +788,7 @@ class _TritonNCE(torch.autograd.Function):
         out = rows if reduction == "none" else rows.mean(1) if reduction == "mean" else \
             rows.sum(1)
         ctx.save_for_backward(raw, index, memory_t, memory_s, anchor_s, anchor_t, bias)
-        ctx.setting = (scale, num_positives, reduction, block_d)  # type: ignore[attr-defined]
+        ctx.setting = (scale, num_positives, reduction)  # type: ignore[attr-defined]
         return out
 
     @staticmethod
@@ -788,7 +797,7 @@ class _TritonNCE(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         factor, index, memory_t, memory_s, anchor_s, anchor_t, bias = \
             ctx.saved_tensors  # type: ignore[attr-defined]
-        scale, num_positives, reduction, block_d = ctx.setting  # type: ignore[attr-defined]
+        scale, num_positives, reduction = ctx.setting  # type: ignore[attr-defined]
         needs = tuple(ctx.needs_input_grad[:2])  # type: ignore[attr-defined]
         rest = (None,) * 8
         if torch.is_grad_enabled():  # a double backward: through the general path
@@ -799,6 +808,7 @@ class _TritonNCE(torch.autograd.Function):
 
         batch, width = index.shape
         dim = anchor_s.shape[1]
+        block_j, block_d = _triton_blocks(dim)
         chunks = _cdiv(width, _TRITON_CHUNK)
         partial = torch.empty(chunks, 2, batch, dim, dtype=torch.float32, device=index.device)
         coef_b = grad.stride(1) if reduction == "none" else 0
@@ -806,7 +816,7 @@ class _TritonNCE(torch.autograd.Function):
             factor, index, memory_t, memory_s, grad, partial, batch, width, dim, _TRITON_CHUNK,
             memory_t.stride(0), grad.stride(0), coef_b,
             1.0 / batch if reduction == "mean" else 1.0,
-            NEED_S=needs[0], NEED_T=needs[1], BLOCK_J=_TRITON_BLOCK, BLOCK_D=block_d)
+            NEED_S=needs[0], NEED_T=needs[1], BLOCK_J=block_j, BLOCK_D=block_d)
         grads = partial[0] if chunks == 1 else partial.sum(0)
         out = [g.to(a.dtype) if n else None for g, a, n in zip(grads, (anchor_s, anchor_t), needs)]
         return (out[0], out[1], *rest)

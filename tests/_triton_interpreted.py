@@ -62,12 +62,14 @@ def test_matches_dense_path(reduction, log_z):
         close(b, a)
 
 
-@pytest.mark.parametrize("chunk", [512, 32, 64])
-def test_odd_sizes_and_masking(monkeypatch, chunk):
+@pytest.mark.parametrize("chunk, dim", [(512, 5), (32, 5), (64, 5), (64, 300)])
+def test_odd_sizes_and_masking(monkeypatch, chunk, dim):
     # d not a power of two, P + K spanning several blocks with a ragged last one, B = 1; the
-    # gradient's columns in one chunk, in chunks of one block, in chunks of two blocks.
+    # gradient's columns in one chunk, in chunks of one block, in chunks of two blocks; a
+    # large d (blocks of 8 columns).
     monkeypatch.setattr(CF, "_TRITON_CHUNK", chunk)
-    args = inputs(batch=1, dim=5, size=40, width=97)
+    assert CF._triton_blocks(dim)[0] == (8 if dim == 300 else 32)
+    args = inputs(batch=1, dim=dim, size=40, width=97)
     for a, b in zip(losses_and_grads("dense", *args), losses_and_grads("triton", *args)):
         close(b, a)
 
