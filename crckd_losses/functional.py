@@ -750,7 +750,7 @@ class _TritonNCE(torch.autograd.Function):
     The values are the general path's to float rounding (the sums run in another order);
     under bfloat16 or float16 autocast the bank rows and the scores are rounded to that
     dtype as the general path's matmul rounds them. The scores' buffer becomes the backward's
-    factor :math:`-w_j\,\mathrm{sign}_j\,\sigma(-x_j)/	au`, the one ``[2, B, P+K]`` tensor
+    factor :math:`-w_j\,\mathrm{sign}_j\,\sigma(-x_j)/\tau`, the one ``[2, B, P+K]`` tensor
     kept. A second-order gradient is taken through the general path, recomputed.
     """
 
