@@ -22,7 +22,7 @@ from torch import nn
 from crckd_losses import CRCKDLoss, EMATeacher
 
 from ..measure import HOST_SYNC_OP, count_ops
-from .ccd import triton_row
+from .ccd import ccd_fns, make_ccd_inputs, triton_row
 from .common import (
     PAPER,
     Bench,
@@ -129,6 +129,19 @@ def count_crckd(p: dict[str, Any], policy: str) -> dict[str, Any]:
     return _summary(counts)
 
 
+def count_ccd(p: dict[str, Any]) -> dict[str, Any]:
+    """The operator count of one functional CCD call on the dense path (both directions,
+    ``L_S + L_T`` forward and backward) as an accelerator runs it: value checks ``"mask"``,
+    ``F.logsigmoid``. ``path="triton"`` replaces these operators with its kernels."""
+    x = make_ccd_inputs(p["B"], p["d"], p["P"], p["K"], p["N"], torch.device("cpu"), p["C"])
+    try:
+        with value_checks("mask"), cpu_logsigmoid(False):
+            counts = _counted(ccd_fns(x, torch.float32, torch.device("cpu"), ("dense",))["dense"])
+    except ValueChecksUnsupported as e:
+        return {"skipped": str(e)}
+    return _summary(counts)
+
+
 def count_ema(buffers: str) -> dict[str, Any]:
     """The operator count of one ``EMATeacher.update`` of :class:`SmallCNN`."""
     torch.manual_seed(0)
@@ -150,6 +163,7 @@ def run_ops(bench: Bench) -> dict[str, Any]:
         if "skipped" in out["crckd_step"][policy]:
             bench.skipped.append(f"ops: policy {policy!r}: "
                                  f"{out['crckd_step'][policy]['skipped']}")
+    out["ccd_pair"] = count_ccd(p)
     for buffers in ("copy", "average"):
         out["ema_update"][buffers] = count_ema(buffers)
     if bench.device.type == "cuda":
@@ -227,6 +241,14 @@ class Ops(Section):
             md.append(f"| {policy} | {c['total']} | {c['host_syncs']} | {c['distinct']} | "
                       + ", ".join(f"{name.removeprefix('aten.')} {n}" for name, n in c["top"])
                       + " |")
+        c = result.get("ccd_pair", {})
+        if "total" in c:
+            md += ["", "CCD alone: one call of `functional.class_guided_contrastive_loss` on "
+                   "the dense path, both directions, `L_S + L_T` forward and backward, value "
+                   f"checks `mask`: {c['total']} ops, {c['host_syncs']} host syncs ("
+                   + ", ".join(f"{name.removeprefix('aten.')} {n}" for name, n in c["top"])
+                   + "). `path=\"triton\"` computes the same in five kernel launches (on a "
+                   "GPU the kernel table below counts a whole step with it)."]
         md += ["", "`EMATeacher.update` of a small CNN (two conv-BN-ReLU blocks and a linear "
                "head):", "",
                "| buffers | parameter tensors | buffer tensors | non-view ops | host syncs | "
