@@ -3,30 +3,35 @@
 Three kernels compute both CCD directions, forward and backward, without forming the
 ``B x N`` product or the ``B x (P+K) x d`` block:
 
-- :func:`_scores`: ``raw[k, b, j] = anchor_k[b] . memory_k[idx[b, j]]`` for both directions,
+- :func:`scores`: ``raw[k, b, j] = anchor_k[b] . memory_k[idx[b, j]]`` for both directions,
   one program per ``(column block, anchor)``; the sampled indices are read once for both.
-- :func:`_nce`: the NCE critic of every row, one program per anchor: the row losses
+- :func:`nce`: the NCE critic of every row, one program per anchor: the row losses
   ``sum_j -w_j logsigmoid(x_j)`` and, in place of the scores, the factor
   ``-w_j sign_j scale sigmoid(-x_j)`` that the backward needs.
-- :func:`_grad`: ``grad_k[b] = coef[k, b] * sum_j factor[k, b, j] memory_k[idx[b, j]]``, one
+- :func:`grad`: ``grad_k[b] = coef[k, b] * sum_j factor[k, b, j] memory_k[idx[b, j]]``, one
   program per anchor and chunk of columns (so that a small batch still fills the GPU); the
   caller sums the chunks' shares.
 
-The kernels are plain functions here; :func:`build` applies ``triton.jit`` when they are first
-needed, so that ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, which the tests use) is
-honoured whenever it is set.
+The library imports this module when a kernel first runs. Triton's CPU interpreter, which
+the tests use, is chosen by ``TRITON_INTERPRET=1`` before Triton is first imported.
 """
-
-import os
-from typing import Any
 
 import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 
-def _scores(anchor_s, anchor_t, memory_t, memory_s, index, raw,  # type: ignore[no-untyped-def]
-            batch, width, dim, stride_anchor, stride_memory,
-            ROUND: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator, unused-ignore]
+def _round_bf16(x):  # type: ignore[no-untyped-def]
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), kept in float32: written
+    out on the bits, since Triton's interpreter truncates in its own cast."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit  # type: ignore[untyped-decorator, unused-ignore]
+def scores(anchor_s, anchor_t, memory_t, memory_s, index, raw,  # type: ignore[no-untyped-def]
+           batch, width, dim, stride_anchor, stride_memory,
+           ROUND: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     block = tl.program_id(0)
     b = tl.program_id(1)
     cols = block * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -41,33 +46,24 @@ def _scores(anchor_s, anchor_t, memory_t, memory_s, index, raw,  # type: ignore[
     m_t = tl.load(memory_t + offsets, mask=ok, other=0.0).to(tl.float32)
     m_s = tl.load(memory_s + offsets, mask=ok, other=0.0).to(tl.float32)
     # bfloat16 or float16 scores: the bank read in that dtype, as the general path casts it,
-    # and each product rounded to it, as a half-precision matmul returns it. bfloat16
-    # rounding (to nearest, ties to even) is written out on the bits: Triton's interpreter
-    # truncates in its own cast.
+    # and each product rounded to it, as a half-precision matmul returns it.
     if ROUND == 1:
-        bits = m_t.to(tl.uint32, bitcast=True)
-        m_t = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        bits = m_s.to(tl.uint32, bitcast=True)
-        m_s = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        m_t, m_s = _round_bf16(m_t), _round_bf16(m_s)
     if ROUND == 2:
-        m_t = m_t.to(tl.float16).to(tl.float32)
-        m_s = m_s.to(tl.float16).to(tl.float32)
+        m_t, m_s = m_t.to(tl.float16).to(tl.float32), m_s.to(tl.float16).to(tl.float32)
     u_s = tl.sum(m_t * a_s[None, :], axis=1)
     u_t = tl.sum(m_s * a_t[None, :], axis=1)
     if ROUND == 1:
-        bits = u_s.to(tl.uint32, bitcast=True)
-        u_s = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        bits = u_t.to(tl.uint32, bitcast=True)
-        u_t = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        u_s, u_t = _round_bf16(u_s), _round_bf16(u_t)
     if ROUND == 2:
-        u_s = u_s.to(tl.float16).to(tl.float32)
-        u_t = u_t.to(tl.float16).to(tl.float32)
+        u_s, u_t = u_s.to(tl.float16).to(tl.float32), u_t.to(tl.float16).to(tl.float32)
     tl.store(raw + b * width + cols, u_s, mask=col_ok)
     tl.store(raw + (batch + b) * width + cols, u_t, mask=col_ok)
 
 
-def _nce(raw, bias, rows_out, batch, width, num_positives,  # type: ignore[no-untyped-def]
-         scale, inv_positives, BLOCK: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator, unused-ignore]
+def nce(raw, bias, rows_out, batch, width, num_positives,  # type: ignore[no-untyped-def]
+        scale, inv_positives, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     k = tl.program_id(1)
     row = raw + (k * batch + b) * width
@@ -94,10 +90,11 @@ def _nce(raw, bias, rows_out, batch, width, num_positives,  # type: ignore[no-un
     tl.store(rows_out + k * batch + b, tl.sum(total, axis=0))
 
 
-def _grad(factor, index, memory_t, memory_s, coef, partial,  # type: ignore[no-untyped-def]
-          batch, width, dim, chunk, stride_memory, coef_k, coef_b, coef_scale,
-          NEED_S: tl.constexpr, NEED_T: tl.constexpr,
-          BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator, unused-ignore]
+def grad(factor, index, memory_t, memory_s, coef, partial,  # type: ignore[no-untyped-def]
+         batch, width, dim, chunk, stride_memory, coef_k, coef_b, coef_scale,
+         NEED_S: tl.constexpr, NEED_T: tl.constexpr,
+         BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     part = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -126,20 +123,3 @@ def _grad(factor, index, memory_t, memory_s, coef, partial,  # type: ignore[no-u
     if NEED_T:
         c_t = tl.load(coef + coef_k + b * coef_b).to(tl.float32) * coef_scale
         tl.store(out + batch * dim, acc_t * c_t, mask=d_ok)
-
-
-_BUILT: dict[bool, dict[str, Any]] = {}
-
-
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def build() -> dict[str, Any]:
-    """The three kernels, jit-compiled (or interpreted) once per interpreter setting."""
-    key = interpreted()
-    if key not in _BUILT:
-        _BUILT[key] = {name: triton.jit(fn) for name, fn in
-                       (("scores", _scores), ("nce", _nce), ("grad", _grad))}
-    return _BUILT[key]

@@ -11,6 +11,7 @@ so they stay finite under float16/bfloat16 autocast.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Literal
 
@@ -663,16 +664,14 @@ class _CPUDenseNCE(torch.autograd.Function):
     def backward(  # type: ignore[override, unused-ignore]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        sigmoid_neg, index, memory_t, memory_s, anchor_s, anchor_t, bias = \
+        if torch.is_grad_enabled():  # a double backward: through the general path
+            return _second_order(ctx, grad, "dense")
+        sigmoid_neg, index, memory_t, memory_s, _, _, _ = \
             ctx.saved_tensors  # type: ignore[attr-defined]
         ws: torch.Tensor = ctx.workspace  # type: ignore[attr-defined]
         scale, num_positives, reduction = ctx.setting  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
         rest = (None,) * 8
-        if torch.is_grad_enabled():  # a double backward: through the general path
-            return (*_recomputed_pair_grads(anchor_s, anchor_t, memory_t, memory_s, index,
-                                            scale, bias, num_positives, reduction, needs,
-                                            grad, "dense"), *rest)
         batch, width = index.shape
         signed_scale, _, neg_weight = _nce_columns(width, num_positives, scale, torch.float32,
                                                    grad.device)
@@ -690,18 +689,22 @@ class _CPUDenseNCE(torch.autograd.Function):
                 torch.mm(full[1], memory_s) if needs[1] else None, *rest)
 
 
-def _recomputed_pair_grads(anchor_s: torch.Tensor, anchor_t: torch.Tensor,
-                           memory_t: torch.Tensor, memory_s: torch.Tensor, index: torch.Tensor,
-                           scale: float, bias: torch.Tensor, num_positives: int, reduction: str,
-                           needs: tuple[bool, ...], grad: torch.Tensor, path: ScorePath,
-                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The anchors' gradients of a hand-written CCD pair, recomputed through the general
-    operators with ``create_graph=True``: the pairs' backward under a double backward."""
+def _second_order(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor,
+                  path: ScorePath) -> tuple[torch.Tensor | None, ...]:
+    """The backward of a hand-written CCD pair (:class:`_CPUDenseNCE`, :class:`_TritonNCE`)
+    under a double backward: the anchors' gradients recomputed through the general
+    operators on ``path``, with ``create_graph=True``. Both pairs save ``(factor, index,
+    memory_t, memory_s, anchor_s, anchor_t, bias)`` and set ``ctx.setting``."""
+    _, index, memory_t, memory_s, anchor_s, anchor_t, bias = \
+        ctx.saved_tensors  # type: ignore[attr-defined]
+    scale, num_positives, reduction = ctx.setting  # type: ignore[attr-defined]
+    needs = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
     raw = _paired_raw_scores([anchor_s, anchor_t], [memory_t, memory_s], index, path)
     out = _nce_rows(raw, scale, bias, num_positives, reduction, owned=True)
     inputs = [a for a, n in zip((anchor_s, anchor_t), needs) if n]
     grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
-    return next(grads) if needs[0] else None, next(grads) if needs[1] else None
+    return (next(grads) if needs[0] else None, next(grads) if needs[1] else None,
+            *(None,) * 8)
 
 
 def _check_triton(anchor: torch.Tensor, memory: torch.Tensor) -> None:
@@ -709,10 +712,9 @@ def _check_triton(anchor: torch.Tensor, memory: torch.Tensor) -> None:
     ``TRITON_INTERPRET=1``) and scores in float32, bfloat16 or float16."""
     if not _fused.triton_available():
         raise ValueError("path='triton' needs Triton installed (pip install triton)")
-    from . import _triton_kernels
-
     device = anchor.device.type
-    if device != "cuda" and not (device == "cpu" and _triton_kernels.interpreted()):
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device != "cuda" and not (device == "cpu" and interpreted):
         raise ValueError(
             f"path='triton' runs on CUDA tensors (on CPU tensors only under Triton's "
             f"interpreter, TRITON_INTERPRET=1), got {device} tensors; use 'auto' there"
@@ -768,23 +770,22 @@ class _TritonNCE(torch.autograd.Function):
         bias_of: BiasOf,
         reduction: str,
     ) -> torch.Tensor:
-        from ._triton_kernels import build
+        from . import _triton_kernels as kernels
 
-        kernels = build()
         batch, width = index.shape
         dim = anchor_s.shape[1]
         dtype = anchor_s.dtype
         block_j, block_d = _triton_blocks(dim)
         raw = torch.empty(2, batch, width, dtype=torch.float32, device=index.device)
-        kernels["scores"][(_cdiv(width, block_j), batch)](
+        kernels.scores[(_cdiv(width, block_j), batch)](
             anchor_s, anchor_t, memory_t, memory_s, index, raw, batch, width, dim,
             anchor_s.stride(0), memory_t.stride(0),
             ROUND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
             BLOCK_J=block_j, BLOCK_D=block_d)
         bias = bias_of(raw if dtype == torch.float32 else raw.to(dtype), scale, noise)
         rows = torch.empty(2, batch, dtype=torch.float32, device=index.device)
-        kernels["nce"][(batch, 2)](raw, bias.contiguous(), rows, batch, width, num_positives,
-                                   scale, 1.0 / num_positives, BLOCK=1024)
+        kernels.nce[(batch, 2)](raw, bias.contiguous(), rows, batch, width, num_positives,
+                                scale, 1.0 / num_positives, BLOCK=1024)
         out = rows if reduction == "none" else rows.mean(1) if reduction == "mean" else \
             rows.sum(1)
         ctx.save_for_backward(raw, index, memory_t, memory_s, anchor_s, anchor_t, bias)
@@ -795,16 +796,13 @@ class _TritonNCE(torch.autograd.Function):
     def backward(  # type: ignore[override, unused-ignore]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        factor, index, memory_t, memory_s, anchor_s, anchor_t, bias = \
-            ctx.saved_tensors  # type: ignore[attr-defined]
-        scale, num_positives, reduction = ctx.setting  # type: ignore[attr-defined]
-        needs = tuple(ctx.needs_input_grad[:2])  # type: ignore[attr-defined]
-        rest = (None,) * 8
         if torch.is_grad_enabled():  # a double backward: through the general path
-            return (*_recomputed_pair_grads(anchor_s, anchor_t, memory_t, memory_s, index,
-                                            scale, bias, num_positives, reduction, needs,
-                                            grad, "gather"), *rest)
-        from ._triton_kernels import build
+            return _second_order(ctx, grad, "gather")
+        factor, index, memory_t, memory_s, anchor_s, anchor_t, _ = \
+            ctx.saved_tensors  # type: ignore[attr-defined]
+        _, _, reduction = ctx.setting  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+        from . import _triton_kernels as kernels
 
         batch, width = index.shape
         dim = anchor_s.shape[1]
@@ -812,14 +810,14 @@ class _TritonNCE(torch.autograd.Function):
         chunks = _cdiv(width, _TRITON_CHUNK)
         partial = torch.empty(chunks, 2, batch, dim, dtype=torch.float32, device=index.device)
         coef_b = grad.stride(1) if reduction == "none" else 0
-        build()["grad"][(batch, chunks)](
+        kernels.grad[(batch, chunks)](
             factor, index, memory_t, memory_s, grad, partial, batch, width, dim, _TRITON_CHUNK,
             memory_t.stride(0), grad.stride(0), coef_b,
             1.0 / batch if reduction == "mean" else 1.0,
             NEED_S=needs[0], NEED_T=needs[1], BLOCK_J=block_j, BLOCK_D=block_d)
         grads = partial[0] if chunks == 1 else partial.sum(0)
         out = [g.to(a.dtype) if n else None for g, a, n in zip(grads, (anchor_s, anchor_t), needs)]
-        return (out[0], out[1], *rest)
+        return (out[0], out[1], *(None,) * 8)
 
 
 def _cdiv(a: int, b: int) -> int:
