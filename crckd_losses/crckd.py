@@ -22,7 +22,7 @@ from ._checks import (
 from ._fused import Fused
 from .contrastive import ClassGuidedContrastiveLoss, Normalizer
 from .functional import ScorePath, _relation_per_sample
-from .heads import EmbeddingHead
+from .heads import EmbeddingHead, normalize_row_pair
 from .memory import MomentumMemoryBank, centroids_of, gather_rows, plan_write, write_banks
 from .relation import CategoricalRelationLoss
 from .sampling import Sampler, class_guided_indices
@@ -236,8 +236,9 @@ def _step(crckd: CRCKDLoss, student_feat: torch.Tensor, teacher_feat: torch.Tens
           ) -> CRCKDOutput:
     """Steps 1-5 of :class:`CRCKDLoss` on checked inputs and drawn samples; what the fused
     path compiles."""
-    g_s = crckd.student_head(student_feat)
-    g_t = crckd.teacher_head(teacher_feat.detach())
+    # Both heads' normalisations in one computation (the same values as the heads' own).
+    g_s, g_t = normalize_row_pair(crckd.student_head.project(student_feat),
+                                  crckd.teacher_head.project(teacher_feat.detach()))
     both = crckd.ccd._both(g_s, g_t, crckd.student_bank, crckd.teacher_bank, sample_indices)
     banks = (crckd.student_bank, crckd.teacher_bank)
     if crckd.training:
