@@ -3,6 +3,7 @@ interpreter (``tests/_triton_interpreted.py``, in a process of its own), and the
 fallbacks where they cannot run. ``tests/test_cuda.py`` runs them compiled on a GPU."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,22 @@ def test_kernels_match_the_general_operators_in_triton_interpreter():
         env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_kernels_compile_for_nvidia_gpus_without_spilling(tmp_path):
+    # Ahead-of-time compilation needs no GPU: Triton's compiler and ptxas lower every
+    # specialisation the library launches to machine code for A100- and H100-class GPUs.
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, str(HERE / "_triton_compile.py"), "80", "90"],
+                         env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(report) == 2 * 13, sorted(report)
+    for name, usage in report.items():
+        if usage:  # cuobjdump shipped with Triton
+            assert usage["LOCAL"] == 0 and usage["STACK"] == 0, (name, usage)
+            assert 0 < usage["REG"] <= 255, (name, usage)
 
 
 def inputs(batch=6, dim=24, size=300, width=43, dtype=torch.float32):
