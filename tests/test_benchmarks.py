@@ -282,3 +282,27 @@ def test_sweep_table_has_triton_columns_only_where_timed() -> None:
         body = next(line for line in md if line.startswith(f"| {common.PAPER['N']} |"))
         assert (f"{ccd.TRITON} ms" in header) == with_triton
         assert header.count("|") == body.count("|") == md[md.index(header) + 1].count("|")
+
+
+def test_a_failing_triton_path_is_recorded_not_fatal(monkeypatch) -> None:
+    """On a GPU the kernels may fail where no test ran them: the CCD check records why, drops
+    their rows from the run (every section asks ``triton_row``), and checks the rest."""
+    from benchmarks.sections import ccd
+
+    monkeypatch.setattr(ccd, "TRITON_FAILURE", [])
+    monkeypatch.setattr(ccd, "triton_row", lambda device: not ccd.TRITON_FAILURE)
+    library = ccd.ccd_library
+
+    def broken(x, path):
+        if path == "triton":
+            raise RuntimeError("no kernel image for this device")
+        return library(x, path)
+
+    monkeypatch.setattr(ccd, "ccd_library", broken)
+    bench = common.Bench(torch.device("cpu"), [torch.float32], quick=True)
+    x = ccd.make_ccd_inputs(4, 8, 3, 20, 60, torch.device("cpu"), 3)
+    diffs = ccd.check_ccd(x, torch.float32, torch.device("cpu"), bench)
+    assert "gather/L_S" in diffs and not any(k.startswith("triton") for k in diffs)
+    assert ccd.TRITON_FAILURE == ["RuntimeError: no kernel image for this device"]
+    assert any("path='triton' failed" in note for note in bench.skipped)
+    assert not ccd.triton_row(torch.device("cuda"))

@@ -16,7 +16,7 @@ from torch import nn
 from crckd_losses import CRCKDLoss, EMATeacher, functional
 from crckd_losses._fused import use_fused
 
-from .ccd import triton_row
+from .ccd import TRITON_FAILURE, triton_row
 from .common import PAPER, Bench, Section, Target, params, table, target
 
 
@@ -177,11 +177,19 @@ def run_train(bench: Bench) -> dict[str, Any]:
     fns: dict[str, Callable[[], Any]] = {}
     for kind in kinds:
         fused: bool | Literal["auto"] = "auto" if kind != other else not default_fused
-        fns[kind], state = make_step(b, kind.split(",")[0], fused,
-                                     path="triton" if kind == TRITON_ROW else "auto")
-        if state[2] is not None and state[2].fused is not False:
-            for _ in range(2):  # both compilations (the first step's Z, then steady state)
-                fns[kind]()
+        try:
+            fns[kind], state = make_step(b, kind.split(",")[0], fused,
+                                         path="triton" if kind == TRITON_ROW else "auto")
+            if state[2] is not None and state[2].fused is not False:
+                for _ in range(2):  # both compilations (the first step's Z, then steady state)
+                    fns[kind]()
+        except Exception as exc:
+            if kind != TRITON_ROW:
+                raise
+            # New kernels on a new GPU: their failure is recorded, not fatal to the run.
+            fns.pop(kind, None)
+            TRITON_FAILURE.append(f"{type(exc).__name__}: {exc}")
+            bench.skipped.append(f"train: {kind} failed, left out: {TRITON_FAILURE[-1]}")
     graph_error, graph_check = None, {}
     if dev.type == "cuda" and not bench.quick and bench.cuda_graphs:
         try:
