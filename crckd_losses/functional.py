@@ -566,8 +566,7 @@ def _ccd_pair(
     scale = 1.0 / temperature
     noise = (sample_indices.shape[1] - num_positives) / student_memory.shape[0]
     if path == "triton" and not torch.compiler.is_compiling():
-        _check_triton(student_emb, teacher_memory)
-        dtype = _score_dtype(student_emb, teacher_memory)
+        dtype = _check_triton(student_emb, teacher_memory)
         triton_out: torch.Tensor = _TritonNCE.apply(
             student_emb.to(dtype).contiguous(), teacher_emb.to(dtype).contiguous(),
             teacher_memory.detach().contiguous(), student_memory.detach().contiguous(),
@@ -707,9 +706,10 @@ def _second_order(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor,
             *(None,) * 8)
 
 
-def _check_triton(anchor: torch.Tensor, memory: torch.Tensor) -> None:
+def _check_triton(anchor: torch.Tensor, memory: torch.Tensor) -> torch.dtype:
     """``path="triton"`` needs Triton, CUDA tensors (CPU tensors under Triton's interpreter,
-    ``TRITON_INTERPRET=1``) and scores in float32, bfloat16 or float16."""
+    ``TRITON_INTERPRET=1``) and scores in float32, bfloat16 or float16; returns the scores'
+    dtype."""
     if not _fused.triton_available():
         raise ValueError("path='triton' needs Triton installed (pip install triton)")
     device = anchor.device.type
@@ -719,11 +719,13 @@ def _check_triton(anchor: torch.Tensor, memory: torch.Tensor) -> None:
             f"path='triton' runs on CUDA tensors (on CPU tensors only under Triton's "
             f"interpreter, TRITON_INTERPRET=1), got {device} tensors; use 'auto' there"
         )
-    if _score_dtype(anchor, memory) not in (torch.float32, torch.bfloat16, torch.float16):
+    dtype = _score_dtype(anchor, memory)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
-            f"path='triton' computes float32, bfloat16 or float16 scores, got "
-            f"{_score_dtype(anchor, memory)}; use 'auto' for other dtypes"
+            f"path='triton' computes float32, bfloat16 or float16 scores, got {dtype}; use "
+            f"'auto' for other dtypes"
         )
+    return dtype
 
 
 def _triton_blocks(dim: int) -> tuple[int, int]:

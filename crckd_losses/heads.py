@@ -65,6 +65,22 @@ class EmbeddingHead(nn.Module):
 _EPS = 1e-12  # F.normalize's
 
 
+def _normalized(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows / max(||row||, eps)`` per row, with what its backward keeps: the divisor and
+    which rows were not clamped."""
+    norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    denom = norm.clamp_min(_EPS)
+    return rows / denom, denom, norm >= _EPS
+
+
+def _normalized_backward(out: torch.Tensor, denom: torch.Tensor, unclamped: torch.Tensor,
+                         grad: torch.Tensor) -> torch.Tensor:
+    r""":math:`(\delta_g - g (g \cdot \delta_g)) / ||y||`, or :math:`\delta_g / \epsilon` for a
+    row clamped at :math:`\epsilon`."""
+    along = torch.bmm(out.unsqueeze(1), grad.unsqueeze(2)).squeeze(2) * unclamped
+    return torch.addcmul(grad, out, along, value=-1) / denom
+
+
 class _NormalizeRows(torch.autograd.Function):
     r"""``g = y / max(||y||, eps)`` per row, as ``F.normalize(y, dim=1)``, with its gradient
     written out: :math:`\delta_y = (\delta_g - g (g \cdot \delta_g)) / ||y||` (and
@@ -73,18 +89,14 @@ class _NormalizeRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-        denom = norm.clamp_min(_EPS)
-        out: torch.Tensor = rows / denom
-        ctx.save_for_backward(out, denom, norm >= _EPS)
+        out, denom, unclamped = _normalized(rows)
+        ctx.save_for_backward(out, denom, unclamped)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         out, denom, unclamped = ctx.saved_tensors
-        along = torch.bmm(out.unsqueeze(1), grad.unsqueeze(2)).squeeze(2) * unclamped
-        grad_rows: torch.Tensor = torch.addcmul(grad, out, along, value=-1) / denom
-        return grad_rows
+        return _normalized_backward(out, denom, unclamped, grad)
 
 
 class _NormalizeRowPair(torch.autograd.Function):
@@ -95,11 +107,8 @@ class _NormalizeRowPair(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, first: torch.Tensor, second: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.cat([first, second])
-        norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-        denom = norm.clamp_min(_EPS)
-        out = rows / denom
-        ctx.save_for_backward(out, denom, norm >= _EPS)
+        out, denom, unclamped = _normalized(torch.cat([first, second]))
+        ctx.save_for_backward(out, denom, unclamped)
         ctx.split = first.shape[0]
         return out[:ctx.split], out[ctx.split:]
 
@@ -111,8 +120,7 @@ class _NormalizeRowPair(torch.autograd.Function):
         grad = torch.cat([torch.zeros_like(out[:split]) if grad_first is None else grad_first,
                           torch.zeros_like(out[split:]) if grad_second is None
                           else grad_second])
-        along = torch.bmm(out.unsqueeze(1), grad.unsqueeze(2)).squeeze(2) * unclamped
-        grad_rows = torch.addcmul(grad, out, along, value=-1) / denom
+        grad_rows = _normalized_backward(out, denom, unclamped, grad)
         return grad_rows[:split], grad_rows[split:]
 
 

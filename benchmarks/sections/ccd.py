@@ -4,7 +4,6 @@ reference. Also the CCD inputs and contenders that the sweeps and the crossover 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from crckd_losses import MomentumMemoryBank, functional
+from crckd_losses._fused import triton_available
 
 from .. import references
 from .common import (
@@ -159,7 +159,7 @@ def triton_row(device: torch.device) -> bool:
     """Whether the run times ``path="triton"``: on CUDA, with Triton installed, with a
     library version that has the path, unless it failed earlier in the run."""
     return device.type == "cuda" and "triton" in functional.SCORE_PATHS and \
-        importlib.util.find_spec("triton") is not None and not TRITON_FAILURE
+        triton_available() and not TRITON_FAILURE
 
 
 def _results(x: CCDInputs, ctx: Any,
