@@ -149,8 +149,6 @@ def _ccd_step(
 
 #: The row of the library's CCD with ``path="triton"`` (its hand-written Triton kernels).
 TRITON = "triton kernels"
-
-
 #: Why ``path="triton"`` failed in this run (its rows are then left out of every section).
 TRITON_FAILURE: list[str] = []
 
@@ -160,6 +158,15 @@ def triton_row(device: torch.device) -> bool:
     library version that has the path, unless it failed earlier in the run."""
     return device.type == "cuda" and "triton" in functional.SCORE_PATHS and \
         triton_available() and not TRITON_FAILURE
+
+
+def triton_failed(bench: Bench | None, where: str, exc: BaseException) -> None:
+    """Records that ``path="triton"`` failed (``where``: what was running): its rows are left
+    out of the rest of the run, and the results' skipped list says why."""
+    TRITON_FAILURE.append(f"{type(exc).__name__}: {exc}")
+    if bench is not None:
+        bench.skipped.append(f"{where}: path='triton' failed, its rows left out of the run: "
+                             f"{TRITON_FAILURE[-1]}")
 
 
 def _results(x: CCDInputs, ctx: Any,
@@ -195,10 +202,7 @@ def check_ccd(x: CCDInputs, dtype: torch.dtype, device: torch.device,
                           for what, got, exp in zip(("L_S", "L_T", "grad_S", "grad_T"),
                                                     got_all, want)})
         except Exception as exc:  # noqa: BLE001 - recorded in the results, not hidden
-            TRITON_FAILURE.append(f"{type(exc).__name__}: {exc}")
-            if bench is not None:
-                bench.skipped.append(f"path='triton' failed its check in {dtype_name(dtype)}, "
-                                     f"its rows left out of the run: {TRITON_FAILURE[-1]}")
+            triton_failed(bench, f"ccd: its check in {dtype_name(dtype)}", exc)
     for name in ("gather", "reference"):
         for what, got, exp in zip(("L_S", "L_T", "grad_S", "grad_T"), results[name], want):
             if name == "reference" and low_precision:

@@ -16,7 +16,7 @@ from torch import nn
 from crckd_losses import CRCKDLoss, EMATeacher, functional
 from crckd_losses._fused import use_fused
 
-from .ccd import TRITON_FAILURE, triton_row
+from .ccd import triton_failed, triton_row
 from .common import PAPER, Bench, Section, Target, params, table, target
 
 
@@ -188,8 +188,7 @@ def run_train(bench: Bench) -> dict[str, Any]:
                 raise
             # New kernels on a new GPU: their failure is recorded, not fatal to the run.
             fns.pop(kind, None)
-            TRITON_FAILURE.append(f"{type(exc).__name__}: {exc}")
-            bench.skipped.append(f"train: {kind} failed, left out: {TRITON_FAILURE[-1]}")
+            triton_failed(bench, f"train: {kind}", exc)
     graph_error, graph_check = None, {}
     if dev.type == "cuda" and not bench.quick and bench.cuda_graphs:
         try:
