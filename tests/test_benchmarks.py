@@ -233,6 +233,29 @@ def test_ops_section_counts_a_small_crckd_step_and_an_ema_update() -> None:
     assert "## Operator counts" in "\n".join(ops.SECTION.markdown(result, {}, "x"))
 
 
+def test_gpu_kernel_table_names_where_the_time_goes() -> None:
+    """The profiler's kernels of two steps, summarised per step: the count, the summed time,
+    and the most expensive kernels by summed time (not by launches); the markdown lists them
+    under their setting with namespaces dropped and a pipe escaped."""
+    fill = ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
+            "std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, std::array<char*, "
+            "1ul>)")
+    events = [(fill, 1.0)] * 6 + [("triton_per_fused_a|b", 7.0)] * 2 + [("gemm", 4.0)] * 2
+    s = ops.kernel_summary(events, calls=2, top=2)
+    assert s["kernels"] == 5 and s["gpu_us"] == 14
+    assert s["top"] == [["triton_per_fused_a|b", 1, 7.0], ["gemm", 1, 4.0]]
+    assert [row[0] for row in ops.kernel_summary(events, 2)["top"]] == \
+        ["triton_per_fused_a|b", "gemm", fill]
+    p = dict(common.PAPER, B=8, K=64, N=300)
+    result = {"params": p, "warmup": ops.WARMUP, "crckd_step": {}, "ema_update": {},
+              "gpu_kernels": {"auto": ops.kernel_summary(events, 2)}}
+    md = "\n".join(ops.SECTION.markdown(result, {}, "x"))
+    assert "| auto | 5 | 14 |" in md
+    assert "| auto | `triton_per_fused_a\\|b` | 1 | 7.0 |" in md
+    assert "| auto | `vectorized_elementwise_kernel<4, FillFunctor<float>, std::array<char*, " in md
+    assert "at::native" not in md and "void " not in md
+
+
 def test_default_step_stays_within_its_operator_budget() -> None:
     """The budget that keeps the kernel count from creeping back: one default CRCKDLoss step
     at the paper's sizes with the accelerators' policy, and an EMA update, read nothing on the

@@ -197,8 +197,38 @@ def count_kernels(p: dict[str, Any], device: torch.device,
             step()
         torch.cuda.synchronize(device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return kernel_summary([(e.name, e.device_time) for e in kernels], calls)
+
+
+#: Kernels listed by name in the GPU kernel table: the most expensive ones of a step.
+TOP_KERNELS = 6
+
+
+def kernel_summary(kernels: list[tuple[str, float]], calls: int,
+                   top: int = TOP_KERNELS) -> dict[str, Any]:
+    """Per step: how many kernels, their summed GPU time (us), and the ``top`` kernel names
+    by summed GPU time with their launches and time per step, from ``(name, us)`` pairs of
+    ``calls`` steps. The names tell the next change where a step's GPU time goes."""
+    by_name: dict[str, list[float]] = {}
+    for name, us in kernels:
+        entry = by_name.setdefault(name, [0.0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    ranked = sorted(by_name.items(), key=lambda kv: (-kv[1][1], kv[0]))[:top]
     return {"kernels": len(kernels) / calls,
-            "gpu_us": sum(e.device_time for e in kernels) / calls}
+            "gpu_us": sum(us for _, us in kernels) / calls,
+            "top": [[name, n / calls, us / calls] for name, (n, us) in ranked]}
+
+
+def _short(name: str, width: int = 90) -> str:
+    """A kernel's name for a table cell: namespaces ``at::native::`` and ``(anonymous
+    namespace)::`` and a leading ``void`` dropped, at most ``width`` characters (the
+    template arguments, which tell elementwise kernels apart, come first), pipes escaped."""
+    for noise in ("(anonymous namespace)::", "at::native::"):
+        name = name.replace(noise, "")
+    name = name.removeprefix("void ").strip()
+    name = name if len(name) <= width else name[:width - 3] + "..."
+    return name.replace("|", "\\|").replace("`", "'")
 
 
 class Ops(Section):
@@ -266,6 +296,14 @@ class Ops(Section):
                    "| fused | kernels per step | GPU time per step (us) |", "|---|---:|---:|"]
             for fused, k in result["gpu_kernels"].items():
                 md.append(f"| {fused} | {k['kernels']:.0f} | {k['gpu_us']:.0f} |")
+            tops = {f: k["top"] for f, k in result["gpu_kernels"].items() if k.get("top")}
+            if tops:
+                md += ["", "Where each step's GPU time goes: its most expensive kernels by "
+                       "summed GPU time (launches and microseconds per step):", "",
+                       "| fused | kernel | launches | GPU us |", "|---|---|---:|---:|"]
+                for fused, rows in tops.items():
+                    md += [f"| {fused} | `{_short(name)}` | {n:g} | {us:.1f} |"
+                           for name, n, us in rows]
         return md + [""]
 
 
