@@ -329,3 +329,28 @@ def test_a_failing_triton_path_is_recorded_not_fatal(monkeypatch) -> None:
     assert ccd.TRITON_FAILURE == ["RuntimeError: no kernel image for this device"]
     assert any("path='triton' failed" in note for note in bench.skipped)
     assert not ccd.triton_row(torch.device("cuda"))
+
+
+def test_train_section_reports_the_triton_step_in_a_cuda_graph() -> None:
+    """The CUDA-only figures of the training step: the graph target from the default step's
+    capture, and the Triton kernels' captured step reported beside it (not as the target)."""
+    from benchmarks.sections import train
+
+    def row(ms: float) -> dict:
+        return {"median_s": ms / 1e3, "min_s": ms / 1e3, "iqr_s": 1e-5, "rounds": 5,
+                "samples_per_s": 64e3 / ms, "peak_bytes": 0}
+
+    times = {"MT": 10.0, "CRCKD": 12.0, train.TRITON_ROW: 11.0, "MT, CUDA graph": 4.0,
+             "CRCKD, CUDA graph": 4.4, train.TRITON_GRAPH_ROW: 4.1}
+    rows = {name: row(ms) for name, ms in times.items()}
+    result = {"params": dict(common.PAPER, image=64), "rows": rows, "default_fused": True,
+              "crckd_over_mt": 0.2, "triton_over_mt": 0.1, "graph_over_mt": 0.1,
+              "triton_graph_over_mt": 0.025,
+              "graph_loss_rel_diff": {"MT": 0.0, "CRCKD": 0.0, train.TRITON_ROW: 1e-7}}
+    found = {t["name"]: t for t in train.SECTION.targets(result, {"device": "cuda:0"})}
+    assert found["train_overhead_graph"]["value"] == 0.1
+    assert not found["train_overhead_graph"]["met"]
+    md = "\n".join(train.SECTION.markdown(result, {}, "x"))
+    assert f"{train.TRITON_GRAPH_ROW} over MT, CUDA graph: 2.5 %." in md
+    assert f"{train.TRITON_ROW} 1.0e-07" in md
+    assert f"| {train.TRITON_GRAPH_ROW} | 4.1 |" in md
