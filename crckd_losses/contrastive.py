@@ -20,6 +20,8 @@ from ._checks import (
     check_reduction,
     check_same_device,
     check_unit_interval,
+    reads_values,
+    warn_at_caller,
 )
 from .functional import SCORE_PATHS, ScorePath, _ccd_pair, _nce_bias
 from .memory import MomentumMemoryBank
@@ -207,12 +209,46 @@ class ClassGuidedContrastiveLoss(nn.Module):
                 f"{tuple(student_emb.shape)} and {tuple(teacher_emb.shape)}"
             )
         check_same_device(student_emb=student_emb, teacher_emb=teacher_emb,
-                          memory=student_bank.memory)
+                          student_bank=student_bank.memory, teacher_bank=teacher_bank.memory)
+        if student_bank.labels is not teacher_bank.labels and reads_values(student_bank.labels) \
+                and not torch.equal(student_bank.labels, teacher_bank.labels):
+            differ = int((student_bank.labels != teacher_bank.labels).sum())
+            raise ValueError(
+                f"student_bank and teacher_bank must hold the same labels (one training set in "
+                f"one order); they differ in {differ} of {student_bank.size} rows"
+            )
         check_finite("student_emb", student_emb)
         check_finite("teacher_emb", teacher_emb)
+        self._check_unit_rows(student_emb=student_emb, teacher_emb=teacher_emb)
         both = self._both(student_emb, teacher_emb, student_bank, teacher_bank,
                           sample_indices.long())
         return CCDTerms(both[0], both[1])
+
+    #: How far a row's L2 norm may be from 1 before :meth:`terms` warns (float16 and bfloat16
+    #: embeddings normalised in float32 are within 0.4 %).
+    UNIT_NORM_TOLERANCE = 1e-2
+
+    def _check_unit_rows(self, **embeddings: torch.Tensor) -> None:
+        """Warns, once per module, where value checks read ``embeddings`` and a row's L2 norm
+        is neither 1 (within :attr:`UNIT_NORM_TOLERANCE`) nor 0 (``F.normalize`` of a zero
+        row): the critic's scores assume unit rows, and unnormalised ones give a loss of
+        another scale without any error."""
+        if self.__dict__.get("_warned_norms"):
+            return
+        for name, x in embeddings.items():
+            if not reads_values(x) or x.numel() == 0:
+                continue
+            norms = torch.linalg.vector_norm(x.detach().float(), dim=1)
+            off = ((norms - 1).abs() > self.UNIT_NORM_TOLERANCE) & (norms > 1e-6)
+            if bool(off.any()):
+                low, high = (float(v) for v in torch.aminmax(norms))
+                self.__dict__["_warned_norms"] = True
+                warn_at_caller(
+                    f"{name} has rows that are not L2-normalised (norms from {low:.3g} to "
+                    f"{high:.3g}); CCD expects unit rows, e.g. F.normalize({name}, dim=1) or "
+                    f"an EmbeddingHead. Warned once per ClassGuidedContrastiveLoss."
+                )
+                return
 
     def _both(
         self,

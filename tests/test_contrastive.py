@@ -1,6 +1,7 @@
 """ClassGuidedContrastiveLoss and CategoricalRelationLoss modules."""
 
 import math
+import warnings
 
 import pytest
 import reference
@@ -46,7 +47,7 @@ def test_forward_matches_reference_and_sets_z_once():
     assert float(total) == pytest.approx(float(terms.student + terms.teacher), rel=1e-12)
     # frozen: a second, different batch does not move Z
     frozen = ccd.log_normalizer.clone()
-    ccd(g_s * 0.5 + 0.1, g_t, idx, bank_s, bank_t)
+    ccd(F.normalize(g_s * 0.5 + 0.1, dim=1), g_t, idx, bank_s, bank_t)
     assert torch.equal(ccd.log_normalizer, frozen)
 
 
@@ -141,6 +142,38 @@ def test_constructor_errors():
         ClassGuidedContrastiveLoss(normalizer="last")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="num_negatives must be an int"):
         ClassGuidedContrastiveLoss(num_negatives=4.5)  # type: ignore[arg-type]
+
+
+def test_banks_of_other_labels_are_refused_and_unnormalised_rows_warned_once():
+    """Two banks of one shape but other labels would pair rows of different samples: an error
+    on a CPU (where value checks read). Embeddings that are not unit rows give a loss of
+    another scale silently: a warning, once per module; zero rows (F.normalize of a zero
+    feature) and float32-normalised bfloat16 rows are unit enough."""
+    labels, (bank_s, bank_t), g_s, g_t, idx = setup()
+    other = MomentumMemoryBank(labels.roll(1), dim=8, dtype=D64)
+    ccd = ClassGuidedContrastiveLoss(3, 10)
+    with pytest.raises(ValueError, match="same labels.*differ in 120 of 120 rows"):
+        ccd(g_s, g_t, idx, bank_s, other)
+    with pytest.raises(ValueError, match="one device"):
+        ccd(g_s, g_t, idx, bank_s, MomentumMemoryBank(labels, dim=8, dtype=D64).to("meta"))
+    zero = g_s.clone()
+    zero[0] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ccd(zero, g_t, idx, bank_s, bank_t)
+        ccd(g_s.bfloat16().double(), g_t, idx, bank_s, bank_t)
+    with pytest.warns(UserWarning, match=r"teacher_emb has rows that are not L2-normalised"):
+        ccd(g_s, g_t * 3, idx, bank_s, bank_t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ccd(g_s * 3, g_t, idx, bank_s, bank_t)  # warned once already
+    set_value_checks("mask")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ClassGuidedContrastiveLoss(3, 10)(g_s * 3, g_t, idx, bank_s, other)  # nothing read
+    finally:
+        set_value_checks("auto")
 
 
 def test_state_dict_round_trip_of_z():
