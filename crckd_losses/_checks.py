@@ -61,6 +61,10 @@ def reads_values(x: torch.Tensor) -> bool:
     return _VALUE_CHECKS == "raise" or x.device.type == "cpu"
 
 
+def _dims(ndim: int) -> str:
+    return f"{ndim} dimension" + ("" if ndim == 1 else "s")
+
+
 def check_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -72,7 +76,7 @@ def check_float(name: str, x: object, ndim: int) -> torch.Tensor:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must have {_dims(ndim)}, got shape {tuple(t.shape)}")
     return t
 
 
@@ -81,7 +85,7 @@ def check_index(name: str, x: object, ndim: int) -> torch.Tensor:
     if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
     if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must have {_dims(ndim)}, got shape {tuple(t.shape)}")
     return t
 
 
@@ -155,6 +159,12 @@ def as_label_tensor(name: str, labels: object) -> torch.Tensor:
     integers (a torchvision dataset's ``.targets``). Floats and bools are refused."""
     if isinstance(labels, torch.Tensor):
         t = labels.detach()
+    elif isinstance(labels, str) or _holds_strings(labels):
+        raise TypeError(
+            f"{name} must be integer class ids, got class names (strings), as read from a "
+            f"CSV; map them to ids first, e.g. classes = sorted(set(names)); "
+            f"ids = [classes.index(n) for n in names]"
+        )
     else:
         try:
             t = torch.as_tensor(labels)
@@ -172,6 +182,19 @@ def as_label_tensor(name: str, labels: object) -> torch.Tensor:
         raise ValueError(f"{name} must have 1 dimension, got shape {tuple(t.shape)}")
     check_nonempty(name, t)
     return t.long()
+
+
+def _holds_strings(labels: object) -> bool:
+    """Whether ``labels`` is a sequence or array whose first entry is a string (a CSV's
+    class names, a numpy array of dtype ``str`` or ``object``)."""
+    kind = getattr(getattr(labels, "dtype", None), "kind", None)
+    if kind in ("U", "S"):
+        return True
+    try:
+        first = next(iter(labels))  # type: ignore[call-overload]
+    except (TypeError, StopIteration):
+        return False
+    return isinstance(first, (str, bytes))
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:

@@ -37,6 +37,8 @@ class IndexedDataset(Dataset[tuple[Any, ...]]):
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         item = self.dataset[index]
+        if index < 0:  # Python's negative indexing: the bank row is the item's own
+            index += len(self)
         if isinstance(item, tuple):
             return (*item, index)
         return (item, index)
@@ -47,4 +49,9 @@ class IndexedDataset(Dataset[tuple[Any, ...]]):
         # wrapped dataset directly, without their indices.
         if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
-        return getattr(self.dataset, name)
+        try:
+            return getattr(self.dataset, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__} (wrapping {type(self.dataset).__name__}) has no "
+                f"attribute {name!r}") from None

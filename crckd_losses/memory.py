@@ -464,10 +464,19 @@ class MomentumMemoryBank(nn.Module):
                               unexpected_keys, error_msgs) -> None:
         key = prefix + "labels"
         if key in state_dict:
-            if not torch.equal(state_dict[key].to(self.labels.device), self.labels):
+            saved = state_dict[key]
+            if saved.shape != self.labels.shape:
                 error_msgs.append(
-                    f"{key}: the saved bank's labels differ from this bank's; it was built "
-                    "for another training set"
+                    f"{key}: the saved bank has {saved.shape[0]} rows and this one "
+                    f"{self.labels.shape[0]}; it was built for another training set"
+                )
+                return
+            if not torch.equal(saved.to(self.labels.device), self.labels):
+                differ = int((saved.to(self.labels.device) != self.labels).sum())
+                error_msgs.append(
+                    f"{key}: the saved bank's labels differ from this bank's in {differ} of "
+                    f"{self.labels.shape[0]} rows; it was built for another training set "
+                    "(or the dataset's order changed)"
                 )
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

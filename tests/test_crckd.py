@@ -181,6 +181,9 @@ def test_indexed_dataset():
     x, y, i = ds[3]
     assert i == 3 and int(y) == 1
     assert IndexedDataset([10, 20])[1] == (20, 1)
+    assert IndexedDataset([10, 20])[-1] == (20, 1)  # the item's own row, not -1
+    with pytest.raises(AttributeError, match="IndexedDataset .wrapping list. has no attribute"):
+        getattr(IndexedDataset([10, 20]), "targets")  # noqa: B009
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert batch[2].tolist() == [0, 1, 2, 3]
     with pytest.raises(TypeError, match="map-style"):

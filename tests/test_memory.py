@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import reference
 import torch
@@ -269,8 +270,12 @@ def test_state_dict_round_trip():
 def test_state_dict_from_other_dataset_rejected():
     bank = MomentumMemoryBank(imbalanced_labels(seed=1), dim=8)
     other = MomentumMemoryBank(imbalanced_labels(seed=2), dim=8)
-    with pytest.raises(RuntimeError, match="labels differ"):
+    with pytest.raises(RuntimeError, match=r"labels differ from this bank's in \d+ of"):
         other.load_state_dict(bank.state_dict())
+    bigger = MomentumMemoryBank(torch.cat([imbalanced_labels(seed=1), torch.tensor([0, 1])]),
+                                dim=8)
+    with pytest.raises(RuntimeError, match=r"has \d+ rows and this one \d+"):
+        bigger.load_state_dict(bank.state_dict())
 
 
 @pytest.mark.parametrize(
@@ -279,7 +284,10 @@ def test_state_dict_from_other_dataset_rejected():
         (torch.tensor([0.0, 1.0]), {}, TypeError, "labels must hold integer class ids"),
         ([0.5, 1.0], {}, TypeError, "labels must hold integer class ids"),
         (torch.tensor([True, False]), {}, TypeError, "labels must hold integer class ids"),
-        ("ab", {}, TypeError, "labels must be a tensor, array or sequence"),
+        ("ab", {}, TypeError, "got class names"),
+        (["nv", "mel"], {}, TypeError, r"got class names \(strings\).*classes.index"),
+        (np.array(["0", "1"]), {}, TypeError, "got class names"),
+        ({0: 1}, {}, TypeError, "labels must be a tensor, array or sequence"),
         (torch.tensor([[0, 1]]), {}, ValueError, "labels must have 1 dimension"),
         (torch.tensor([0, 1, -1]), {}, ValueError, "labels must be >= 0"),
         (torch.tensor([0, 0, 0]), {}, ValueError, "at least 2 classes"),
