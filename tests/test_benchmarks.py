@@ -254,6 +254,10 @@ def test_gpu_kernel_table_names_where_the_time_goes() -> None:
     assert "| auto | `triton_per_fused_a\\|b` | 1 | 7.0 |" in md
     assert "| auto | `vectorized_elementwise_kernel<4, FillFunctor<float>, std::array<char*, " in md
     assert "at::native" not in md and "void " not in md
+    assert "host us per step" not in md  # no host figures recorded
+    result["gpu_kernels"]["auto"].update(host_us=120.0, host_top=[["cudaLaunchKernel", 40, 80.0]])
+    md = "\n".join(ops.SECTION.markdown(result, {}, "x"))
+    assert "| auto | 120 | `cudaLaunchKernel` | 40 | 80.0 |" in md
 
 
 def test_default_step_stays_within_its_operator_budget() -> None:

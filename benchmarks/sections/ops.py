@@ -196,8 +196,16 @@ def count_kernels(p: dict[str, Any], device: torch.device,
         for _ in range(calls):
             step()
         torch.cuda.synchronize(device)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return kernel_summary([(e.name, e.device_time) for e in kernels], calls)
+    kinds = torch.autograd.DeviceType  # type: ignore[attr-defined]
+    events = prof.events()
+    out = kernel_summary([(e.name, e.device_time) for e in events
+                          if e.device_type == kinds.CUDA], calls)
+    # The host's side: operators, launches and runtime calls by their own (self) CPU time,
+    # what makes a step launch-bound where the GPU time is small.
+    host = kernel_summary([(e.name, e.self_cpu_time_total) for e in events
+                           if e.device_type == kinds.CPU], calls)
+    out["host_us"], out["host_top"] = host["gpu_us"], host["top"]
+    return out
 
 
 #: Kernels listed by name in the GPU kernel table: the most expensive ones of a step.
@@ -304,6 +312,16 @@ class Ops(Section):
                 for fused, rows in tops.items():
                     md += [f"| {fused} | `{_short(name)}` | {n:g} | {us:.1f} |"
                            for name, n, us in rows]
+            hosts = {f: k for f, k in result["gpu_kernels"].items() if k.get("host_top")}
+            if hosts:
+                md += ["", "The host's side of the same steps under the profiler (which adds "
+                       "its own overhead): self CPU time per step of all recorded events, and "
+                       "the most expensive by name (calls and microseconds per step):", "",
+                       "| fused | host us per step | event | calls | self CPU us |",
+                       "|---|---:|---|---:|---:|"]
+                for fused, k in hosts.items():
+                    md += [f"| {fused} | {k['host_us']:.0f} | `{_short(name)}` | {n:g} | "
+                           f"{us:.1f} |" for name, n, us in k["host_top"]]
         return md + [""]
 
 
