@@ -5,7 +5,7 @@ any machine with Triton, and each kernel's registers and local memory (spills) a
 its machine code with the ``cuobjdump`` that Triton ships. Run by
 ``tests/test_triton.py`` in a process of its own (with a fresh cache); prints one JSON line.
 
-    python tests/_triton_compile.py 80 90
+    python tests/_triton_compile.py 75 80 90 100 120
 """
 
 import json

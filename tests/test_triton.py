@@ -35,18 +35,25 @@ def test_kernels_match_the_general_operators_in_triton_interpreter():
 
 def test_kernels_compile_for_nvidia_gpus_without_spilling(tmp_path):
     # Ahead-of-time compilation needs no GPU: Triton's compiler and ptxas lower every
-    # specialisation the library launches to machine code for A100- and H100-class GPUs.
+    # specialisation the library launches to machine code for each GPU generation that
+    # torch's CUDA wheels build for (sm_86 shares sm_80's instruction set): T4 (Turing),
+    # A100 (Ampere), H100/H200 (Hopper), B200 and RTX 50 (Blackwell).
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
     env.pop("TRITON_INTERPRET", None)
-    run = subprocess.run([sys.executable, str(HERE / "_triton_compile.py"), "80", "90"],
+    targets = ["75", "80", "90", "100", "120"]
+    run = subprocess.run([sys.executable, str(HERE / "_triton_compile.py"), *targets],
                          env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(report) == 2 * 13, sorted(report)
+    assert len(report) == len(targets) * 13, sorted(report)
     for name, usage in report.items():
         if usage:  # cuobjdump shipped with Triton
-            assert usage["LOCAL"] == 0 and usage["STACK"] == 0, (name, usage)
+            # A spilling tile takes kilobytes of stack (a 64 x 1024 tile: 5 KB). ptxas keeps
+            # one variant on sm_100 (grad, one direction, d = 128) to 127 registers and puts
+            # two in an 8-byte stack frame; a few bytes are allowed, no more.
+            assert usage["LOCAL"] == 0 and usage["STACK"] <= 16, (name, usage)
             assert 0 < usage["REG"] <= 255, (name, usage)
+    assert sum(usage.get("STACK", 0) > 0 for usage in report.values()) <= 2, report
 
 
 def inputs(batch=6, dim=24, size=300, width=43, dtype=torch.float32):
