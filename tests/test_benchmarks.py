@@ -358,3 +358,31 @@ def test_train_section_reports_the_triton_step_in_a_cuda_graph() -> None:
     assert f"{train.TRITON_GRAPH_ROW} over MT, CUDA graph: 2.5 %." in md
     assert f"{train.TRITON_ROW} 1.0e-07" in md
     assert f"| {train.TRITON_GRAPH_ROW} | 4.1 |" in md
+
+
+def test_loss_graphed_row_checks_against_eager_and_reports() -> None:
+    """The CUDA-only row that graphs CRCKDLoss alone, run here with a graphing function that
+    returns the module unchanged: the step trains after three eager steps, the graphed step's
+    loss is checked against the same step eagerly on a copy of the state (the banks restored
+    after the graphing's own calls), and the section reports the figure."""
+    from benchmarks.sections import train
+
+    b = train.make_batch(torch.device("cpu"), quick=True)
+    calls = []
+
+    def graph_fn(module, sample):
+        calls.append(tuple(t.shape for t in sample))
+        module(*sample)  # as make_graphed_callables' warm-up does: it writes the banks
+        return module
+
+    step, diff = train.graphed_loss(b, graph_fn)
+    assert calls == [((4, 128), (4, 128), (4,))]
+    assert diff == 0.0
+    assert bool(torch.isfinite(step()))
+    result = {"params": dict(common.PAPER, image=64), "default_fused": True,
+              "rows": {"MT": {"median_s": 0.01, "min_s": 0.01, "iqr_s": 0.0, "rounds": 3,
+                              "samples_per_s": 1.0, "peak_bytes": 0}},
+              "crckd_over_mt": 0.2, "loss_graphed_over_mt": 0.031,
+              "loss_graphed_rel_diff": 0.0}
+    md = "\n".join(train.SECTION.markdown(result, {}, "x"))
+    assert f"{train.LOSS_GRAPHED_ROW} (the model" in md and "over MT: 3.1 %" in md
