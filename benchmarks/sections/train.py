@@ -124,6 +124,15 @@ def step_loss(b: Batch, student: nn.Module, teacher: EMATeacher | None,
     return loss
 
 
+def matches_eager(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
+    """The relative difference of a graphed step's loss from the eager one; raises above
+    1e-4 (a replay that read or wrote the wrong memory)."""
+    diff = float((got - want).abs() / want.abs())
+    if not diff <= 1e-4:
+        raise AssertionError(f"{what} differs from eager by {diff:.2e}")
+    return diff
+
+
 def capture(b: Batch, kind: str, path: str = "auto") -> tuple[Callable[[], None], float]:
     """The step of ``kind`` (CRCKD's score path ``path``) captured in a CUDA graph, checked
     against eager execution.
@@ -153,9 +162,7 @@ def capture(b: Batch, kind: str, path: str = "auto") -> tuple[Callable[[], None]
     graph.replay()
     torch.cuda.manual_seed(1234)
     want = step_loss(b, *twin[:3]).detach()  # the same step, eagerly, on the copy
-    diff = float((static_loss - want).abs() / want.abs())
-    if not diff <= 1e-4:
-        raise AssertionError(f"{kind}: the replayed step's loss differs from eager by {diff:.2e}")
+    diff = matches_eager(static_loss, want, f"{kind}: the replayed step's loss")
     # The graph holds addresses, not references: the models, banks and optimiser it reads and
     # writes must outlive it, or their memory is reused under it.
     keep = (graph, state, static_loss)
@@ -194,9 +201,7 @@ def graphed_loss(b: Batch, graph_fn: Callable[..., Any] | None = None
     got = step()
     torch.manual_seed(1234)
     want = step_loss(b, *twin[:3]).detach()  # the same step, eagerly, on the copy
-    diff = float((got - want).abs() / want.abs())
-    if not diff <= 1e-4:
-        raise AssertionError(f"the graphed loss differs from eager by {diff:.2e}")
+    diff = matches_eager(got, want, "the graphed loss")
     return step, diff
 
 
