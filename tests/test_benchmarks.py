@@ -241,23 +241,27 @@ def test_gpu_kernel_table_names_where_the_time_goes() -> None:
             "std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, std::array<char*, "
             "1ul>)")
     events = [(fill, 1.0)] * 6 + [("triton_per_fused_a|b", 7.0)] * 2 + [("gemm", 4.0)] * 2
-    s = ops.kernel_summary(events, calls=2, top=2)
-    assert s["kernels"] == 5 and s["gpu_us"] == 14
+    s = ops.event_summary(events, calls=2, top=2)
+    assert s["count"] == 5 and s["us"] == 14
     assert s["top"] == [["triton_per_fused_a|b", 1, 7.0], ["gemm", 1, 4.0]]
-    assert [row[0] for row in ops.kernel_summary(events, 2)["top"]] == \
+    assert [row[0] for row in ops.event_summary(events, 2)["top"]] == \
         ["triton_per_fused_a|b", "gemm", fill]
+    host = [("cudaLaunchKernel", 2.0)] * 80 + [("aten::mm", 10.0)] * 4
+    entry = ops.kernel_table_entry(events, host, calls=2)
+    assert entry["kernels"] == 5 and entry["gpu_us"] == 14 and entry["host_us"] == 100
+    assert entry["host_top"] == [["cudaLaunchKernel", 40, 80.0], ["aten::mm", 2, 20.0]]
     p = dict(common.PAPER, B=8, K=64, N=300)
     result = {"params": p, "warmup": ops.WARMUP, "crckd_step": {}, "ema_update": {},
-              "gpu_kernels": {"auto": ops.kernel_summary(events, 2)}}
+              "gpu_kernels": {"auto": ops.kernel_table_entry(events, [], 2)}}
     md = "\n".join(ops.SECTION.markdown(result, {}, "x"))
     assert "| auto | 5 | 14 |" in md
     assert "| auto | `triton_per_fused_a\\|b` | 1 | 7.0 |" in md
     assert "| auto | `vectorized_elementwise_kernel<4, FillFunctor<float>, std::array<char*, " in md
     assert "at::native" not in md and "void " not in md
-    assert "host us per step" not in md  # no host figures recorded
-    result["gpu_kernels"]["auto"].update(host_us=120.0, host_top=[["cudaLaunchKernel", 40, 80.0]])
+    assert "host us per step" not in md  # no host events recorded
+    result["gpu_kernels"]["auto"] = entry
     md = "\n".join(ops.SECTION.markdown(result, {}, "x"))
-    assert "| auto | 120 | `cudaLaunchKernel` | 40 | 80.0 |" in md
+    assert "| auto | 100 | `cudaLaunchKernel` | 40 | 80.0 |" in md
 
 
 def test_default_step_stays_within_its_operator_budget() -> None:

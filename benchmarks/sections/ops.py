@@ -198,33 +198,39 @@ def count_kernels(p: dict[str, Any], device: torch.device,
         torch.cuda.synchronize(device)
     kinds = torch.autograd.DeviceType  # type: ignore[attr-defined]
     events = prof.events()
-    out = kernel_summary([(e.name, e.device_time) for e in events
-                          if e.device_type == kinds.CUDA], calls)
     # The host's side: operators, launches and runtime calls by their own (self) CPU time,
     # what makes a step launch-bound where the GPU time is small.
-    host = kernel_summary([(e.name, e.self_cpu_time_total) for e in events
-                           if e.device_type == kinds.CPU], calls)
-    out["host_us"], out["host_top"] = host["gpu_us"], host["top"]
-    return out
+    return kernel_table_entry(
+        [(e.name, e.device_time) for e in events if e.device_type == kinds.CUDA],
+        [(e.name, e.self_cpu_time_total) for e in events if e.device_type == kinds.CPU],
+        calls)
 
 
-#: Kernels listed by name in the GPU kernel table: the most expensive ones of a step.
+def kernel_table_entry(kernels: list[tuple[str, float]], host: list[tuple[str, float]],
+                       calls: int) -> dict[str, Any]:
+    """One row of the GPU kernel table from the profiler's ``(name, us)`` pairs of ``calls``
+    steps: the kernels (GPU time) and the host's events (self CPU time), each per step."""
+    gpu, cpu = event_summary(kernels, calls), event_summary(host, calls)
+    return {"kernels": gpu["count"], "gpu_us": gpu["us"], "top": gpu["top"],
+            "host_us": cpu["us"], "host_top": cpu["top"]}
+
+
+#: Events listed by name in the GPU kernel table: the most expensive ones of a step.
 TOP_KERNELS = 6
 
 
-def kernel_summary(kernels: list[tuple[str, float]], calls: int,
-                   top: int = TOP_KERNELS) -> dict[str, Any]:
-    """Per step: how many kernels, their summed GPU time (us), and the ``top`` kernel names
-    by summed GPU time with their launches and time per step, from ``(name, us)`` pairs of
-    ``calls`` steps. The names tell the next change where a step's GPU time goes."""
+def event_summary(events: list[tuple[str, float]], calls: int,
+                  top: int = TOP_KERNELS) -> dict[str, Any]:
+    """Per step: how many events (kernels, or host operators), their summed time (us), and
+    the ``top`` names by summed time with their count and time per step, from ``(name, us)``
+    pairs of ``calls`` steps. The names tell the next change where a step's time goes."""
     by_name: dict[str, list[float]] = {}
-    for name, us in kernels:
+    for name, us in events:
         entry = by_name.setdefault(name, [0.0, 0.0])
         entry[0] += 1
         entry[1] += us
     ranked = sorted(by_name.items(), key=lambda kv: (-kv[1][1], kv[0]))[:top]
-    return {"kernels": len(kernels) / calls,
-            "gpu_us": sum(us for _, us in kernels) / calls,
+    return {"count": len(events) / calls, "us": sum(us for _, us in events) / calls,
             "top": [[name, n / calls, us / calls] for name, (n, us) in ranked]}
 
 
