@@ -370,6 +370,43 @@ def test_repeated_indices_last_write_wins():
     torch.testing.assert_close(bank.memory, expected, rtol=1e-12, atol=1e-12)
 
 
+def _fold_times_zero(gm):
+    """What inductor's joint-graph constant folding did in torch 2.11 to 2.13: ``x * 0``
+    (an integer 0) replaced by zeros, whatever ``x`` holds."""
+    aten = torch.ops.aten
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in (aten.mul.Tensor, aten.mul.Scalar) \
+                and any(isinstance(a, int) and a == 0 for a in node.args):
+            with gm.graph.inserting_before(node):
+                zeros = gm.graph.call_function(aten.zeros_like.default, (node.args[0],))
+            node.replace_all_uses_with(zeros)
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def test_write_plan_refuses_non_finite_rows_when_compiled_with_x_times_0_folded():
+    # Compiled by torch 2.11-2.13, a finiteness check through NaN * 0 = NaN let NaN rows into
+    # the banks: the compiler had folded x * 0 to 0. The plan must not rely on it.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from crckd_losses.memory import plan_write
+
+    labels = torch.arange(10) % 2
+    idx = torch.tensor([3, 12, -1, 5, 6, 7, 8])
+    a, b = torch.randn(7, 4), torch.randn(7, 4)
+    a[3, 0], b[4, 1], a[5, 2] = float("nan"), float("inf"), -float("inf")
+
+    def plan(idx, labels, a, b):
+        p = plan_write(idx, labels, a, b)
+        return p.rejected, p.written.flatten()
+
+    folded = _fold_times_zero(make_fx(plan)(idx, labels, a, b))
+    for rejected, written in (plan(idx, labels, a, b), folded(idx, labels, a, b)):
+        assert int(rejected) == 5  # two indices out of range, three rows not finite
+        assert written.tolist() == [True, False, False, False, False, False, True]
+
+
 @given(seed=st.integers(0, 10_000), copy_on_write=st.booleans())
 def test_repeated_indices_keep_centroids_exact(seed, copy_on_write):
     """Hundreds of updates whose indices repeat (within a batch, as a sampler with replacement
