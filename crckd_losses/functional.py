@@ -862,8 +862,12 @@ def class_centroids(
     rows = memory.detach()
     if relu:
         rows = rows.clamp_min(0)
-    sums = rows.new_zeros(num_classes, rows.shape[1]).index_add_(0, labels.long(), rows)
-    counts = torch.bincount(labels.long(), minlength=num_classes).clamp_min(1)
+    labels = labels.long()
+    sums = rows.new_zeros(num_classes, rows.shape[1]).index_add_(0, labels, rows)
+    # Counted by index_add_, not bincount: bincount sizes its output from the labels' largest
+    # value, a host read on a GPU and a graph break for torch.compile before torch 2.10.
+    counts = labels.new_zeros(num_classes).index_add_(0, labels, torch.ones_like(labels))
+    counts = counts.clamp_min(1)
     return F.normalize(sums / counts.unsqueeze(1).to(sums.dtype), dim=1)
 
 

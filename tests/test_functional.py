@@ -123,6 +123,37 @@ def test_centroids_match_reference():
                                    atol=1e-12)
 
 
+def test_centroids_read_no_values_with_checks_off():
+    # With the accelerators' policy nothing is read on the host: an empty class (3 here)
+    # still gets its zero row, and the counts have a static shape (no bincount, whose size
+    # comes from the labels' largest value).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from crckd_losses import set_value_checks
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    memory = torch.randn(12, 5, dtype=D64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 4, 4])
+    set_value_checks("mask")
+    try:
+        with Ops() as ops:
+            got = CF.class_centroids(memory, labels, 5)
+    finally:
+        set_value_checks("auto")
+    assert not ops.names & {"bincount", "_local_scalar_dense", "item"}, ops.names
+    torch.testing.assert_close(got, reference.centroids(memory, labels, 5), rtol=1e-10,
+                               atol=1e-12)
+    assert not got[3].any()
+
+
 def test_sigmoid_rampup_values():
     assert CF.sigmoid_rampup(0, 30) == pytest.approx(math.exp(-5))
     assert CF.sigmoid_rampup(15, 30) == pytest.approx(math.exp(-5 * 0.25))
