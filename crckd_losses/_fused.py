@@ -61,15 +61,20 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def is_compile_error(error: BaseException) -> bool:
-    """Whether ``error`` came from tracing or compiling (not from the step's own checks)."""
-    return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
+    """Whether ``error`` may have come from tracing or compiling: an exception of dynamo or
+    inductor, or one that dynamo marked with the user frame it was tracing when it was raised
+    (torch 2.7's dynamo raised some of its own failures as plain ``AssertionError``)."""
+    return type(error).__module__.startswith(("torch._dynamo", "torch._inductor")) or \
+        hasattr(error, "innermost_user_frame_summary")
 
 
 def run(owner: Any, setting: Fused, device: torch.device, fn: Callable[..., Any],
         *args: Any) -> Any:
     """``fn(*args)`` on ``device``, compiled when :func:`use_fused` says so. Under ``"auto"`` a
     compile failure warns once and falls back to eager for ``owner`` from then on (nothing has
-    run when compilation fails, so no state has changed); under ``True`` it is raised."""
+    run when compilation fails, so no state has changed); under ``True`` it is raised. An
+    error that the eager call raises too is the step's own: it is raised, and compiling is
+    tried again next time."""
     if owner.__dict__.get("_fused_failed") or not use_fused(setting, device):
         return fn(*args)
     try:
@@ -77,6 +82,7 @@ def run(owner: Any, setting: Fused, device: torch.device, fn: Callable[..., Any]
     except Exception as error:
         if setting is True or not is_compile_error(error):
             raise
+        out = fn(*args)
         owner.__dict__["_fused_failed"] = True
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         warn_at_caller(
@@ -84,4 +90,4 @@ def run(owner: Any, setting: Fused, device: torch.device, fn: Callable[..., Any]
             f"{first_line}); running it eagerly from now on. Pass fused=False to skip the "
             f"attempt."
         )
-        return fn(*args)
+        return out

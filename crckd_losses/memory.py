@@ -579,7 +579,10 @@ def write_banks(banks: Sequence[MomentumMemoryBank], plan: WritePlan) -> None:
     else:
         # The list form: the one-tensor form reads the value on the host.
         torch._foreach_add_(counters, [plan.rejected] * len(counters))
-    kinds = set().union(*(b._tracked_kinds() for b, c in zip(banks, current) if c))
+    kinds: set[int] = set()  # a loop, not set().union(*generator): dynamo <= 2.7 fails on it
+    for bank, was_current in zip(banks, current):
+        if was_current:
+            kinds |= bank._tracked_kinds()
     dtype = first.class_sums.dtype  # float64 unless the module was cast
     for kind in sorted(kinds):
         delta = new.clamp_min(0) - old.clamp_min(0) if kind == 1 else new - old

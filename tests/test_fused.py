@@ -119,6 +119,39 @@ def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
         _step(forced, 0)
 
 
+def test_auto_falls_back_on_an_error_raised_while_tracing_but_not_on_the_steps_own(
+        monkeypatch):
+    # torch 2.7's dynamo raised some of its own failures as plain AssertionErrors, which it
+    # marks, like every error raised while it traces, with the user frame it was in.
+    def traced_error(exc):
+        def compile_(fn):
+            def call(*args):
+                exc.innermost_user_frame_summary = None  # dynamo's mark
+                raise exc
+            return call
+        return compile_
+
+    monkeypatch.setattr(_fused, "use_fused", lambda setting, device: setting is not False)
+    monkeypatch.setattr(_fused, "compiled", traced_error(AssertionError("internal")))
+    owner, cpu = type("Owner", (), {})(), torch.device("cpu")
+    with pytest.warns(UserWarning, match="AssertionError: internal"):
+        assert _fused.run(owner, "auto", cpu, lambda x: x + 1, 1) == 2
+    assert owner._fused_failed
+    with pytest.raises(AssertionError, match="internal"):
+        _fused.run(type("Owner", (), {})(), True, cpu, lambda x: x + 1, 1)
+    # The eager call raises it too: the step's own error, raised; compiling is tried again.
+    monkeypatch.setattr(_fused, "compiled", traced_error(ValueError("bad input")))
+    owner = type("Owner", (), {})()
+
+    def step(x):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        _fused.run(owner, "auto", cpu, step, 1)
+    assert not owner.__dict__.get("_fused_failed")
+    assert not _fused.is_compile_error(ValueError("raised by a compiled kernel's caller"))
+
+
 def test_fused_setting_is_checked():
     with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
         CRCKDLoss(torch.arange(10) % 2, 4, 4, embed_dim=4, num_positives=2,
