@@ -71,6 +71,8 @@ def test_kernels_compile_for_nvidia_gpus_without_spilling(tmp_path):
                          env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
+    if "skip" in report:
+        pytest.skip(report["skip"])
     assert len(report) == len(targets) * 13, sorted(report)
     for name, usage in report.items():
         if usage:  # cuobjdump shipped with Triton
