@@ -109,14 +109,18 @@ class _NormalizeRowPair(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         out, denom, unclamped = _normalized(torch.cat([first, second]))
         ctx.save_for_backward(out, denom, unclamped)
-        ctx.split = first.shape[0]
-        return out[:ctx.split], out[ctx.split:]
+        split = first.shape[0]
+        return out[:split], out[split:]
 
     @staticmethod
     def backward(ctx: Any, grad_first: torch.Tensor | None, grad_second: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         out, denom, unclamped = ctx.saved_tensors
-        split = ctx.split
+        # The split from a gradient's shape, not a size kept on ctx from forward: dynamo before
+        # torch 2.6 cannot trace that into the backward graph.
+        given = grad_first if grad_first is not None else grad_second
+        assert given is not None  # autograd calls backward with at least one gradient
+        split = given.shape[0] if grad_first is not None else out.shape[0] - given.shape[0]
         grad = torch.cat([torch.zeros_like(out[:split]) if grad_first is None else grad_first,
                           torch.zeros_like(out[split:]) if grad_second is None
                           else grad_second])
