@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch._inductor.exc
 
 from crckd_losses import CRCKDLoss, _fused
 
@@ -30,6 +31,15 @@ def _step(crckd, seed, batch=6):
     return out, f_s.grad
 
 
+# torch 2.10 and 2.11's CPU inductor generates C++ for this step that does not compile
+# ("'decltype' evaluates to 'float'"), so fused=True raises there; 2.12 and later compile it.
+# On a GPU torch 2.11 compiles and runs the step (Triton, not C++).
+_CPU_CODEGEN_BUG = (2, 10) <= tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+
+
+@pytest.mark.xfail(_CPU_CODEGEN_BUG, strict=True,
+                   raises=getattr(torch._inductor.exc, "InductorError", Exception),
+                   reason="torch 2.10/2.11's CPU inductor emits C++ that does not compile")
 def test_compiled_step_matches_eager_over_training_steps():
     """Four training steps (the first estimates Z, the later read it; the last is a partial
     batch), each sampling from its own generator: losses, input gradients, head gradients,
