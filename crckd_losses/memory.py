@@ -525,10 +525,10 @@ def plan_write(indices: torch.Tensor, labels: torch.Tensor, *features: torch.Ten
         rows = indices.clamp(0, size - 1)
     joined = features[0] if len(features) == 1 else torch.cat(features, dim=1)
     # A copy is refused where a feature is NaN or +-Inf, or where clamping moved its index.
-    # The row's norm (in float64, where no finite row overflows) is NaN or Inf exactly where
+    # The row's largest magnitude (max norm: no square to overflow) is NaN or Inf exactly where
     # a feature is. Not a product with 0, which NaN propagates through in eager code:
     # inductor (torch 2.11 to 2.13) folds x * 0 to 0, and compiled, such rows got in.
-    finite = torch.linalg.vector_norm(joined, dim=1, dtype=torch.float64) < math.inf
+    finite = torch.linalg.vector_norm(joined, ord=math.inf, dim=1) < math.inf
     refused = finite <= (indices != rows)  # on booleans: not finite, or out of range
     positions = _positions(indices.shape[0], indices.device)
     last = torch.full((size,), -1, dtype=torch.long, device=indices.device)

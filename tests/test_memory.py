@@ -407,6 +407,17 @@ def test_write_plan_refuses_non_finite_rows_when_compiled_with_x_times_0_folded(
         assert written.tolist() == [True, False, False, False, False, False, True]
 
 
+def test_a_finite_row_of_any_magnitude_is_not_refused():
+    # Only NaN and Inf are refused: a row near the largest double is finite (a check through
+    # its L2 norm would overflow and refuse it; its largest magnitude does not).
+    bank = MomentumMemoryBank(imbalanced_labels(), dim=4, dtype=torch.float64)
+    feats = torch.tensor([[1e300, -1e300, 1.0, 0.0], [0.0, 0.0, 0.0, 1.7e308]],
+                         dtype=torch.float64)
+    bank.update(torch.tensor([3, 7]), feats)
+    assert int(bank.rejected_rows) == 0
+    assert torch.isfinite(bank.memory).all()
+
+
 @given(seed=st.integers(0, 10_000), copy_on_write=st.booleans())
 def test_repeated_indices_keep_centroids_exact(seed, copy_on_write):
     """Hundreds of updates whose indices repeat (within a batch, as a sampler with replacement
