@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test suite under other torch releases than CI's: for each TORCH=TORCHVISION pair, a
 # fresh virtual environment with that torch (and the Triton it pins), this checkout on
-# PYTHONPATH, and one summary line per version. Needs PyPI; each version takes a few GB of
-# disk while it runs and is removed after.
+# PYTHONPATH; per version its failures, summary line and skip reasons other than a missing
+# GPU. Needs PyPI; each version takes a few GB of disk while it runs and is removed after.
 #
 #   bash tests/other_torch.sh 2.4.1=0.19.1 2.7.1=0.22.1 2.11.0=0.26.0
 set -uo pipefail
@@ -12,7 +12,7 @@ for pair in "$@"; do
     torch_v=${pair%%=*} vision_v=${pair#*=}
     venv=$(mktemp -d)/venv
     python3 -m venv "$venv"
-    # numpy < 2.4: Triton before 3.7 cannot run its interpreter with numpy 2.4.
+    # numpy < 2.4: Triton 3.6 and older cannot run their interpreter with numpy 2.4.
     if ! "$venv/bin/pip" install -q --no-cache-dir "torch==$torch_v" "torchvision==$vision_v" \
             "numpy<2.4" scikit-learn matplotlib tqdm pillow pytest hypothesis > /dev/null 2>&1
     then
