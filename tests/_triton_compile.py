@@ -76,8 +76,8 @@ def main(capabilities: list[int]) -> None:
         target = GPUTarget("cuda", capability, 32)
         for name, fn, signature, constants in variants():
             # In the kernel's parameter order: Triton 3.3 and older match types by position.
-            signature = {name: "constexpr" if name in constants else signature[name]
-                         for name in fn.arg_names}
+            signature = {arg: "constexpr" if arg in constants else signature[arg]
+                         for arg in fn.arg_names}
             compiled = triton.compile(ASTSource(fn=fn, signature=signature,
                                                 constexprs=constants), target=target)
             report[f"sm_{capability} {name}"] = resources(compiled.asm["cubin"])

@@ -34,7 +34,7 @@ def _step(crckd, seed, batch=6):
 # torch 2.10 and 2.11's CPU inductor generates C++ for this step that does not compile
 # ("'decltype' evaluates to 'float'"), so fused=True raises there; 2.12 and later compile it.
 # On a GPU torch 2.11 compiles and runs the step (Triton, not C++).
-_CPU_CODEGEN_BUG = (2, 10) <= tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+_CPU_CODEGEN_BUG = (2, 10) <= torch.__version__ < (2, 12)  # TorchVersion compares with tuples
 
 
 @pytest.mark.xfail(_CPU_CODEGEN_BUG, strict=True,
