@@ -599,19 +599,78 @@ def _cpu_dense_pair(anchor: torch.Tensor, memory: torch.Tensor) -> bool:
         _score_dtype(anchor, memory) == torch.float32 and not torch.compiler.is_compiling()
 
 
+#: Whether :class:`_CPUDenseNCE` may run its four matrix products through oneDNN (see
+#: :func:`_cpu_gemm`); off, they are ``torch.mm`` (the benchmarks time both).
+_CPU_ONEDNN_GEMM = True
+
+#: :func:`_cpu_gemm` takes oneDNN from this many multiply-adds per product: below it, oneDNN's
+#: fixed cost per call (about 8 us more than ``torch.mm``'s on the project's CPU) outweighs its
+#: faster kernel. Measured crossover: ``torch.mm`` faster at 16 x 64 x 500 (0.5 M), oneDNN at
+#: 32 x 128 x 2000 (8 M).
+_ONEDNN_MIN_MACS = 1 << 21
+
+_ONEDNN_WORKS: list[bool] = []
+
+
+def _onednn_works() -> bool:
+    """Whether this torch build runs float32 matrix products through oneDNN's
+    ``mkldnn::_linear_pointwise`` (the operator ``torch.compile`` uses for CPU linear layers),
+    with the right values, for a plain and a transposed right-hand side. Probed once per
+    process; any failure (no oneDNN in the build, an operator that changed) means no."""
+    if not _ONEDNN_WORKS:
+        works = False
+        try:
+            if torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call, unused-ignore]
+                a = torch.arange(12, dtype=torch.float32).view(3, 4) / 7
+                b = torch.arange(20, dtype=torch.float32).view(5, 4) / 3
+                c = torch.arange(24, dtype=torch.float32).view(4, 6) / 5
+                linear = torch.ops.mkldnn._linear_pointwise
+                works = all(
+                    torch.allclose(linear(x, w, None, "none", [], ""), x @ w.t())
+                    for x, w in ((a, b), (b, c.t()))
+                )
+        except (AttributeError, RuntimeError, NotImplementedError):
+            works = False
+        _ONEDNN_WORKS.append(works)
+    return _ONEDNN_WORKS[0]
+
+
+def _cpu_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""``a @ b`` for float32 CPU matrices, through oneDNN where it works and the product is
+    large enough (:data:`_ONEDNN_MIN_MACS`), else ``torch.mm``.
+
+    Why: torch's float32 ``mm`` on CPU is MKL's ``sgemm``, which on the project's AMD EPYC
+    (Zen 5, AVX-512) ran at about 107 GFLOP/s per core on every shape tried, square
+    1024 x 1024 included, while oneDNN's kernels ran CCD's products at 227-252 GFLOP/s per
+    core. Same float32 inputs and outputs; the sums are accumulated in another order, so
+    results differ from ``torch.mm``'s by float32 rounding."""
+    if _CPU_ONEDNN_GEMM and a.shape[0] * a.shape[1] * b.shape[1] >= _ONEDNN_MIN_MACS \
+            and _onednn_works():
+        weight = b.t()  # linear multiplies by its weight's transpose
+        if not (weight.is_contiguous() or b.is_contiguous()):
+            weight = weight.contiguous()
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            a.contiguous(), weight, None, "none", [], "")
+        return out
+    return torch.mm(a, b)
+
+
 class _CPUDenseNCE(torch.autograd.Function):
     r"""Both CCD directions on the dense path with the CPU log-sigmoid, forward and backward
     written out: the same operators as :func:`_paired_raw_scores` and :func:`_nce_rows` in
-    the same order, so losses and gradients are bit for bit those of the general path
-    (``tests/test_functional.py``), with fewer and smaller buffers.
+    the same order, with fewer and smaller buffers, and its four matrix products through
+    :func:`_cpu_gemm`. With ``torch.mm`` products (small sizes, or oneDNN switched off) the
+    losses and gradients are bit for bit those of the general path; with oneDNN's they differ
+    by float32 rounding (``tests/test_functional.py`` checks both).
 
-    Where the general path allocates each intermediate afresh, this one allocates one
-    workspace: both ``[B, N]`` products are written into it (no stack), its space then holds
-    the log-sigmoid's temporaries, and in backward it is the target of the scatter. The
-    scores' buffer becomes :math:`\sigma(-v)`, the only ``[2, B, P+K]`` tensor kept for
-    backward. At the paper's sizes this cut the peak extra memory of CCD from 12.9 MB to
-    8.5 MB; the CCD table of ``benchmarks/`` times it beside the general path (the row
-    ``dense, general operators``).
+    Where the general path allocates each intermediate afresh, this one gathers the sampled
+    columns of both ``[B, N]`` products into one ``[2, B, P+K]`` tensor (no stack) and then
+    allocates one workspace, which holds the log-sigmoid's temporaries and in backward is the
+    target of the scatter. The scores' buffer becomes :math:`\sigma(-v)`, the only
+    ``[2, B, P+K]`` tensor kept for backward. At the paper's sizes this cut the peak extra
+    memory of CCD from 12.9 MB to 8.5 MB; the CCD table of ``benchmarks/`` times it beside
+    the general path (the row ``dense, general operators``) and beside itself with
+    ``torch.mm`` products (the row ``dense, MKL products``).
 
     A second-order gradient (``create_graph=True``) is taken through the general path,
     recomputed from the saved inputs.
@@ -634,11 +693,12 @@ class _CPUDenseNCE(torch.autograd.Function):
         batch, width = index.shape
         dense, sampled = 2 * batch * memory_t.shape[0], 2 * batch * width
         with torch.autocast("cpu", enabled=False):
+            x = torch.empty(2, batch, width, dtype=torch.float32)
+            for k, (anchor, memory) in enumerate(((anchor_s, memory_t), (anchor_t, memory_s))):
+                torch.gather(_cpu_gemm(anchor, memory.t()), 1, index, out=x[k])
+            # Allocated once both [B, N] products are freed: the peak stays that of writing
+            # them into this workspace.
             ws = torch.empty(max(dense + sampled, 3 * sampled), dtype=torch.float32)
-            full = ws[:dense].view(2, batch, -1)
-            torch.mm(anchor_s, memory_t.t(), out=full[0])
-            torch.mm(anchor_t, memory_s.t(), out=full[1])
-            x = torch.gather(full, 2, index.expand(2, batch, width))
             bias = bias_of(x, scale, noise)
             signed_scale, _, neg_weight = _nce_columns(width, num_positives, scale,
                                                        torch.float32, x.device)
@@ -684,8 +744,8 @@ class _CPUDenseNCE(torch.autograd.Function):
             torch.mul(sigmoid_neg, grad.view(2, 1, 1) * w, out=g)
         g.mul_(signed_scale)
         full.zero_().scatter_add_(2, index.expand_as(g), g)
-        return (torch.mm(full[0], memory_t) if needs[0] else None,
-                torch.mm(full[1], memory_s) if needs[1] else None, *rest)
+        return (_cpu_gemm(full[0], memory_t) if needs[0] else None,
+                _cpu_gemm(full[1], memory_s) if needs[1] else None, *rest)
 
 
 def _second_order(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor,

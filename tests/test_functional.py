@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crckd_losses import functional as CF
 
@@ -366,8 +367,10 @@ def _ccd_outputs(g_s, g_t, m_s, m_t, idx, reduction, log_z, create_graph=False,
 @pytest.mark.parametrize("create_graph", [False, True])
 def test_cpu_dense_pair_is_bitwise_the_general_path(monkeypatch, reduction, log_z,
                                                      create_graph):
-    """The written-out CPU dense pair runs the general path's operators in its order, so its
-    losses, gradients and second-order gradients are the general path's bit for bit."""
+    """With ``torch.mm`` products, the written-out CPU dense pair runs the general path's
+    operators in its order, so its losses, gradients and second-order gradients are the
+    general path's bit for bit."""
+    monkeypatch.setattr(CF, "_CPU_ONEDNN_GEMM", False)
     case = [t.float() if t.is_floating_point() else t for t in make_case(8, 60, 16, 3, 30)]
     calls = []
     original = CF._CPUDenseNCE.apply
@@ -379,6 +382,90 @@ def test_cpu_dense_pair_is_bitwise_the_general_path(monkeypatch, reduction, log_
     assert len(calls) == 1
     for got, want in zip(fast, general, strict=True):
         assert torch.equal(got, want)
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every aten/oneDNN operator run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+needs_onednn = pytest.mark.skipif(not CF._onednn_works(),
+                                  reason="this torch build cannot run oneDNN matrix products")
+
+
+@needs_onednn
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_cpu_dense_pair_with_onednn_products_matches_the_general_path(monkeypatch, reduction,
+                                                                       create_graph):
+    """Above the size threshold the pair's four products run through oneDNN (and no
+    ``torch.mm`` is left in it); losses, gradients and second-order gradients then agree with
+    the general path's to float32 rounding."""
+    monkeypatch.setattr(CF, "_ONEDNN_MIN_MACS", 1)
+    case = [t.float() if t.is_floating_point() else t for t in make_case(8, 60, 16, 3, 30)]
+    ops = _OpNames()
+    with ops:
+        fast = _ccd_outputs(*case, reduction, 0.7)
+    assert ops.names.count("mkldnn._linear_pointwise") == 4 and "aten.mm" not in ops.names
+    if create_graph:
+        fast = _ccd_outputs(*case, reduction, 0.7, create_graph=True)
+    monkeypatch.setattr(CF, "_cpu_dense_pair", lambda *a: False)
+    general = _ccd_outputs(*case, reduction, 0.7, create_graph)
+    for got, want in zip(fast, general, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+
+
+def test_cpu_gemm_takes_onednn_only_above_its_threshold(monkeypatch):
+    """``_cpu_gemm`` is ``a @ b`` for a plain, a transposed and a strided right-hand side;
+    it takes ``torch.mm`` below the size threshold, with oneDNN switched off, and where oneDNN
+    does not work (the probe's answer)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 10, generator=g)
+    rights = (torch.randn(10, 7, generator=g), torch.randn(7, 10, generator=g).t(),
+              torch.randn(10, 14, generator=g)[:, ::2])
+
+    def taken(**switches):
+        for name, value in switches.items():
+            monkeypatch.setattr(CF, name, value)
+        names = []
+        for b in rights:
+            ops = _OpNames()
+            with ops:
+                got = CF._cpu_gemm(a, b)
+            torch.testing.assert_close(got, a @ b, rtol=1e-6, atol=1e-6)
+            names.append("mkldnn._linear_pointwise" in ops.names)
+        return names
+
+    assert taken(_ONEDNN_MIN_MACS=6 * 10 * 7 + 1) == [False] * 3
+    if CF._onednn_works():
+        assert taken(_ONEDNN_MIN_MACS=6 * 10 * 7) == [True] * 3
+    assert taken(_CPU_ONEDNN_GEMM=False) == [False] * 3
+    monkeypatch.setattr(CF, "_CPU_ONEDNN_GEMM", True)
+    monkeypatch.setattr(CF, "_ONEDNN_WORKS", [False])
+    assert taken() == [False] * 3
+
+
+def test_onednn_probe_says_no_when_the_operator_fails(monkeypatch):
+    """A torch build whose oneDNN operator is missing or raises is detected once, and the
+    products fall back to ``torch.mm``."""
+
+    class Broken:
+        def __getattr__(self, name):
+            raise AttributeError(name)
+
+    monkeypatch.setattr(CF, "_ONEDNN_WORKS", [])
+    monkeypatch.setattr(torch.ops, "mkldnn", Broken())
+    assert CF._onednn_works() is False
+    a = torch.randn(64, 64)
+    monkeypatch.setattr(CF, "_ONEDNN_MIN_MACS", 1)
+    torch.testing.assert_close(CF._cpu_gemm(a, a), a @ a)
 
 
 def test_cpu_dense_pair_under_autocast_and_with_one_anchor_frozen(monkeypatch):

@@ -27,6 +27,7 @@ from .common import (
     bar,
     cpu_dense_pair,
     cpu_logsigmoid,
+    cpu_onednn_gemm,
     dtype_name,
     fmt,
     has_value_check_policies,
@@ -246,6 +247,8 @@ FUSED = "auto, compiled (inductor)"
 TORCH_LOGSIGMOID = "dense, F.logsigmoid"
 #: The row of the dense path through the general operators instead of the CPU dense pair.
 GENERAL_OPS = "dense, general operators"
+#: The row of the CPU dense pair with its matrix products from ``torch.mm`` instead of oneDNN.
+TORCH_MM = "dense, torch.mm products"
 
 
 def dense_torch_logsigmoid(x: CCDInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,11 +264,20 @@ def dense_general_ops(x: CCDInputs) -> tuple[torch.Tensor, torch.Tensor]:
         return ccd_library(x, "dense")
 
 
+def dense_torch_mm(x: CCDInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU dense pair with its four matrix products from ``torch.mm`` (oneDNN off)."""
+    with cpu_onednn_gemm(False):
+        return ccd_library(x, "dense")
+
+
 def check_cpu_variants(x: CCDInputs) -> dict[str, float]:
-    """Asserts that the dense path computes the same with torch's log-sigmoid and through the
-    general operators (float32 rounding)."""
-    return {**_check_against_dense(x, dense_torch_logsigmoid, "F.logsigmoid"),
-            **_check_against_dense(x, dense_general_ops, "general operators")}
+    """Asserts that the dense path computes the same with torch's log-sigmoid, through the
+    general operators and with ``torch.mm`` products (float32 rounding)."""
+    out = {**_check_against_dense(x, dense_torch_logsigmoid, "F.logsigmoid"),
+           **_check_against_dense(x, dense_general_ops, "general operators")}
+    if hasattr(functional, "_CPU_ONEDNN_GEMM"):
+        out.update(_check_against_dense(x, dense_torch_mm, "torch.mm products"))
+    return out
 
 
 def _check_against_dense(
@@ -326,6 +338,8 @@ def run_ccd(bench: Bench) -> dict[str, Any]:
             fns[TORCH_LOGSIGMOID] = _ccd_step(x, dense_torch_logsigmoid, nullcontext)
             if hasattr(functional, "_CPU_DENSE_PAIR"):
                 fns[GENERAL_OPS] = _ccd_step(x, dense_general_ops, nullcontext)
+            if hasattr(functional, "_CPU_ONEDNN_GEMM"):
+                fns[TORCH_MM] = _ccd_step(x, dense_torch_mm, nullcontext)
         # On a CPU memory is traced with a dispatch mode, which compiled code cannot run under.
         untraced = (FUSED,) if bench.device.type == "cpu" else ()
         rows = bench.compare(fns, samples=p["B"], budget_s=2 * bench.budget_s,
@@ -439,8 +453,13 @@ class CCD(Section):
                  "backward, in the library's hand-written Triton kernels." if any(
                      TRITON in v["rows"] for v in s["by_dtype"].values()) else "")
               + (f" `{GENERAL_OPS}` is the dense path through the general operators, without "
-                 "the written-out CPU dense pair (same values, bit for bit)." if any(
-                     GENERAL_OPS in v["rows"] for v in s["by_dtype"].values()) else ""),
+                 "the written-out CPU dense pair (the same values; its matrix products are "
+                 "`torch.mm`'s)." if any(
+                     GENERAL_OPS in v["rows"] for v in s["by_dtype"].values()) else "")
+              + (f" `{TORCH_MM}` is the CPU dense pair with its four matrix products from "
+                 "`torch.mm` (MKL) instead of oneDNN, which the library takes on a CPU where "
+                 "the products are large enough." if any(
+                     TORCH_MM in v["rows"] for v in s["by_dtype"].values()) else ""),
               ""]
         for dt, v in s["by_dtype"].items():
             md += [f"### {dt} (auto picks `{v['auto_path']}`)", ""]

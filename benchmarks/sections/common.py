@@ -187,6 +187,12 @@ def cpu_dense_pair(on: bool) -> AbstractContextManager[None]:
     return _switch("_CPU_DENSE_PAIR", on)
 
 
+def cpu_onednn_gemm(on: bool) -> AbstractContextManager[None]:
+    """oneDNN for the CPU dense pair's matrix products on or off inside the block (where the
+    library has the switch); off, they are ``torch.mm``'s."""
+    return _switch("_CPU_ONEDNN_GEMM", on)
+
+
 def target(
     name: str, text: str, value: float | None, bound: float, higher_is_better: bool = True,
     detail: str = "",
