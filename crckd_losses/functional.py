@@ -600,7 +600,8 @@ def _cpu_dense_pair(anchor: torch.Tensor, memory: torch.Tensor) -> bool:
 
 
 #: Whether :class:`_CPUDenseNCE` may run its four matrix products through oneDNN (see
-#: :func:`_cpu_gemm`); off, they are ``torch.mm`` (the benchmarks time both).
+#: :func:`_cpu_gemm`); off, they are ``torch.mm`` (the benchmarks time both). Read when the
+#: forward runs: its backward's products follow the same choice.
 _CPU_ONEDNN_GEMM = True
 
 #: :func:`_cpu_gemm` takes oneDNN from this many multiply-adds per product: below it, oneDNN's
@@ -635,7 +636,7 @@ def _onednn_works() -> bool:
     return _ONEDNN_WORKS[0]
 
 
-def _cpu_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _cpu_gemm(a: torch.Tensor, b: torch.Tensor, onednn: bool = True) -> torch.Tensor:
     r"""``a @ b`` for float32 CPU matrices, through oneDNN where it works and the product is
     large enough (:data:`_ONEDNN_MIN_MACS`), else ``torch.mm``.
 
@@ -643,8 +644,9 @@ def _cpu_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (Zen 5, AVX-512) ran at about 107 GFLOP/s per core on every shape tried, square
     1024 x 1024 included, while oneDNN's kernels ran CCD's products at 227-252 GFLOP/s per
     core. Same float32 inputs and outputs; the sums are accumulated in another order, so
-    results differ from ``torch.mm``'s by float32 rounding."""
-    if _CPU_ONEDNN_GEMM and a.shape[0] * a.shape[1] * b.shape[1] >= _ONEDNN_MIN_MACS \
+    results may differ from ``torch.mm``'s by float32 rounding. ``onednn=False`` always takes
+    ``torch.mm``."""
+    if onednn and a.shape[0] * a.shape[1] * b.shape[1] >= _ONEDNN_MIN_MACS \
             and _onednn_works():
         weight = b.t()  # linear multiplies by its weight's transpose
         if not (weight.is_contiguous() or b.is_contiguous()):
@@ -670,7 +672,7 @@ class _CPUDenseNCE(torch.autograd.Function):
     ``[2, B, P+K]`` tensor kept for backward. At the paper's sizes this cut the peak extra
     memory of CCD from 12.9 MB to 8.5 MB; the CCD table of ``benchmarks/`` times it beside
     the general path (the row ``dense, general operators``) and beside itself with
-    ``torch.mm`` products (the row ``dense, MKL products``).
+    ``torch.mm`` products (its own table, "CPU matrix products").
 
     A second-order gradient (``create_graph=True``) is taken through the general path,
     recomputed from the saved inputs.
@@ -692,10 +694,11 @@ class _CPUDenseNCE(torch.autograd.Function):
     ) -> torch.Tensor:
         batch, width = index.shape
         dense, sampled = 2 * batch * memory_t.shape[0], 2 * batch * width
+        onednn = ctx.onednn = _CPU_ONEDNN_GEMM  # type: ignore[attr-defined]
         with torch.autocast("cpu", enabled=False):
             x = torch.empty(2, batch, width, dtype=torch.float32)
             for k, (anchor, memory) in enumerate(((anchor_s, memory_t), (anchor_t, memory_s))):
-                torch.gather(_cpu_gemm(anchor, memory.t()), 1, index, out=x[k])
+                torch.gather(_cpu_gemm(anchor, memory.t(), onednn), 1, index, out=x[k])
             # Allocated once both [B, N] products are freed: the peak stays that of writing
             # them into this workspace.
             ws = torch.empty(max(dense + sampled, 3 * sampled), dtype=torch.float32)
@@ -744,8 +747,9 @@ class _CPUDenseNCE(torch.autograd.Function):
             torch.mul(sigmoid_neg, grad.view(2, 1, 1) * w, out=g)
         g.mul_(signed_scale)
         full.zero_().scatter_add_(2, index.expand_as(g), g)
-        return (_cpu_gemm(full[0], memory_t) if needs[0] else None,
-                _cpu_gemm(full[1], memory_s) if needs[1] else None, *rest)
+        onednn: bool = ctx.onednn  # type: ignore[attr-defined]
+        return (_cpu_gemm(full[0], memory_t, onednn) if needs[0] else None,
+                _cpu_gemm(full[1], memory_s, onednn) if needs[1] else None, *rest)
 
 
 def _second_order(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor,

@@ -424,32 +424,48 @@ def test_cpu_dense_pair_with_onednn_products_matches_the_general_path(monkeypatc
 
 def test_cpu_gemm_takes_onednn_only_above_its_threshold(monkeypatch):
     """``_cpu_gemm`` is ``a @ b`` for a plain, a transposed and a strided right-hand side;
-    it takes ``torch.mm`` below the size threshold, with oneDNN switched off, and where oneDNN
-    does not work (the probe's answer)."""
+    it takes ``torch.mm`` below the size threshold, when told not to use oneDNN, and where
+    oneDNN does not work (the probe's answer)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 10, generator=g)
     rights = (torch.randn(10, 7, generator=g), torch.randn(7, 10, generator=g).t(),
               torch.randn(10, 14, generator=g)[:, ::2])
 
-    def taken(**switches):
-        for name, value in switches.items():
-            monkeypatch.setattr(CF, name, value)
+    def taken(min_macs, onednn=True):
+        monkeypatch.setattr(CF, "_ONEDNN_MIN_MACS", min_macs)
         names = []
         for b in rights:
             ops = _OpNames()
             with ops:
-                got = CF._cpu_gemm(a, b)
+                got = CF._cpu_gemm(a, b, onednn)
             torch.testing.assert_close(got, a @ b, rtol=1e-6, atol=1e-6)
             names.append("mkldnn._linear_pointwise" in ops.names)
         return names
 
-    assert taken(_ONEDNN_MIN_MACS=6 * 10 * 7 + 1) == [False] * 3
+    assert taken(6 * 10 * 7 + 1) == [False] * 3
     if CF._onednn_works():
-        assert taken(_ONEDNN_MIN_MACS=6 * 10 * 7) == [True] * 3
-    assert taken(_CPU_ONEDNN_GEMM=False) == [False] * 3
-    monkeypatch.setattr(CF, "_CPU_ONEDNN_GEMM", True)
+        assert taken(6 * 10 * 7) == [True] * 3
+    assert taken(1, onednn=False) == [False] * 3
     monkeypatch.setattr(CF, "_ONEDNN_WORKS", [False])
-    assert taken() == [False] * 3
+    assert taken(1) == [False] * 3
+
+
+@needs_onednn
+def test_cpu_dense_pair_backward_takes_the_forwards_products(monkeypatch):
+    """The switch is read once, in forward: flipping it before backward changes nothing."""
+    monkeypatch.setattr(CF, "_ONEDNN_MIN_MACS", 1)
+    g_s, g_t, m_s, m_t, idx = (t.float() if t.is_floating_point() else t
+                               for t in make_case(8, 60, 16, 3, 30))
+    for first in (False, True):
+        monkeypatch.setattr(CF, "_CPU_ONEDNN_GEMM", first)
+        a = g_s.clone().requires_grad_()
+        ls, lt = CF.class_guided_contrastive_loss(a, g_t, m_s, m_t, idx, 3, path="dense")
+        monkeypatch.setattr(CF, "_CPU_ONEDNN_GEMM", not first)
+        ops = _OpNames()
+        with ops:
+            (ls + lt).backward()
+        assert ops.names.count("mkldnn._linear_pointwise") == (1 if first else 0)
+        assert ops.names.count("aten.mm") == (0 if first else 1)
 
 
 def test_onednn_probe_says_no_when_the_operator_fails(monkeypatch):

@@ -271,13 +271,10 @@ def dense_torch_mm(x: CCDInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_cpu_variants(x: CCDInputs) -> dict[str, float]:
-    """Asserts that the dense path computes the same with torch's log-sigmoid, through the
-    general operators and with ``torch.mm`` products (float32 rounding)."""
-    out = {**_check_against_dense(x, dense_torch_logsigmoid, "F.logsigmoid"),
-           **_check_against_dense(x, dense_general_ops, "general operators")}
-    if hasattr(functional, "_CPU_ONEDNN_GEMM"):
-        out.update(_check_against_dense(x, dense_torch_mm, "torch.mm products"))
-    return out
+    """Asserts that the dense path computes the same with torch's log-sigmoid and through the
+    general operators (float32 rounding)."""
+    return {**_check_against_dense(x, dense_torch_logsigmoid, "F.logsigmoid"),
+            **_check_against_dense(x, dense_general_ops, "general operators")}
 
 
 def _check_against_dense(
@@ -338,8 +335,6 @@ def run_ccd(bench: Bench) -> dict[str, Any]:
             fns[TORCH_LOGSIGMOID] = _ccd_step(x, dense_torch_logsigmoid, nullcontext)
             if hasattr(functional, "_CPU_DENSE_PAIR"):
                 fns[GENERAL_OPS] = _ccd_step(x, dense_general_ops, nullcontext)
-            if hasattr(functional, "_CPU_ONEDNN_GEMM"):
-                fns[TORCH_MM] = _ccd_step(x, dense_torch_mm, nullcontext)
         # On a CPU memory is traced with a dispatch mode, which compiled code cannot run under.
         untraced = (FUSED,) if bench.device.type == "cpu" else ()
         rows = bench.compare(fns, samples=p["B"], budget_s=2 * bench.budget_s,
@@ -350,7 +345,33 @@ def run_ccd(bench: Bench) -> dict[str, Any]:
             "max_rel_diff_vs_dense": checks,
         }
     out["autocast"] = run_autocast(bench, p)
+    if bench.device.type == "cpu" and hasattr(functional, "_CPU_ONEDNN_GEMM"):
+        out["products"] = run_products(bench, p)
     return out
+
+
+#: The CPU products comparison's rows: the dense pair as the library runs it, and with
+#: ``torch.mm`` products.
+PRODUCT_ROWS = ("dense, the library's products", TORCH_MM)
+
+
+def run_products(bench: Bench, p: dict[str, Any]) -> dict[str, Any]:
+    """The CPU dense pair with oneDNN products (the library's choice) against ``torch.mm``
+    products, timed together, alone.
+
+    In a round-robin of its own: in the big CCD group, a call that follows one running
+    torch's scalar CPU ``log1p`` (the ``F.logsigmoid`` row) was measured to pay about 0.4 ms
+    on its first operator, whatever it is, which blurs a difference of about 1 ms between
+    two contenders that are otherwise the same.
+    """
+    x = make_ccd_inputs(p["B"], p["d"], p["P"], p["K"], p["N"], bench.device, p["C"])
+    diffs = _check_against_dense(x, dense_torch_mm, "torch.mm products")
+    fns = {PRODUCT_ROWS[0]: _ccd_step(x, lambda v: ccd_library(v, "dense"), nullcontext),
+           PRODUCT_ROWS[1]: _ccd_step(x, dense_torch_mm, nullcontext)}
+    rows = bench.compare(fns, samples=p["B"])
+    taken = p["B"] * p["d"] * p["N"] >= functional._ONEDNN_MIN_MACS and \
+        functional._onednn_works()
+    return {"rows": rows, "max_rel_diff": diffs, "onednn_taken": taken}
 
 
 #: The autocast comparison's rows: the dense path in float32 and under bfloat16 autocast.
@@ -456,10 +477,7 @@ class CCD(Section):
                  "the written-out CPU dense pair (the same values; its matrix products are "
                  "`torch.mm`'s)." if any(
                      GENERAL_OPS in v["rows"] for v in s["by_dtype"].values()) else "")
-              + (f" `{TORCH_MM}` is the CPU dense pair with its four matrix products from "
-                 "`torch.mm` (MKL) instead of oneDNN, which the library takes on a CPU where "
-                 "the products are large enough." if any(
-                     TORCH_MM in v["rows"] for v in s["by_dtype"].values()) else ""),
+,
               ""]
         for dt, v in s["by_dtype"].items():
             md += [f"### {dt} (auto picks `{v['auto_path']}`)", ""]
@@ -476,6 +494,21 @@ class CCD(Section):
             md += ["", "Max relative difference of the losses under autocast against float32: "
                    + ", ".join(f"{k} {fmt(x, 2)}"
                                for k, x in a["max_rel_diff_vs_float32"].items()), ""]
+        prod = s.get("products")
+        if prod:
+            md += ["### CPU matrix products: oneDNN against torch.mm (float32 dense path)", "",
+                   "The library's CPU dense pair runs its four matrix products through oneDNN "
+                   "where they are large enough; here it is timed against itself with "
+                   "`torch.mm` (MKL) products, in a round-robin of its own (see "
+                   "`run_products` in `benchmarks/sections/ccd.py`): `torch.mm` products take "
+                   f"{fmt(ratio(prod['rows'], PRODUCT_ROWS[1], PRODUCT_ROWS[0]))}x the "
+                   "library's time. At these sizes the library "
+                   + ("takes oneDNN." if prod.get("onednn_taken") else
+                      "keeps `torch.mm` (products too small, or oneDNN unavailable)."), ""]
+            md += table(prod["rows"], PRODUCT_ROWS[1])
+            md += ["", "Max relative difference against the library's dense path: "
+                   + ", ".join(f"{k} {fmt(x, 2)}" for k, x in prod["max_rel_diff"].items()),
+                   ""]
         return md
 
     def bars(self, result: dict[str, Any], meta: dict[str, Any]) -> list[Bar]:
