@@ -605,9 +605,8 @@ def _cpu_dense_pair(anchor: torch.Tensor, memory: torch.Tensor) -> bool:
 _CPU_ONEDNN_GEMM = True
 
 #: :func:`_cpu_gemm` takes oneDNN from this many multiply-adds per product: below it, oneDNN's
-#: fixed cost per call (about 8 us more than ``torch.mm``'s on the project's CPU) outweighs its
-#: faster kernel. Measured crossover: ``torch.mm`` faster at 16 x 64 x 500 (0.5 M), oneDNN at
-#: 32 x 128 x 2000 (8 M).
+#: larger fixed cost per call outweighs its faster kernel. The CCD section of ``benchmarks/``
+#: times products on either side (16 x 64 x 500, 32 x 128 x 2000) through both.
 _ONEDNN_MIN_MACS = 1 << 21
 
 _ONEDNN_WORKS: list[bool] = []
@@ -640,11 +639,11 @@ def _cpu_gemm(a: torch.Tensor, b: torch.Tensor, onednn: bool = True) -> torch.Te
     r"""``a @ b`` for float32 CPU matrices, through oneDNN where it works and the product is
     large enough (:data:`_ONEDNN_MIN_MACS`), else ``torch.mm``.
 
-    Why: torch's float32 ``mm`` on CPU is MKL's ``sgemm``, which on the project's AMD EPYC
-    (Zen 5, AVX-512) ran at about 107 GFLOP/s per core on every shape tried, square
-    1024 x 1024 included, while oneDNN's kernels ran CCD's products at 227-252 GFLOP/s per
-    core. Same float32 inputs and outputs; the sums are accumulated in another order, so
-    results may differ from ``torch.mm``'s by float32 rounding. ``onednn=False`` always takes
+    Why: torch's float32 ``mm`` on CPU is MKL's ``sgemm``; on the benchmarks' AMD EPYC
+    (Zen 5, AVX-512) oneDNN's kernels ran CCD's products about twice as fast (the CCD
+    section's "CPU matrix products" table times them alone and inside the CCD step). Same
+    float32 inputs and outputs; the sums may be accumulated in another order, so results may
+    differ from ``torch.mm``'s by float32 rounding. ``onednn=False`` always takes
     ``torch.mm``."""
     if onednn and a.shape[0] * a.shape[1] * b.shape[1] >= _ONEDNN_MIN_MACS \
             and _onednn_works():

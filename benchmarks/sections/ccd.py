@@ -371,7 +371,40 @@ def run_products(bench: Bench, p: dict[str, Any]) -> dict[str, Any]:
     rows = bench.compare(fns, samples=p["B"])
     taken = p["B"] * p["d"] * p["N"] >= functional._ONEDNN_MIN_MACS and \
         functional._onednn_works()
-    return {"rows": rows, "max_rel_diff": diffs, "onednn_taken": taken}
+    return {"rows": rows, "max_rel_diff": diffs, "onednn_taken": taken,
+            "bare": _bare_products(bench, x) if taken else None}
+
+
+def _bare_products(bench: Bench, x: CCDInputs) -> dict[str, Any]:
+    """Products alone, through oneDNN and through ``torch.mm``: time and GFLOP/s. One
+    forward product of the pair (``[B, d] @ [d, N]``), one backward product (``[B, N] @
+    [N, d]``), and two small forward-shaped ones on either side of the library's size
+    threshold (``functional._ONEDNN_MIN_MACS``). Each oneDNN result is first checked
+    against ``torch.mm``'s."""
+    g = torch.Generator().manual_seed(1)
+    anchor = x.student_emb.detach()
+    grad = torch.randn(anchor.shape[0], x.bank_size, generator=g)
+    shapes = {"forward": (anchor, x.teacher_memory.t()), "backward": (grad, x.teacher_memory)}
+    for rows_, inner, cols in ((16, 64, 500), (32, 128, 2000)):
+        shapes[f"{rows_} x {inner} x {cols}"] = (torch.randn(rows_, inner, generator=g),
+                                                 torch.randn(cols, inner, generator=g).t())
+    def onednn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+        return out
+
+    fns: dict[str, Callable[[], Any]] = {}
+    flop: dict[str, int] = {}
+    for what, (a, b) in shapes.items():
+        assert_close(f"{what} product, oneDNN against torch.mm", onednn(a, b), torch.mm(a, b),
+                     tolerance(torch.float32))
+        for backend, mm in (("oneDNN", onednn), ("torch.mm", torch.mm)):
+            name = f"{what}, {backend}"
+            flop[name] = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            fns[name] = lambda mm=mm, a=a, b=b: mm(a, b)
+    rows = bench.compare(fns, samples=None, memory=False)
+    gflops = {name: flop[name] / row["median_s"] / 1e9 for name, row in rows.items()}
+    return {"rows": rows, "gflops": gflops, "threads": torch.get_num_threads(),
+            "threshold_macs": functional._ONEDNN_MIN_MACS}
 
 
 #: The autocast comparison's rows: the dense path in float32 and under bfloat16 autocast.
@@ -509,6 +542,18 @@ class CCD(Section):
             md += ["", "Max relative difference against the library's dense path: "
                    + ", ".join(f"{k} {fmt(x, 2)}" for k, x in prod["max_rel_diff"].items()),
                    ""]
+            bare = prod.get("bare")
+            if bare:
+                md += ["Products alone, timed together on "
+                       f"{bare['threads']} threads: one forward product of the pair "
+                       "(`[B, d] @ [d, N]`), one backward product (`[B, N] @ [N, d]`), and two "
+                       "smaller ones (rows x inner x columns) on either side of the size from "
+                       f"which the library takes oneDNN ({bare['threshold_macs']:,} "
+                       "multiply-adds):", ""]
+                md += ["| product | median ms | GFLOP/s |", "|---|---:|---:|"]
+                md += [f"| {name} | {fmt(row['median_s'] * 1e3)} | {fmt(bare['gflops'][name])} |"
+                       for name, row in bare["rows"].items()]
+                md += [""]
         return md
 
     def bars(self, result: dict[str, Any], meta: dict[str, Any]) -> list[Bar]:
