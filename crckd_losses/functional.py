@@ -55,9 +55,10 @@ SCORE_PATHS: tuple[ScorePath, ...] = ("auto", "dense", "gather", "triton")
 #: The dense path (one ``B x N`` matmul, then a gather of the sampled columns) is taken while
 #: ``N <= DENSE_PATH_FACTOR * (P + K)``. Past that, gathering the ``B x (P+K) x d`` rows costs
 #: less than multiplying against the whole bank. ``benchmarks/run.py`` measures the crossover:
-#: on a 2-core CPU (float32, B=64, d=128) dense stays faster up to N of about 60 (P+K), and its
-#: peak memory (about 3 B N floats) stays below the gather path's (B (P+K) d floats) up to
-#: about d/3 (P+K); at 32 dense is still 2-3x faster than gather and no larger in memory.
+#: on a 2-core CPU (float32, B=64, d=128) dense stays faster over the whole measured range, up
+#: to N = 64 (P+K) (0.55-0.71x gather's time there), but its peak memory (about 3 B N floats)
+#: reaches the gather path's (B (P+K) d floats) at about d/3 (P+K); at 32 dense is 2.9-4.6x
+#: faster than gather and no larger in memory.
 DENSE_PATH_FACTOR = 32
 
 
