@@ -636,6 +636,12 @@ def _onednn_works() -> bool:
     return _ONEDNN_WORKS[0]
 
 
+def _takes_onednn(rows: int, inner: int, cols: int) -> bool:
+    """Whether :func:`_cpu_gemm` runs a ``[rows, inner] @ [inner, cols]`` product through
+    oneDNN (unless told not to)."""
+    return rows * inner * cols >= _ONEDNN_MIN_MACS and _onednn_works()
+
+
 def _cpu_gemm(a: torch.Tensor, b: torch.Tensor, onednn: bool = True) -> torch.Tensor:
     r"""``a @ b`` for float32 CPU matrices, through oneDNN where it works and the product is
     large enough (:data:`_ONEDNN_MIN_MACS`), else ``torch.mm``.
@@ -646,8 +652,7 @@ def _cpu_gemm(a: torch.Tensor, b: torch.Tensor, onednn: bool = True) -> torch.Te
     float32 inputs and outputs; the sums may be accumulated in another order, so results may
     differ from ``torch.mm``'s by float32 rounding. ``onednn=False`` always takes
     ``torch.mm``."""
-    if onednn and a.shape[0] * a.shape[1] * b.shape[1] >= _ONEDNN_MIN_MACS \
-            and _onednn_works():
+    if onednn and _takes_onednn(a.shape[0], a.shape[1], b.shape[1]):
         weight = b.t()  # linear multiplies by its weight's transpose
         if not (weight.is_contiguous() or b.is_contiguous()):
             weight = weight.contiguous()

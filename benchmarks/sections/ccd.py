@@ -369,8 +369,7 @@ def run_products(bench: Bench, p: dict[str, Any]) -> dict[str, Any]:
     fns = {PRODUCT_ROWS[0]: _ccd_step(x, lambda v: ccd_library(v, "dense"), nullcontext),
            PRODUCT_ROWS[1]: _ccd_step(x, dense_torch_mm, nullcontext)}
     rows = bench.compare(fns, samples=p["B"])
-    taken = p["B"] * p["d"] * p["N"] >= functional._ONEDNN_MIN_MACS and \
-        functional._onednn_works()
+    taken = functional._takes_onednn(p["B"], p["d"], p["N"])
     return {"rows": rows, "max_rel_diff": diffs, "onednn_taken": taken,
             "bare": _bare_products(bench, x) if taken else None}
 
@@ -388,6 +387,7 @@ def _bare_products(bench: Bench, x: CCDInputs) -> dict[str, Any]:
     for rows_, inner, cols in ((16, 64, 500), (32, 128, 2000)):
         shapes[f"{rows_} x {inner} x {cols}"] = (torch.randn(rows_, inner, generator=g),
                                                  torch.randn(cols, inner, generator=g).t())
+
     def onednn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
         return out
@@ -509,8 +509,7 @@ class CCD(Section):
               + (f" `{GENERAL_OPS}` is the dense path through the general operators, without "
                  "the written-out CPU dense pair (the same values; its matrix products are "
                  "`torch.mm`'s)." if any(
-                     GENERAL_OPS in v["rows"] for v in s["by_dtype"].values()) else "")
-,
+                     GENERAL_OPS in v["rows"] for v in s["by_dtype"].values()) else ""),
               ""]
         for dt, v in s["by_dtype"].items():
             md += [f"### {dt} (auto picks `{v['auto_path']}`)", ""]
