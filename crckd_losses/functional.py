@@ -625,11 +625,9 @@ def _onednn_works() -> bool:
                 a = torch.arange(12, dtype=torch.float32).view(3, 4) / 7
                 b = torch.arange(20, dtype=torch.float32).view(5, 4) / 3
                 c = torch.arange(24, dtype=torch.float32).view(4, 6) / 5
-                linear = torch.ops.mkldnn._linear_pointwise
-                works = all(
-                    torch.allclose(linear(x, w, None, "none", [], ""), x @ w.t())
-                    for x, w in ((a, b), (b, c.t()))
-                )
+                # b.t() reaches oneDNN as a plain weight, c as a transposed one.
+                works = all(torch.allclose(_onednn_mm(x, w), x @ w)
+                            for x, w in ((a, b.t()), (b, c)))
         except (AttributeError, RuntimeError, NotImplementedError):
             works = False
         _ONEDNN_WORKS.append(works)
@@ -653,13 +651,19 @@ def _cpu_gemm(a: torch.Tensor, b: torch.Tensor, onednn: bool = True) -> torch.Te
     differ from ``torch.mm``'s by float32 rounding. ``onednn=False`` always takes
     ``torch.mm``."""
     if onednn and _takes_onednn(a.shape[0], a.shape[1], b.shape[1]):
-        weight = b.t()  # linear multiplies by its weight's transpose
-        if not (weight.is_contiguous() or b.is_contiguous()):
-            weight = weight.contiguous()
-        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
-            a.contiguous(), weight, None, "none", [], "")
-        return out
+        return _onednn_mm(a, b)
     return torch.mm(a, b)
+
+
+def _onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` through oneDNN's ``mkldnn::_linear_pointwise``, whatever the size; the caller
+    knows that oneDNN works (:func:`_onednn_works`)."""
+    weight = b.t()  # linear multiplies by its weight's transpose
+    if not (weight.is_contiguous() or b.is_contiguous()):
+        weight = weight.contiguous()
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+        a.contiguous(), weight, None, "none", [], "")
+    return out
 
 
 class _CPUDenseNCE(torch.autograd.Function):

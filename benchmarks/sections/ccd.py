@@ -387,11 +387,7 @@ def _bare_products(bench: Bench, x: CCDInputs) -> dict[str, Any]:
     for rows_, inner, cols in ((16, 64, 500), (32, 128, 2000)):
         shapes[f"{rows_} x {inner} x {cols}"] = (torch.randn(rows_, inner, generator=g),
                                                  torch.randn(cols, inner, generator=g).t())
-
-    def onednn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
-        return out
-
+    onednn = functional._onednn_mm
     fns: dict[str, Callable[[], Any]] = {}
     flop: dict[str, int] = {}
     for what, (a, b) in shapes.items():
