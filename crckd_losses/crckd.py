@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 
-from . import _fused
+from . import _fused, _graphs
 from ._checks import (
     check_finite,
     check_float,
@@ -215,6 +216,10 @@ class CRCKDLoss(nn.Module):
             check_finite(name, feat)
         check_range("indices", indices, self.student_bank.size)
         indices = indices.long()
+        graphs: _graphs.Graphs | None = self.__dict__.get("_graphs")
+        if graphs is not None and sample_indices is None and generator is None and \
+                _graphs.fits(graphs, self, student_feat, teacher_feat):
+            return _graphs.replay(graphs, self, student_feat, teacher_feat, indices)
         rows = self.student_bank._readable(indices)
         ccd = self.ccd
         if sample_indices is None:
@@ -229,6 +234,71 @@ class CRCKDLoss(nn.Module):
                                       student_feat, teacher_feat, indices, rows,
                                       sample_indices)
         return out
+
+    def capture_cuda_graphs(self, batch_size: int, num_warmup_iters: int = 3) -> None:
+        """Run the training step, forward and backward, as two CUDA graphs from now on.
+
+        An eager step launches each of its kernels from Python; on a GPU that launching, not
+        the arithmetic, is most of what CRCKD adds to a training step. After this call, a
+        training-mode call with a batch of ``batch_size`` features of the captured dtype copies
+        its three inputs into static tensors and replays one graph, and ``backward`` replays
+        a second; the rest of your loop (model, optimiser, teacher) stays eager. It uses
+        ``torch.cuda.make_graphed_callables``, and adds what that function does not know about
+        this module:
+
+        - its warm-up calls write both banks (and move :math:`Z` under
+          ``normalizer="ema"``) from made-up features: the state is saved first and put back
+          afterwards, in place, so training continues exactly where it was; the random stream
+          is put back too, so a graphed run draws the rows an eager run from the same seed
+          would;
+        - the input checks still run on every call (shapes, devices, and values where
+          :func:`~crckd_losses.set_value_checks` reads them; on a GPU it reads none by
+          default, and the banks refuse bad rows on the device as in an eager step);
+        - a call the graphs were not captured for runs eagerly, on the same banks: another
+          batch size (the last partial batch of an epoch) or dtype, another autocast state,
+          eval mode, ``sample_indices`` or a ``generator`` given.
+
+        Needs: the module on a CUDA device, in training mode, built with
+        ``copy_on_write="snapshot"`` (banks written in place: the graphs hold their
+        addresses), one process (no ``torch.distributed``), and one eager training step
+        before (the first estimates :math:`Z`). Call it where you run the loss: under the
+        autocast you train with (``torch.autocast(..., cache_enabled=False)``, which graph
+        capture needs). The outputs of a replay live in the graphs' memory: read them
+        (``out.ccd.item()``) before the next call, or clone them. Loading a state dict into
+        the module, or moving or casting it, releases the graphs (a warning says so); call
+        this again. Do not write the banks yourself between replays. See :doc:`/howto/gpu`
+        ("Graphing only the loss").
+
+        Args:
+            batch_size: ``B`` of the calls to replay.
+            num_warmup_iters: eager calls before the capture (``make_graphed_callables``'
+                warm-up; compiling with ``fused`` happens there).
+
+        Raises:
+            ValueError: where one of the needs above is not met.
+            RuntimeError: on a second call.
+        """
+        self.__dict__["_graphs"] = _graphs.capture(self, batch_size, num_warmup_iters)
+
+    @property
+    def cuda_graph_replays(self) -> int:
+        """How many calls replayed the graphs of :meth:`capture_cuda_graphs` (0 without
+        them)."""
+        graphs: _graphs.Graphs | None = self.__dict__.get("_graphs")
+        return 0 if graphs is None else graphs.replays[0]
+
+    def _release_graphs(self, why: str) -> None:
+        if self.__dict__.pop("_graphs", None) is not None:
+            warnings.warn(f"{why} released the CUDA graphs of capture_cuda_graphs(); call it "
+                          "again to replay", stacklevel=4)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CRCKDLoss:
+        self._release_graphs("moving or casting the module")
+        return super()._apply(fn, recurse)  # type: ignore[no-any-return, no-untyped-call, unused-ignore]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._release_graphs("load_state_dict")
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 def _step(crckd: CRCKDLoss, student_feat: torch.Tensor, teacher_feat: torch.Tensor,

@@ -253,3 +253,58 @@ def test_cuda_graph_replays_a_whole_step(sampled, fused):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # each replay wrote the batch's rows: the banks moved between replays
     assert not torch.equal(rows_seen[0], rows_seen[-1])
+
+
+def _trained_once(fused, path="auto"):
+    torch.manual_seed(0)
+    labels = torch.randint(0, 7, (7012,))
+    labels[:7] = torch.arange(7)
+    crckd = CRCKDLoss(labels.cuda(), 128, 128, copy_on_write="snapshot", fused=fused,
+                      path=path).cuda()
+    torch.cuda.manual_seed(1)
+    f_s = torch.randn(64, 128, device="cuda", requires_grad=True)
+    crckd(f_s, torch.randn(64, 128, device="cuda"), torch.arange(64, device="cuda")
+          ).loss.backward()
+    return crckd
+
+
+@pytest.mark.parametrize("fused", [False, "auto", pytest.param("triton", marks=needs_triton)])
+def test_capture_cuda_graphs_matches_eager(fused):
+    """CRCKDLoss.capture_cuda_graphs on a GPU: after the capture the state is as before;
+    training steps replay the graphs (a partial batch runs eagerly in between, uncompiled)
+    and match the same steps on an eager twin (losses, input gradients, banks, centroids,
+    head gradients); a replayed step, forward and backward, needs no host sync."""
+    path = "triton" if fused == "triton" else "auto"
+    fused = "auto" if fused == "triton" else fused
+    graphed, eager = _trained_once(fused, path), _trained_once(fused, path)
+    before = graphed.student_bank.memory.clone()
+    graphed.capture_cuda_graphs(64)
+    torch.testing.assert_close(graphed.student_bank.memory, before, rtol=0, atol=0)
+    # the partial batch only where nothing compiles (a new size compiles the step again)
+    sizes = [64, 64, 40, 64, 64] if fused is False else [64, 64, 64, 64]
+    for i, size in enumerate(sizes):
+        got = []
+        for module in (graphed, eager):
+            g = torch.Generator(device="cuda").manual_seed(10 + i)
+            f_s = torch.randn(size, 128, device="cuda", generator=g, requires_grad=True)
+            f_t = torch.randn(size, 128, device="cuda", generator=g)
+            idx = torch.randperm(7012, device="cuda", generator=g)[:size]
+            torch.cuda.manual_seed(100 + i)
+            if module is graphed and size == 64:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = module(f_s, f_t, idx)
+                out.loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            got.append((out.loss.detach().clone(), out.crp.detach().clone(), f_s.grad))
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert graphed.cuda_graph_replays == 4
+    for name in ("student_bank", "teacher_bank"):
+        torch.testing.assert_close(getattr(graphed, name).memory,
+                                   getattr(eager, name).memory, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(getattr(graphed, name).centroids(),
+                                   getattr(eager, name).centroids(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(graphed.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)

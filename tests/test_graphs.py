@@ -1,0 +1,181 @@
+"""CRCKDLoss.capture_cuda_graphs: the host-side bookkeeping, on a CPU.
+
+``torch.cuda.make_graphed_callables`` needs a GPU. Here a stand-in does on the host what it
+does there: its warm-up calls (forward and ``torch.autograd.grad``) run for real and write
+the banks; the capture pass runs the step's Python (versions, caches, bookkeeping) without
+changing any tensor, since a capture launches nothing; and "replays" run the original
+forward. What is checked is what the library adds: the state and the random stream put back
+after the warm-ups, every later step equal to an eager twin's, the calls that must not
+replay running eagerly, the errors, and the release on load or move. The real capture and
+replay on a GPU are in ``tests/test_cuda.py``.
+"""
+
+import copy
+
+import _graph_stand_in
+import pytest
+import torch
+from _graph_stand_in import stand_in
+
+from crckd_losses import CRCKDLoss
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    _graph_stand_in.graphs_on_cpu(monkeypatch)
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    labels = torch.arange(120) % 4
+    kw = {"embed_dim": 8, "num_positives": 4, "num_negatives": 24,
+          "copy_on_write": "snapshot", "fused": False, **kw}
+    return CRCKDLoss(labels, student_dim=10, teacher_dim=12, **kw)
+
+
+def batch(seed, size=6):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(size, 10, generator=g, requires_grad=True),
+            torch.randn(size, 12, generator=g), torch.randperm(120, generator=g)[:size])
+
+
+def state_of(crckd):
+    """The state a step trains (the running ReLU class sums: those CRCKD reads and keeps)."""
+    banks = (crckd.student_bank, crckd.teacher_bank)
+    return [t.clone() for b in banks for t in (b.memory, b.class_sums[1], b.rejected_rows)] + \
+        [crckd.ccd.log_normalizer.clone(), *[p.detach().clone() for p in crckd.parameters()]]
+
+
+def trained_once(**kw):
+    """A module after one eager training step (which estimates Z)."""
+    crckd = make(**kw)
+    torch.manual_seed(1)
+    crckd(*batch(0)).loss.backward()
+    return crckd
+
+
+def assert_same_state(a, b):
+    for x, y in zip(state_of(a) if isinstance(a, CRCKDLoss) else a,
+                    state_of(b) if isinstance(b, CRCKDLoss) else b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("normalizer", ["first_batch", "ema"])
+def test_capture_puts_the_state_and_the_random_stream_back(graphs_on_cpu, normalizer):
+    """The warm-up calls wrote both banks (and moved Z under "ema"); after the capture every
+    tensor of the state is as before, in the same storage, and the random stream draws what
+    it would have drawn."""
+    crckd = trained_once(normalizer=normalizer)
+    before = state_of(crckd)
+    storages = [crckd.student_bank.memory.data_ptr(), crckd.teacher_bank.class_sums.data_ptr()]
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    crckd.capture_cuda_graphs(6, num_warmup_iters=2)
+    assert torch.equal(torch.rand(3), want)
+    assert_same_state(before, crckd)
+    assert storages == [crckd.student_bank.memory.data_ptr(),
+                        crckd.teacher_bank.class_sums.data_ptr()]
+    assert crckd.cuda_graph_replays == 0
+
+
+@pytest.mark.parametrize("normalizer", ["first_batch", "ema"])
+def test_graphed_steps_match_an_eager_twin(graphs_on_cpu, normalizer):
+    """Four training steps through the graphs, with a partial batch, an eval call and given
+    rows in between (which run eagerly): losses, gradients, banks, running class sums, Z and
+    centroids equal those of the same steps on a copy that never captured."""
+    crckd, twin = trained_once(normalizer=normalizer), trained_once(normalizer=normalizer)
+    crckd.capture_cuda_graphs(6)
+    for i, size in enumerate([6, 6, 4, 6, 6]):
+        for module in (crckd, twin):
+            torch.manual_seed(100 + i)
+            f_s, f_t, idx = batch(i + 1, size)
+            out = module(f_s, f_t, idx)
+            out.loss.backward()
+            module.grad_s = f_s.grad
+            module.out = out
+        for a, b in zip(crckd.out, twin.out):
+            assert torch.equal(a, b)
+        assert torch.equal(crckd.grad_s, twin.grad_s)
+        if i == 1:
+            idx = torch.arange(6)
+            rows = crckd.student_bank.sample(idx, 4, 24)
+            for module in (crckd, twin):
+                module(*batch(50)[:2], idx, sample_indices=rows)
+                module.eval()
+                module(*batch(51))
+                module.train()
+    assert crckd.cuda_graph_replays == stand_in.replayed == 4
+    for a, b in zip(crckd.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    assert_same_state(crckd, twin)
+    for bank, twin_bank in ((crckd.student_bank, twin.student_bank),
+                            (crckd.teacher_bank, twin.teacher_bank)):
+        torch.testing.assert_close(bank.centroids(), twin_bank.centroids(), rtol=0, atol=1e-12)
+
+
+def test_replays_leave_current_only_the_sums_they_keep(graphs_on_cpu):
+    """A replay on a GPU keeps the running class sums it was captured with (the ReLU ones
+    CRCKD reads) and runs no Python: the banks' bookkeeping must not claim the others are
+    current afterwards, so asking for them rebuilds them from the rows."""
+    crckd = make()
+    crckd(*batch(0)).loss.backward()
+    crckd.capture_cuda_graphs(6)
+    bank = crckd.student_bank
+    kept = crckd.__dict__["_graphs"].kinds[0]
+    assert kept == {1}
+    bank._rebuild_class_sums()  # both kinds current, as after an eager centroids() call
+    crckd(*batch(1)).loss.backward()
+    assert bank._sums_valid == {1}
+    want = bank.memory.new_zeros(4, 8).index_add_(0, bank.labels, bank.memory)
+    torch.testing.assert_close(bank.centroids(relu=False),
+                               torch.nn.functional.normalize(want, dim=1))
+
+
+def test_what_capture_needs_is_said(graphs_on_cpu):
+    crckd = make()
+    with pytest.raises(ValueError, match="one eager training step first"):
+        crckd.capture_cuda_graphs(6)
+    crckd(*batch(0)).loss.backward()
+    with pytest.raises(ValueError, match="batch_size"):
+        crckd.capture_cuda_graphs(0)
+    with pytest.raises(ValueError, match="num_warmup_iters"):
+        crckd.capture_cuda_graphs(6, num_warmup_iters=0)
+    crckd.eval()
+    with pytest.raises(ValueError, match="training mode"):
+        crckd.capture_cuda_graphs(6)
+    crckd.train()
+    copying = make(copy_on_write=True)
+    copying(*batch(0)).loss.backward()
+    with pytest.raises(ValueError, match="copy_on_write='snapshot'"):
+        copying.capture_cuda_graphs(6)
+    crckd.capture_cuda_graphs(6)
+    with pytest.raises(RuntimeError, match="already called"):
+        crckd.capture_cuda_graphs(6)
+
+
+def test_capture_needs_cuda():
+    crckd = make()
+    crckd(*batch(0)).loss.backward()
+    with pytest.raises(ValueError, match="CUDA device, got cpu"):
+        crckd.capture_cuda_graphs(6)
+    assert crckd.cuda_graph_replays == 0
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "to"])
+def test_loading_or_moving_releases_the_graphs(graphs_on_cpu, how):
+    """The graphs hold addresses and values cached at capture (Z's bias): a load or a move
+    releases them, with a warning, and the module runs eagerly until captured again."""
+    crckd = make()
+    crckd(*batch(0)).loss.backward()
+    saved = copy.deepcopy(crckd.state_dict())
+    crckd.capture_cuda_graphs(6)
+    with pytest.warns(UserWarning, match="released the CUDA graphs"):
+        if how == "to":
+            crckd.to(torch.float64)
+        else:
+            crckd.load_state_dict(saved)
+    assert "_graphs" not in crckd.__dict__
+    if how == "load_state_dict":
+        crckd(*batch(1)).loss.backward()
+    assert crckd.cuda_graph_replays == 0 and stand_in.replayed == 0
