@@ -173,35 +173,29 @@ def capture(b: Batch, kind: str, path: str = "auto") -> tuple[Callable[[], None]
     return replay, diff
 
 
-def graphed_loss(b: Batch, graph_fn: Callable[..., Any] | None = None
-                 ) -> tuple[Callable[[], torch.Tensor], float]:
-    """A CRCKD step whose loss module alone runs as CUDA graphs (its forward and backward,
-    ``torch.cuda.make_graphed_callables``) while the model, the optimiser and the teacher run
-    eagerly: what graphing only the library's part of an eager loop would save. Checked
+def graphed_loss(b: Batch) -> tuple[Callable[[], torch.Tensor], float]:
+    """A CRCKD step whose loss module alone runs as CUDA graphs, forward and backward
+    (:meth:`CRCKDLoss.capture_cuda_graphs`), while the model, the optimiser and the teacher
+    run eagerly: what graphing only the library's part of an eager loop saves. Checked
     against the same step run eagerly on a copy of the state.
-
-    ``graph_fn`` replaces ``make_graphed_callables`` (the tests pass one that returns the
-    module unchanged, to run the rest on a CPU).
 
     Returns:
         ``(step, relative difference of the graphed and the eager loss)``.
     """
-    graph_fn = graph_fn or torch.cuda.make_graphed_callables
     step, state = make_step(b, "CRCKD", snapshot=True)
     crckd = state[2]
     for _ in range(3):  # Z, compilation, gradients: the steady state is what is captured
         step()
     twin = copy.deepcopy(state)
-    dev, width = b.view1.device, crckd.student_head.linear.in_features
-    sample = (torch.randn(b.p["B"], width, device=dev, requires_grad=True),
-              torch.randn(b.p["B"], width, device=dev), b.index.clone())
-    graph_fn(crckd, sample)  # replaces crckd.forward; its warm-up calls write the banks
-    crckd.load_state_dict(twin[2].state_dict())  # in place: the graphs keep their addresses
+    crckd.capture_cuda_graphs(b.p["B"])  # puts back the state its warm-up calls wrote
     torch.manual_seed(1234)
     got = step()
     torch.manual_seed(1234)
     want = step_loss(b, *twin[:3]).detach()  # the same step, eagerly, on the copy
     diff = matches_eager(got, want, "the graphed loss")
+    if crckd.cuda_graph_replays != 1:
+        raise AssertionError(f"the graphed loss replayed {crckd.cuda_graph_replays} times "
+                             "in one step")
     return step, diff
 
 
