@@ -104,27 +104,34 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> Graphs:
         if device.type == "cuda" else []
     # The made-up features and the warm-up calls' samples draw random numbers: the stream
     # goes back to where it was, so a graphed run draws what an eager run from the same seed
-    # would.
-    with torch.random.fork_rng(devices=rng_devices):
-        sample = (
-            torch.randn(batch_size, crckd.student_head.linear.in_features, device=device,
-                        dtype=dtype, requires_grad=True),
-            torch.randn(batch_size, crckd.teacher_head.linear.in_features, device=device,
-                        dtype=dtype),
-            torch.arange(batch_size, device=device) % banks[0].size,
-        )
-        make_graphed_callables(crckd, sample, num_warmup_iters)
-    graphed = crckd.__dict__.pop("forward")  # set on the instance: take it back off
-    # What the captured step keeps current: the sums that were current when it was captured
-    # (a compiled step reduces the whole bank and keeps none).
-    kinds = tuple(frozenset(bank._sums_valid if bank._class_sums_current() else ())
-                  for bank in banks)
-    with torch.no_grad():
-        for t, s in zip(state, saved):
-            t.copy_(s)  # in place: the graphs read these addresses
-    for bank, kind in zip(banks, kinds):
-        bank._sums_of = (bank.memory, bank.memory._version)  # restored together: consistent
-        bank._sums_valid = set(kind)
+    # would. Whatever happens, the state the warm-up calls wrote is put back.
+    captured = False
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            sample = (
+                torch.randn(batch_size, crckd.student_head.linear.in_features, device=device,
+                            dtype=dtype, requires_grad=True),
+                torch.randn(batch_size, crckd.teacher_head.linear.in_features, device=device,
+                            dtype=dtype),
+                torch.arange(batch_size, device=device) % banks[0].size,
+            )
+            make_graphed_callables(crckd, sample, num_warmup_iters)
+        graphed = crckd.__dict__.pop("forward")  # set on the instance: take it back off
+        # What the captured step keeps current: the sums that were current when it was
+        # captured (a compiled step reduces the whole bank and keeps none).
+        kinds = tuple(frozenset(bank._sums_valid if bank._class_sums_current() else ())
+                      for bank in banks)
+        captured = True
+    finally:
+        crckd.__dict__.pop("forward", None)
+        with torch.no_grad():
+            for t, s in zip(state, saved):
+                t.copy_(s)  # in place: the graphs read these addresses
+        # Restored together, the rows and both sums agree (both were made current above);
+        # once captured, only the sums that the replays keep stay marked current.
+        for bank, kind in zip(banks, kinds if captured else ({0, 1}, {0, 1})):
+            bank._sums_of = (bank.memory, bank.memory._version)
+            bank._sums_valid = set(kind)
     keep = (tuple(bank.__dict__.get("_snapshot") for bank in banks),
             crckd.ccd.__dict__.get("_cached_bias"))
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from _graph_stand_in import stand_in
 
-from crckd_losses import CRCKDLoss
+from crckd_losses import CRCKDLoss, _graphs
 
 
 @pytest.fixture
@@ -179,3 +179,25 @@ def test_loading_or_moving_releases_the_graphs(graphs_on_cpu, how):
     if how == "load_state_dict":
         crckd(*batch(1)).loss.backward()
     assert crckd.cuda_graph_replays == 0 and stand_in.replayed == 0
+
+
+def test_a_failed_capture_loses_nothing(monkeypatch):
+    """A capture that fails after its warm-up calls (a capture error on the device) leaves
+    the state as it was, raises, and the module trains on eagerly, as its twin does."""
+    _graph_stand_in.graphs_on_cpu(monkeypatch)
+
+    def fails(module, sample, num_warmup_iters):
+        stand_in(module, sample, num_warmup_iters)  # the warm-ups wrote the banks
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_graphs, "make_graphed_callables", fails)
+    crckd, twin = trained_once(), trained_once()
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        crckd.capture_cuda_graphs(6)
+    assert "_graphs" not in crckd.__dict__ and "forward" not in crckd.__dict__
+    assert_same_state(crckd, twin)
+    for module in (crckd, twin):
+        torch.manual_seed(7)
+        module.out = module(*batch(3))
+    assert torch.equal(crckd.out.loss, twin.out.loss)
+    assert_same_state(crckd, twin)
