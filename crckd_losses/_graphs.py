@@ -29,7 +29,7 @@ _DEVICE_TYPE = "cuda"
 
 
 def make_graphed_callables(module: torch.nn.Module, sample: tuple[torch.Tensor, ...],
-                           num_warmup_iters: int) -> Any:
+                           num_warmup_iters: int) -> Any:  # pragma: no cover - needs a GPU
     """``torch.cuda.make_graphed_callables`` (looked up here, so that tests can stand in)."""
     return torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=num_warmup_iters)
 
@@ -56,6 +56,23 @@ class Graphs(NamedTuple):
     kinds: tuple[frozenset[int], ...]
     keep: tuple[Any, ...]
     replays: list[int]
+
+
+class _Packed(torch.nn.Module):
+    """The step with its five outputs stacked into one tensor, which is what gets graphed.
+    With five outputs, a backward through the loss alone would first have autograd
+    materialise a zero gradient for each of the four others (outputs a loop only logs) and
+    then copy all five into the graph's static gradients: nine small kernels. Stacked, and
+    read back by ``select``, it is the loss's select backward and one copy. Every output
+    still carries its gradient."""
+
+    def __init__(self, crckd: CRCKDLoss) -> None:
+        super().__init__()
+        self.crckd = crckd
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                indices: torch.Tensor) -> torch.Tensor:
+        return torch.stack(tuple(self.crckd(student_feat, teacher_feat, indices)))
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -115,15 +132,15 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> Graphs:
                             dtype=dtype),
                 torch.arange(batch_size, device=device) % banks[0].size,
             )
-            make_graphed_callables(crckd, sample, num_warmup_iters)
-        graphed = crckd.__dict__.pop("forward")  # set on the instance: take it back off
+            packed = _Packed(crckd)
+            make_graphed_callables(packed, sample, num_warmup_iters)
+        graphed = packed.__dict__.pop("forward")  # set on the instance: take it back off
         # What the captured step keeps current: the sums that were current when it was
         # captured (a compiled step reduces the whole bank and keeps none).
         kinds = tuple(frozenset(bank._sums_valid if bank._class_sums_current() else ())
                       for bank in banks)
         captured = True
     finally:
-        crckd.__dict__.pop("forward", None)
         with torch.no_grad():
             for t, s in zip(state, saved):
                 t.copy_(s)  # in place: the graphs read these addresses
@@ -137,8 +154,12 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> Graphs:
 
     def run(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
             indices: torch.Tensor) -> CRCKDOutput:
-        out: CRCKDOutput = graphed(student_feat, teacher_feat, indices)
-        return out
+        from .crckd import CRCKDOutput
+
+        # select, not unbind: the backward of an unbind materialises a zero gradient for
+        # every unused output, a select's only for its own
+        packed = graphed(student_feat, teacher_feat, indices)
+        return CRCKDOutput(*(packed.select(0, i) for i in range(len(CRCKDOutput._fields))))
 
     return Graphs(run, batch_size, dtype, _autocast_dtype(device), kinds, keep, [0])
 

@@ -9,12 +9,14 @@ from crckd_losses import _graphs
 
 
 def stand_in(module, sample, num_warmup_iters):
-    """``make_graphed_callables``' host side for one module."""
+    """``make_graphed_callables``' host side for one module (the library's wrapper of a
+    ``CRCKDLoss``, which it holds as ``module.crckd``)."""
+    crckd = module.crckd
     params = [p for p in module.parameters() if p.requires_grad]
     inputs = [t for t in sample if t.requires_grad] + params
 
     def fwd_bwd():
-        outs = [o for o in module(*sample) if o.requires_grad]
+        outs = [o for o in torch.utils._pytree.tree_leaves(module(*sample)) if o.requires_grad]
         torch.autograd.grad(outs, inputs, grad_outputs=[torch.ones_like(o) for o in outs],
                             allow_unused=True)
 
@@ -25,7 +27,7 @@ def stand_in(module, sample, num_warmup_iters):
     tensors = list(module.buffers())
     before = [t.clone() for t in tensors]
     fwd_bwd()
-    banks = (module.student_bank, module.teacher_bank)
+    banks = (crckd.student_bank, crckd.teacher_bank)
     current = [b._class_sums_current() for b in banks]
     with torch.no_grad():
         for t, b in zip(tensors, before):
@@ -42,14 +44,14 @@ def stand_in(module, sample, num_warmup_iters):
         # put back as it was, with the version counters read as unchanged, as after a replay.
         assert module.training == training
         stand_in.replayed += 1
-        banks = (module.student_bank, module.teacher_bank)
+        banks = (crckd.student_bank, crckd.teacher_bank)
         host = [(b._class_sums_current(), set(b._sums_valid), set(b._requested_kinds))
                 for b in banks]
-        graphs = module.__dict__.pop("_graphs")
+        graphs = crckd.__dict__.pop("_graphs")
         try:
             return orig(*args)
         finally:
-            module.__dict__["_graphs"] = graphs
+            crckd.__dict__["_graphs"] = graphs
             for b, (current, valid, requested) in zip(banks, host):
                 b._sums_of = (b.memory, b.memory._version) if current else None
                 b._sums_valid, b._requested_kinds = valid, requested
