@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from . import distributed
-from ._checks import check_positive_int
+from ._checks import check_positive_int, set_value_checks, value_checks
 
 if TYPE_CHECKING:
     from .crckd import CRCKDLoss, CRCKDOutput
@@ -105,7 +105,7 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> Graphs:
     if distributed.world_size() > 1:
         raise ValueError("capture_cuda_graphs() runs in one process only: the banks' "
                          "all-gathers under torch.distributed cannot be captured")
-    if not bool(crckd.ccd.normalizer_initialized):
+    if not crckd.ccd._initialized:  # the host mirror of normalizer_initialized: no read
         raise ValueError("capture_cuda_graphs() needs one eager training step first: the "
                          "first step estimates the CCD normaliser Z")
     with torch.no_grad():
@@ -123,7 +123,11 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> Graphs:
     # goes back to where it was, so a graphed run draws what an eager run from the same seed
     # would. Whatever happens, the state the warm-up calls wrote is put back.
     captured = False
+    mode = value_checks()
     try:
+        # No value is read while capturing (a read is a host sync, which a capture refuses;
+        # the made-up features need no check): real calls are checked before each replay.
+        set_value_checks("mask")
         with torch.random.fork_rng(devices=rng_devices):
             sample = (
                 torch.randn(batch_size, crckd.student_head.linear.in_features, device=device,
@@ -141,6 +145,7 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> Graphs:
                       for bank in banks)
         captured = True
     finally:
+        set_value_checks(mode)
         with torch.no_grad():
             for t, s in zip(state, saved):
                 t.copy_(s)  # in place: the graphs read these addresses

@@ -203,3 +203,35 @@ def test_a_failed_capture_loses_nothing(monkeypatch):
         module.out = module(*batch(3))
     assert torch.equal(crckd.out.loss, twin.out.loss)
     assert_same_state(crckd, twin)
+
+
+def test_capture_reads_no_value_whatever_the_mode(graphs_on_cpu):
+    """A value read is a host sync, which a CUDA capture refuses: under
+    set_value_checks("raise") the capture still reads nothing (no ``_local_scalar_dense``),
+    the mode is back afterwards, and a call is checked before it would replay."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from crckd_losses import set_value_checks, value_checks
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    crckd = trained_once()
+    set_value_checks("raise")
+    try:
+        with Reads():
+            crckd(*batch(1)).loss.backward()  # an eager step in this mode reads values
+            eager_reads, Reads.count = Reads.count, 0
+            crckd.capture_cuda_graphs(6)
+        assert eager_reads > 0 and Reads.count == 0
+        assert value_checks() == "raise"
+        f_s, f_t, idx = batch(2)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            crckd(f_s.detach().index_fill(0, torch.tensor([1]), float("nan")), f_t, idx)
+    finally:
+        set_value_checks("auto")
+    assert crckd.cuda_graph_replays == 0
