@@ -242,37 +242,41 @@ class CRCKDLoss(nn.Module):
         the arithmetic, is most of what CRCKD adds to a training step. After this call, a
         training-mode call with a batch of ``batch_size`` features of the captured dtype copies
         its three inputs into static tensors and replays one graph, and ``backward`` replays
-        a second; the rest of your loop (model, optimiser, teacher) stays eager. It uses
-        ``torch.cuda.make_graphed_callables``, and adds what that function does not know about
-        this module:
+        a second; the rest of your loop (model, optimiser, teacher) stays eager. The capture
+        follows ``torch.cuda.make_graphed_callables`` (warm-up calls on a side stream, both
+        graphs in one memory pool) and adds what this module needs:
 
-        - its warm-up calls write both banks (and move :math:`Z` under
+        - the warm-up calls write both banks (and move :math:`Z` under
           ``normalizer="ema"``) from made-up features: the state is saved first and put back
           afterwards, in place, so training continues exactly where it was; the random stream
           is put back too, so a graphed run draws the rows an eager run from the same seed
-          would;
+          would. If the capture fails, the state is put back all the same;
+        - the outputs and the gradients leave the graphs in memory of their own: an output
+          kept past the next call keeps its value, and gradients accumulate over several
+          calls (micro-batches) as they do eagerly;
+        - a backward must run before the next call replays (it reads its own call's
+          activations, which the next replay overwrites); a late one raises;
         - the input checks still run on every call (shapes, devices, and values where
           :func:`~crckd_losses.set_value_checks` reads them; on a GPU it reads none by
           default, and the banks refuse bad rows on the device as in an eager step);
         - a call the graphs were not captured for runs eagerly, on the same banks: another
           batch size (the last partial batch of an epoch) or dtype, another autocast state,
-          eval mode, ``sample_indices`` or a ``generator`` given.
+          other parameters requiring gradients, eval mode, ``sample_indices`` or a
+          ``generator`` given.
 
         Needs: the module on a CUDA device, in training mode, built with
         ``copy_on_write="snapshot"`` (banks written in place: the graphs hold their
         addresses), one process (no ``torch.distributed``), and one eager training step
         before (the first estimates :math:`Z`). Call it where you run the loss: under the
         autocast you train with (``torch.autocast(..., cache_enabled=False)``, which graph
-        capture needs). The outputs of a replay live in the graphs' memory: read them
-        (``out.ccd.item()``) before the next call, or clone them. Loading a state dict into
-        the module, or moving or casting it, releases the graphs (a warning says so); call
-        this again. Do not write the banks yourself between replays. See :doc:`/howto/gpu`
-        ("Graphing only the loss").
+        capture needs). Loading a state dict into the module, or moving or casting it,
+        releases the graphs (a warning says so); call this again. Do not write the banks
+        yourself between replays. See :doc:`/howto/gpu` ("Graphing only the loss").
 
         Args:
             batch_size: ``B`` of the calls to replay.
-            num_warmup_iters: eager calls before the capture (``make_graphed_callables``'
-                warm-up; compiling with ``fused`` happens there).
+            num_warmup_iters: eager calls before the capture, on made-up features (compiling
+                with ``fused`` happens there).
 
         Raises:
             ValueError: where one of the needs above is not met.

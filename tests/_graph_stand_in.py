@@ -1,6 +1,12 @@
-"""A host-side stand-in for ``torch.cuda.make_graphed_callables``, for the CPU tests of
-``CRCKDLoss.capture_cuda_graphs`` (tests/test_graphs.py) and of the benchmark row that uses
-it (tests/test_benchmarks.py)."""
+"""A host-side stand-in for the CUDA graphs of ``CRCKDLoss.capture_cuda_graphs``, for its CPU
+tests (tests/test_graphs.py) and for the benchmark row that uses it (tests/test_benchmarks.py).
+
+It keeps what a CUDA graph does to the state and to static tensors: a capture runs the
+Python (versions, caches, the banks' bookkeeping) but no kernel, so every tensor keeps its
+value; a replay runs the captured work on whatever the static inputs hold now and writes
+the static outputs, but no Python, so the host-side bookkeeping stays as it was. Here a
+replay runs the same function again and copies its results into the static outputs.
+"""
 
 import pytest
 import torch
@@ -8,59 +14,71 @@ import torch
 from crckd_losses import _graphs
 
 
-def stand_in(module, sample, num_warmup_iters):
-    """``make_graphed_callables``' host side for one module (the library's wrapper of a
-    ``CRCKDLoss``, which it holds as ``module.crckd``)."""
-    crckd = module.crckd
-    params = [p for p in module.parameters() if p.requires_grad]
-    inputs = [t for t in sample if t.requires_grad] + params
+def _banks(crckd):
+    return (crckd.student_bank, crckd.teacher_bank)
 
-    def fwd_bwd():
-        outs = [o for o in torch.utils._pytree.tree_leaves(module(*sample)) if o.requires_grad]
-        torch.autograd.grad(outs, inputs, grad_outputs=[torch.ones_like(o) for o in outs],
-                            allow_unused=True)
 
-    for _ in range(num_warmup_iters):
-        fwd_bwd()
-    # the capture pass: the Python runs, the kernels are only recorded (so the tensors keep
-    # their values, and their version counters move as the Python sees the writes)
-    tensors = list(module.buffers())
-    before = [t.clone() for t in tensors]
-    fwd_bwd()
-    banks = (crckd.student_bank, crckd.teacher_bank)
-    current = [b._class_sums_current() for b in banks]
+def _copy_into(static, fresh):
     with torch.no_grad():
-        for t, b in zip(tensors, before):
-            t.copy_(b)
-    for b, was in zip(banks, current):
-        if was:
-            b._sums_of = (b.memory, b.memory._version)
-    orig, training = module.forward, module.training
-    stand_in.replayed = 0
-
-    def new_fwd(*args):
-        # A replay: the captured kernels run, no Python does. Here the step runs (without the
-        # graphs, which would call back here), and then the banks' host-side bookkeeping is
-        # put back as it was, with the version counters read as unchanged, as after a replay.
-        assert module.training == training
-        stand_in.replayed += 1
-        banks = (crckd.student_bank, crckd.teacher_bank)
-        host = [(b._class_sums_current(), set(b._sums_valid), set(b._requested_kinds))
-                for b in banks]
-        graphs = crckd.__dict__.pop("_graphs")
-        try:
-            return orig(*args)
-        finally:
-            crckd.__dict__["_graphs"] = graphs
-            for b, (current, valid, requested) in zip(banks, host):
-                b._sums_of = (b.memory, b.memory._version) if current else None
-                b._sums_valid, b._requested_kinds = valid, requested
-
-    module.forward = new_fwd
-    return module
+        if isinstance(static, torch.Tensor):
+            static.copy_(fresh)
+        else:
+            for s, f in zip(static, fresh):
+                s.copy_(f)
 
 
-def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let ``capture_cuda_graphs`` run on a CPU, through :func:`stand_in`."""
+class HostGraphs:
+    """Warm-up, capture and replay of one ``capture_cuda_graphs`` call, on the host."""
+
+    #: Replays of captured functions, over every instance (forward and backward counted).
+    replays = 0
+
+    def __init__(self, crckd):
+        self.crckd = crckd
+
+    def warm_up(self, fn, times):
+        for _ in range(times):
+            fn()
+
+    def capture(self, fn):
+        crckd = self.crckd
+        tensors = list(crckd.buffers())
+        before = [t.clone() for t in tensors]
+        result = fn()
+        current = [b._class_sums_current() for b in _banks(crckd)]
+        with torch.no_grad():  # a capture launches nothing: the values stay as they were
+            for t, b in zip(tensors, before):
+                t.copy_(b)
+        for bank, was in zip(_banks(crckd), current):
+            if was:  # the version counters move as the Python sees the writes
+                bank._sums_of = (bank.memory, bank.memory._version)
+
+        def replay():
+            # No Python runs in a replay: the bookkeeping is put back, with the version
+            # counters read as unchanged. The graphs are set aside while the work runs, or
+            # the module would replay them from inside.
+            host = [(b._class_sums_current(), set(b._sums_valid), set(b._requested_kinds))
+                    for b in _banks(crckd)]
+            graphs = crckd.__dict__.pop("_graphs", None)
+            try:
+                # a replay runs the captured work whatever the grad mode of its caller (an
+                # autograd Function's forward and backward run without grad)
+                with torch.enable_grad():
+                    fresh = fn()
+            finally:
+                if graphs is not None:
+                    crckd.__dict__["_graphs"] = graphs
+                for b, (was, valid, requested) in zip(_banks(crckd), host):
+                    b._sums_of = (b.memory, b.memory._version) if was else None
+                    b._sums_valid, b._requested_kinds = valid, requested
+            _copy_into(result, fresh)
+            HostGraphs.replays += 1
+
+        return replay, result
+
+
+def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch, graphs=HostGraphs) -> None:
+    """Let ``capture_cuda_graphs`` run on a CPU, through ``graphs``."""
     monkeypatch.setattr(_graphs, "_DEVICE_TYPE", "cpu")
-    monkeypatch.setattr(_graphs, "make_graphed_callables", stand_in)
+    monkeypatch.setattr(_graphs, "make_graphs", graphs)
+    HostGraphs.replays = 0

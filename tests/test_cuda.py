@@ -273,7 +273,8 @@ def test_capture_cuda_graphs_matches_eager(fused):
     """CRCKDLoss.capture_cuda_graphs on a GPU: after the capture the state is as before;
     training steps replay the graphs (a partial batch runs eagerly in between, uncompiled)
     and match the same steps on an eager twin (losses, input gradients, banks, centroids,
-    head gradients); a replayed step, forward and backward, needs no host sync."""
+    head gradients; outputs and gradients kept from one replay keep their values after the
+    next); a replayed step, forward and backward, needs no host sync."""
     path = "triton" if fused == "triton" else "auto"
     fused = "auto" if fused == "triton" else fused
     graphed, eager = _trained_once(fused, path), _trained_once(fused, path)
@@ -282,6 +283,7 @@ def test_capture_cuda_graphs_matches_eager(fused):
     torch.testing.assert_close(graphed.student_bank.memory, before, rtol=0, atol=0)
     # the partial batch only where nothing compiles (a new size compiles the step again)
     sizes = [64, 64, 40, 64, 64] if fused is False else [64, 64, 64, 64]
+    kept = []
     for i, size in enumerate(sizes):
         got = []
         for module in (graphed, eager):
@@ -297,10 +299,15 @@ def test_capture_cuda_graphs_matches_eager(fused):
                 out.loss.backward()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-            got.append((out.loss.detach().clone(), out.crp.detach().clone(), f_s.grad))
+            got.append((out.loss.detach(), out.crp.detach(), f_s.grad))
         for a, b in zip(*got):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        kept.append(got)
     assert graphed.cuda_graph_replays == 4
+    # outputs and input gradients kept from earlier replays were not overwritten by later ones
+    for g, e in kept:
+        for a, b in zip(g, e):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for name in ("student_bank", "teacher_bank"):
         torch.testing.assert_close(getattr(graphed, name).memory,
                                    getattr(eager, name).memory, rtol=1e-5, atol=1e-6)

@@ -1,13 +1,13 @@
-"""CRCKDLoss.capture_cuda_graphs: the host-side bookkeeping, on a CPU.
+"""CRCKDLoss.capture_cuda_graphs, on a CPU.
 
-``torch.cuda.make_graphed_callables`` needs a GPU. Here a stand-in does on the host what it
-does there: its warm-up calls (forward and ``torch.autograd.grad``) run for real and write
-the banks; the capture pass runs the step's Python (versions, caches, bookkeeping) without
-changing any tensor, since a capture launches nothing; and "replays" run the original
-forward. What is checked is what the library adds: the state and the random stream put back
-after the warm-ups, every later step equal to an eager twin's, the calls that must not
-replay running eagerly, the errors, and the release on load or move. The real capture and
-replay on a GPU are in ``tests/test_cuda.py``.
+CUDA graphs need a GPU. Here a host-side stand-in (``tests/_graph_stand_in.py``) takes the
+place of the graph objects only: the warm-up calls run for real and write the banks; a
+capture runs the Python without changing any tensor; a replay recomputes the captured work
+from the static inputs into the static outputs and runs no Python. Everything else is the
+library's own code: the state and the random stream put back, the copies in and out of
+the static tensors, gradients in memory of their own, the check that a backward reads its
+own forward's activations, the calls that run eagerly, the errors, the release on load or
+move. The real capture and replay on a GPU are in ``tests/test_cuda.py``.
 """
 
 import copy
@@ -15,9 +15,9 @@ import copy
 import _graph_stand_in
 import pytest
 import torch
-from _graph_stand_in import stand_in
+from _graph_stand_in import HostGraphs
 
-from crckd_losses import CRCKDLoss, _graphs
+from crckd_losses import CRCKDLoss
 
 
 @pytest.fixture
@@ -107,7 +107,8 @@ def test_graphed_steps_match_an_eager_twin(graphs_on_cpu, normalizer):
                 module.eval()
                 module(*batch(51))
                 module.train()
-    assert crckd.cuda_graph_replays == stand_in.replayed == 4
+    assert crckd.cuda_graph_replays == 4
+    assert HostGraphs.replays == 8  # a forward and a backward each
     for a, b in zip(crckd.parameters(), twin.parameters()):
         assert torch.equal(a.grad, b.grad)
     assert_same_state(crckd, twin)
@@ -180,29 +181,80 @@ def test_loading_or_moving_releases_the_graphs(graphs_on_cpu, how):
     assert "_graphs" not in crckd.__dict__
     if how == "load_state_dict":
         crckd(*batch(1)).loss.backward()
-    assert crckd.cuda_graph_replays == 0 and stand_in.replayed == 0
+    assert crckd.cuda_graph_replays == 0 and HostGraphs.replays == 0
 
 
 def test_a_failed_capture_loses_nothing(monkeypatch):
     """A capture that fails after its warm-up calls (a capture error on the device) leaves
     the state as it was, raises, and the module trains on eagerly, as its twin does."""
-    _graph_stand_in.graphs_on_cpu(monkeypatch)
 
-    def fails(module, sample, num_warmup_iters):
-        stand_in(module, sample, num_warmup_iters)  # the warm-ups wrote the banks
-        raise RuntimeError("operation not permitted when stream is capturing")
+    class Fails(HostGraphs):
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(_graphs, "make_graphed_callables", fails)
+    _graph_stand_in.graphs_on_cpu(monkeypatch, Fails)
     crckd, twin = trained_once(), trained_once()
     with pytest.raises(RuntimeError, match="stream is capturing"):
         crckd.capture_cuda_graphs(6)
-    assert "_graphs" not in crckd.__dict__ and "forward" not in crckd.__dict__
+    assert "_graphs" not in crckd.__dict__
     assert_same_state(crckd, twin)
     for module in (crckd, twin):
         torch.manual_seed(7)
         module.out = module(*batch(3))
     assert torch.equal(crckd.out.loss, twin.out.loss)
     assert_same_state(crckd, twin)
+
+
+def test_gradients_accumulate_over_replays(graphs_on_cpu):
+    """Two micro-batches, a backward after each, one optimiser step: the heads' gradients
+    are the sum of both, as eagerly. (A parameter's ``.grad`` that aliased the graph's static
+    gradient would hold the second micro-batch's twice.) Outputs kept from the first call
+    keep their values after the second replays."""
+    crckd, twin = trained_once(), trained_once()
+    crckd.capture_cuda_graphs(6)
+    for module in (crckd, twin):
+        module.zero_grad(set_to_none=True)
+        module.kept = []
+        for i in range(2):
+            torch.manual_seed(20 + i)
+            out = module(*batch(10 + i))
+            out.loss.backward()
+            module.kept.append(out.loss.detach())
+        module.kept_values = [float(v) for v in module.kept]
+    assert crckd.cuda_graph_replays == 2
+    assert crckd.kept_values[0] != crckd.kept_values[1]
+    assert crckd.kept_values == twin.kept_values
+    for a, b in zip(crckd.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_a_backward_after_the_next_replay_raises(graphs_on_cpu):
+    """The backward of a replayed call reads the activations its forward left in the graph;
+    after the next call has replayed, they are that call's: the late backward raises instead
+    of returning another step's gradients. Each call's own backward still works."""
+    crckd = trained_once()
+    crckd.capture_cuda_graphs(6)
+    first = crckd(*batch(1))
+    second = crckd(*batch(2))
+    with pytest.raises(RuntimeError, match="before the next call replays"):
+        first.loss.backward()
+    second.loss.backward()
+    assert crckd.student_head.linear.weight.grad is not None
+
+
+def test_frozen_head_gets_no_gradient(graphs_on_cpu):
+    """A head whose parameters do not require a gradient stays without one, graphed too."""
+    crckd, twin = trained_once(), trained_once()
+    for module in (crckd, twin):
+        module.teacher_head.requires_grad_(False)
+        module.zero_grad(set_to_none=True)
+    crckd.capture_cuda_graphs(6)
+    for module in (crckd, twin):
+        torch.manual_seed(4)
+        module(*batch(4)).loss.backward()
+    assert crckd.teacher_head.linear.weight.grad is None
+    assert torch.equal(crckd.student_head.linear.weight.grad,
+                       twin.student_head.linear.weight.grad)
 
 
 def test_capture_reads_no_value_whatever_the_mode(graphs_on_cpu):

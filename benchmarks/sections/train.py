@@ -360,7 +360,7 @@ class Train(Section):
             md[-1] += f" CUDA-graph capture failed: `{s['graph_error']}`."
         if "loss_graphed_over_mt" in s:
             md[-1] += (f" {LOSS_GRAPHED_ROW} (the model, the optimiser and the teacher eager, "
-                       f"`CRCKDLoss` alone through `torch.cuda.make_graphed_callables`) over "
+                       f"`CRCKDLoss` alone replayed, `CRCKDLoss.capture_cuda_graphs`) over "
                        f"MT: {100 * s['loss_graphed_over_mt']:.1f} % (relative loss "
                        f"difference against eager {s['loss_graphed_rel_diff']:.1e}).")
         md.append("")
