@@ -233,6 +233,19 @@ def test_ops_section_counts_a_small_crckd_step_and_an_ema_update() -> None:
     assert "## Operator counts" in "\n".join(ops.SECTION.markdown(result, {}, "x"))
 
 
+def test_ops_step_can_be_graphed(monkeypatch) -> None:
+    """The step the GPU kernel table captures for its ``auto, loss graphed`` row (there on a
+    GPU after three eager steps; here through the host-side stand-in of the graphs)."""
+    import _graph_stand_in
+
+    _graph_stand_in.graphs_on_cpu(monkeypatch)
+    step = ops.crckd_step(dict(common.PAPER, B=8, K=64, N=300), copy_on_write="snapshot")
+    step()
+    step.loss_fn.capture_cuda_graphs(8)
+    step()
+    assert step.loss_fn.cuda_graph_replays == 1
+
+
 def test_gpu_kernel_table_names_where_the_time_goes() -> None:
     """The profiler's kernels of two steps, summarised per step: the count, the summed time,
     and the most expensive kernels by summed time (not by launches); the markdown lists them

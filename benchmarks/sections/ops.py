@@ -37,6 +37,8 @@ from .common import (
 
 #: The GPU kernel count's key for the step with ``path="triton"``.
 TRITON_KERNELS = 'path="triton"'
+#: The row of the GPU kernel table whose step replays ``capture_cuda_graphs``' graphs.
+LOSS_GRAPHED = "auto, loss graphed"
 #: The value-check policies counted; the targets hold under ``"mask"``.
 POLICIES = ("auto", "mask")
 #: Calls before the counted one.
@@ -64,17 +66,19 @@ def _summary(counts: dict[str, int]) -> dict[str, Any]:
 
 
 def crckd_step(p: dict[str, Any], seed: int = 0, device: torch.device | None = None,
-               fused: bool | Literal["auto"] = "auto", path: str = "auto"
-               ) -> Callable[[], None]:
+               fused: bool | Literal["auto"] = "auto", path: str = "auto",
+               copy_on_write: bool | Literal["snapshot"] = True) -> Callable[[], None]:
     """One default ``CRCKDLoss`` step (forward and ``loss.backward()``) at sizes ``p`` (with
-    CCD's score ``path``); every call takes the next batch of a fixed random order."""
+    CCD's score ``path``); every call takes the next batch of a fixed random order. The
+    module is the returned function's ``loss_fn``."""
     device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
     labels = torch.cat([torch.arange(p["C"]),
                         torch.randint(0, p["C"], (p["N"] - p["C"],), generator=g)])
     loss_fn = CRCKDLoss(labels, p["d"], p["d"], embed_dim=p["d"], num_positives=p["P"],
                         num_negatives=p["K"], temperature=p["tau"], fused=fused,
-                        path=path).to(device)  # type: ignore[arg-type]
+                        path=path, copy_on_write=copy_on_write,  # type: ignore[arg-type]
+                        ).to(device)
     order = torch.randperm(p["N"], generator=g).to(device)
     student = torch.randn(p["B"], p["d"], generator=g).to(device).requires_grad_()
     teacher = torch.randn(p["B"], p["d"], generator=g).to(device)
@@ -93,6 +97,7 @@ def crckd_step(p: dict[str, Any], seed: int = 0, device: torch.device | None = N
             q.grad = None
         step()
 
+    fresh_step.loss_fn = loss_fn  # type: ignore[attr-defined]
     return fresh_step
 
 
@@ -172,24 +177,34 @@ def run_ops(bench: Bench) -> dict[str, Any]:
             ("False", False, "auto"), ("auto", "auto", "auto")]
         if triton_row(bench.device):
             variants.append((TRITON_KERNELS, "auto", "triton"))
+        variants.append((LOSS_GRAPHED, "auto", "graphed"))
         for key, fused, path in variants:
             try:
-                out["gpu_kernels"][key] = count_kernels(p, bench.device, fused, path=path)
+                out["gpu_kernels"][key] = count_kernels(
+                    p, bench.device, fused, path="auto" if path == "graphed" else path,
+                    graphed=path == "graphed")
             except Exception as exc:  # noqa: BLE001 - recorded in the results, not hidden
                 bench.skipped.append(f"ops: GPU kernel count, {key}: {exc!r}")
     return out
 
 
 def count_kernels(p: dict[str, Any], device: torch.device,
-                  fused: bool | Literal["auto"], calls: int = 5, path: str = "auto"
-                  ) -> dict[str, float]:
+                  fused: bool | Literal["auto"], calls: int = 5, path: str = "auto",
+                  graphed: bool = False) -> dict[str, float]:
     """GPU kernels (and copies and fills) one default ``CRCKDLoss`` step launches, and their
     summed GPU time, from ``torch.profiler`` over ``calls`` steps after three warm-up steps
-    (which compile on the fused path); the profiler sees Triton's kernels too."""
+    (which compile on the fused path); the profiler sees Triton's kernels too. ``graphed``
+    captures the step (``capture_cuda_graphs``) after the warm-up steps: the kernels are
+    then those the profiler reports inside the replayed graphs and around them, and the
+    host's side shows what replaying costs."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = crckd_step(p, device=device, fused=fused, path=path)
+    step = crckd_step(p, device=device, fused=fused, path=path,
+                      copy_on_write="snapshot" if graphed else True)
     for _ in range(3):
+        step()
+    if graphed:
+        step.loss_fn.capture_cuda_graphs(p["B"])  # type: ignore[attr-defined]
         step()
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -305,8 +320,10 @@ class Ops(Section):
         if result.get("gpu_kernels"):
             md += ["", "GPU kernels (with copies and fills) one default `CRCKDLoss` step "
                    "launches on this device, counted with `torch.profiler`, and their summed "
-                   "GPU time (`fused` the setting; the last row, where present, is "
-                   "`path=\"triton\"`, whose step runs eagerly):", "",
+                   "GPU time (`fused` the setting; `path=\"triton\"`, where present, runs "
+                   "its step eagerly; `auto, loss graphed` replays the step from the graphs "
+                   "of `capture_cuda_graphs`, its kernels counted as the profiler reports "
+                   "them inside the graphs, its launches being fewer):", "",
                    "| fused | kernels per step | GPU time per step (us) |", "|---|---:|---:|"]
             for fused, k in result["gpu_kernels"].items():
                 md.append(f"| {fused} | {k['kernels']:.0f} | {k['gpu_us']:.0f} |")
