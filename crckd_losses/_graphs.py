@@ -85,8 +85,11 @@ class Captured:
         self.replay_forward = replay_forward
         self.replay_backward = replay_backward
         self.trainable = trainable  # per parameter of the module: whether it has a gradient
-        self.sizes = [g.numel() for g in grads]
-        self.one_dtype = len({g.dtype for g in grads}) == 1
+        # the gradients by dtype: each group leaves the graph in one concatenation
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, g in enumerate(grads):
+            by_dtype.setdefault(g.dtype, []).append(i)
+        self.groups = list(by_dtype.values())
         self.generation = 0  # forward replays so far: the activations are the last one's
 
 
@@ -120,11 +123,12 @@ class _Replayed(torch.autograd.Function):
                 "call")
         step.grad_output.copy_(grad)
         step.replay_backward()
-        if step.one_dtype:
-            fresh = list(torch.split(torch.cat([g.reshape(-1) for g in step.grads]), step.sizes))
-        else:
-            fresh = [g.reshape(-1).clone() for g in step.grads]
-        grads = [f.view(g.shape) for f, g in zip(fresh, step.grads)]
+        grads: list[torch.Tensor] = list(step.grads)
+        for group in step.groups:
+            flat = torch.cat([step.grads[i].reshape(-1) for i in group])
+            pieces = torch.split(flat, [step.grads[i].numel() for i in group])
+            for i, piece in zip(group, pieces):
+                grads[i] = piece.view(step.grads[i].shape)
         out: list[torch.Tensor | None] = [None, grads[0].view(ctx.shape), None, None]
         rest = iter(grads[1:])
         out += [next(rest) if has_grad else None for has_grad in step.trainable]
@@ -143,6 +147,7 @@ class Graphs(NamedTuple):
         keep: tensors made outside the capture that the graphs read by address (the banks'
             snapshots, CCD's cached bias): held here so that they are never freed under them.
         replays: ``[count]``, the calls that replayed (a list, to count in place).
+        warned: the reason a call did not fit, once one has been warned about.
     """
 
     step: Captured
@@ -152,6 +157,7 @@ class Graphs(NamedTuple):
     kinds: tuple[frozenset[int], ...]
     keep: tuple[Any, ...]
     replays: list[int]
+    warned: list[str]
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -202,10 +208,10 @@ def _check_capturable(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) 
                          "of the module requires a gradient")
 
 
-def _capture_step(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> Captured:
+def _capture_step(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
+                  dtype: torch.dtype) -> Captured:
     """Warm-up calls and the two captures, on made-up inputs (state not restored here)."""
     device = crckd.student_bank.memory.device
-    dtype = crckd.student_head.linear.weight.dtype
     sample = (
         torch.randn(batch_size, crckd.student_head.linear.in_features, device=device,
                     dtype=dtype, requires_grad=True),
@@ -239,11 +245,16 @@ def _capture_step(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> C
                     tuple(p.requires_grad for p in params))
 
 
-def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> Graphs:
-    """Capture ``crckd``'s training step for batches of ``batch_size``; the state it trains is
-    left as it was, whether or not the capture succeeds. See
-    :meth:`~crckd_losses.CRCKDLoss.capture_cuda_graphs`."""
+def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
+            dtype: torch.dtype | None = None) -> Graphs:
+    """Capture ``crckd``'s training step for batches of ``batch_size`` features of ``dtype``
+    (default: the heads'); the state it trains is left as it was, whether or not the capture
+    succeeds. See :meth:`~crckd_losses.CRCKDLoss.capture_cuda_graphs`."""
     _check_capturable(crckd, batch_size, num_warmup_iters)
+    if dtype is None:
+        dtype = crckd.student_head.linear.weight.dtype
+    elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     banks = (crckd.student_bank, crckd.teacher_bank)
     device = banks[0].memory.device
     with torch.no_grad():
@@ -262,7 +273,7 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> Graphs:
         # goes back to where it was, so a graphed run draws what an eager run from the same
         # seed would.
         with _no_value_reads(), torch.random.fork_rng(devices=rng_devices):
-            step = _capture_step(crckd, batch_size, num_warmup_iters)
+            step = _capture_step(crckd, batch_size, num_warmup_iters, dtype)
         # What the captured step keeps current: the sums that were current when it was
         # captured (a compiled step reduces the whole bank and keeps none).
         kinds = tuple(frozenset(bank._sums_valid if bank._class_sums_current() else ())
@@ -278,17 +289,26 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> Graphs:
             bank._sums_valid = set(kind)
     keep = (tuple(bank.__dict__.get("_snapshot") for bank in banks),
             crckd.ccd.__dict__.get("_cached_bias"))
-    return Graphs(step, batch_size, crckd.student_head.linear.weight.dtype,
-                  _autocast_dtype(device), kinds, keep, [0])
+    return Graphs(step, batch_size, dtype, _autocast_dtype(device), kinds, keep, [0], [])
 
 
-def fits(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
-         teacher_feat: torch.Tensor) -> bool:
-    """Whether this (checked) call is one the graphs were captured for."""
-    return (crckd.training and student_feat.shape[0] == graphs.batch
-            and student_feat.dtype == graphs.dtype and teacher_feat.dtype == graphs.dtype
-            and _autocast_dtype(student_feat.device) == graphs.autocast
-            and tuple(p.requires_grad for p in crckd.parameters()) == graphs.step.trainable)
+def mismatch(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
+             teacher_feat: torch.Tensor) -> str | None:
+    """Why this (checked) training call cannot replay the graphs: ``None`` where it can,
+    ``""`` for another batch size (the last partial batch of an epoch, expected), otherwise
+    the reason, to warn about."""
+    if student_feat.shape[0] != graphs.batch:
+        return ""
+    if student_feat.dtype != graphs.dtype or teacher_feat.dtype != graphs.dtype:
+        return (f"features of dtype {student_feat.dtype} and {teacher_feat.dtype}, captured "
+                f"for {graphs.dtype}: pass capture_cuda_graphs(dtype=...)")
+    autocast = _autocast_dtype(student_feat.device)
+    if autocast != graphs.autocast:
+        return (f"autocast {'off' if autocast is None else autocast} where the capture ran "
+                f"under {'none' if graphs.autocast is None else graphs.autocast}")
+    if tuple(p.requires_grad for p in crckd.parameters()) != graphs.step.trainable:
+        return "other parameters require gradients than at the capture"
+    return None
 
 
 def replay(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,

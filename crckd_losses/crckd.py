@@ -19,6 +19,7 @@ from ._checks import (
     check_same_device,
     check_unit_interval,
     reduce,
+    warn_at_caller,
 )
 from ._fused import Fused
 from .contrastive import ClassGuidedContrastiveLoss, Normalizer
@@ -217,9 +218,16 @@ class CRCKDLoss(nn.Module):
         check_range("indices", indices, self.student_bank.size)
         indices = indices.long()
         graphs: _graphs.Graphs | None = self.__dict__.get("_graphs")
-        if graphs is not None and sample_indices is None and generator is None and \
-                _graphs.fits(graphs, self, student_feat, teacher_feat):
-            return _graphs.replay(graphs, self, student_feat, teacher_feat, indices)
+        if graphs is not None and self.training and sample_indices is None and \
+                generator is None:
+            why_not = _graphs.mismatch(graphs, self, student_feat, teacher_feat)
+            if why_not is None:
+                return _graphs.replay(graphs, self, student_feat, teacher_feat, indices)
+            if why_not and not graphs.warned:
+                graphs.warned.append(why_not)
+                warn_at_caller(f"this call does not fit the CUDA graphs of "
+                               f"capture_cuda_graphs() ({why_not}); it runs eagerly, as will "
+                               f"any such call (warned once)")
         rows = self.student_bank._readable(indices)
         ccd = self.ccd
         if sample_indices is None:
@@ -235,7 +243,8 @@ class CRCKDLoss(nn.Module):
                                       sample_indices)
         return out
 
-    def capture_cuda_graphs(self, batch_size: int, num_warmup_iters: int = 3) -> None:
+    def capture_cuda_graphs(self, batch_size: int, num_warmup_iters: int = 3,
+                            dtype: torch.dtype | None = None) -> None:
         """Run the training step, forward and backward, as two CUDA graphs from now on.
 
         An eager step launches each of its kernels from Python; on a GPU that launching, not
@@ -260,9 +269,9 @@ class CRCKDLoss(nn.Module):
           :func:`~crckd_losses.set_value_checks` reads them; on a GPU it reads none by
           default, and the banks refuse bad rows on the device as in an eager step);
         - a call the graphs were not captured for runs eagerly, on the same banks: another
-          batch size (the last partial batch of an epoch) or dtype, another autocast state,
-          other parameters requiring gradients, eval mode, ``sample_indices`` or a
-          ``generator`` given.
+          batch size (the last partial batch of an epoch), eval mode, ``sample_indices`` or a
+          ``generator`` given; and, with a warning the first time, features of another
+          dtype, another autocast state, or other parameters requiring gradients.
 
         Needs: the module on a CUDA device, in training mode, built with
         ``copy_on_write="snapshot"`` (banks written in place: the graphs hold their
@@ -277,12 +286,14 @@ class CRCKDLoss(nn.Module):
             batch_size: ``B`` of the calls to replay.
             num_warmup_iters: eager calls before the capture, on made-up features (compiling
                 with ``fused`` happens there).
+            dtype: the dtype of the features the calls pass; by default the heads'. Under
+                autocast a backbone's features are often of the autocast dtype: pass it.
 
         Raises:
             ValueError: where one of the needs above is not met.
             RuntimeError: on a second call.
         """
-        self.__dict__["_graphs"] = _graphs.capture(self, batch_size, num_warmup_iters)
+        self.__dict__["_graphs"] = _graphs.capture(self, batch_size, num_warmup_iters, dtype)
 
     @property
     def cuda_graph_replays(self) -> int:

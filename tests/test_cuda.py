@@ -315,3 +315,27 @@ def test_capture_cuda_graphs_matches_eager(fused):
                                    getattr(eager, name).centroids(), rtol=1e-5, atol=1e-6)
     for a, b in zip(graphed.parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_cuda_graphs_under_autocast():
+    """Captured under bfloat16 autocast for bfloat16 features (as a backbone under autocast
+    gives them): the replayed steps match the eager twin's under the same autocast."""
+    graphed, eager = _trained_once(False), _trained_once(False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    with autocast:
+        graphed.capture_cuda_graphs(64, dtype=torch.bfloat16)
+        for i in range(3):
+            got = []
+            for module in (graphed, eager):
+                g = torch.Generator(device="cuda").manual_seed(40 + i)
+                f_s = torch.randn(64, 128, device="cuda", generator=g).bfloat16()
+                f_s.requires_grad_()
+                f_t = torch.randn(64, 128, device="cuda", generator=g).bfloat16()
+                idx = torch.randperm(7012, device="cuda", generator=g)[:64]
+                torch.cuda.manual_seed(200 + i)
+                out = module(f_s, f_t, idx)
+                out.loss.backward()
+                got.append((out.loss.detach(), f_s.grad))
+            for a, b in zip(*got):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert graphed.cuda_graph_replays == 3

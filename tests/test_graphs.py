@@ -11,6 +11,7 @@ move. The real capture and replay on a GPU are in ``tests/test_cuda.py``.
 """
 
 import copy
+import warnings
 
 import _graph_stand_in
 import pytest
@@ -287,3 +288,46 @@ def test_capture_reads_no_value_whatever_the_mode(graphs_on_cpu):
     finally:
         set_value_checks("auto")
     assert crckd.cuda_graph_replays == 0
+
+
+def test_features_of_the_autocast_dtype(graphs_on_cpu):
+    """Under autocast a backbone's features are often of the autocast dtype: captured for
+    them (dtype=...), calls replay and match an eager twin's; captured for the heads' dtype,
+    such calls warn once and run eagerly."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    crckd, twin, plain = trained_once(), trained_once(), trained_once()
+    with autocast:
+        crckd.capture_cuda_graphs(6, dtype=torch.bfloat16)
+        plain.capture_cuda_graphs(6)
+        for i in range(2):
+            for module in (crckd, twin, plain):
+                torch.manual_seed(30 + i)
+                f_s, f_t, idx = batch(30 + i)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    module.out = module(f_s.bfloat16(), f_t.bfloat16(), idx)
+                module.caught = [str(w.message) for w in caught]
+            assert torch.equal(crckd.out.loss, twin.out.loss)
+            assert torch.equal(plain.out.loss, twin.out.loss)
+            assert crckd.caught == []
+            assert len(plain.caught) == (1 if i == 0 else 0)
+    assert "dtype torch.bfloat16" in plain.__dict__["_graphs"].warned[0]
+    assert crckd.cuda_graph_replays == 2 and plain.cuda_graph_replays == 0
+    with pytest.raises(TypeError, match="floating-point torch.dtype"):
+        trained_once().capture_cuda_graphs(6, dtype=torch.int64)
+
+
+def test_other_trainable_parameters_run_eagerly(graphs_on_cpu):
+    """The backward graph computes the gradients of the parameters that required one at the
+    capture: after freezing a head, calls warn once and run eagerly (no gradient for it)."""
+    crckd = trained_once()
+    crckd.capture_cuda_graphs(6)
+    crckd.teacher_head.requires_grad_(False)
+    crckd.zero_grad(set_to_none=True)
+    with pytest.warns(UserWarning, match="other parameters require gradients"):
+        crckd(*batch(5)).loss.backward()
+    assert crckd.teacher_head.linear.weight.grad is None
+    assert crckd.cuda_graph_replays == 0
+    crckd.teacher_head.requires_grad_(True)
+    crckd(*batch(6)).loss.backward()
+    assert crckd.cuda_graph_replays == 1
