@@ -219,7 +219,7 @@ class CRCKDLoss(nn.Module):
         indices = indices.long()
         graphs: _graphs.Graphs | None = self.__dict__.get("_graphs")
         if graphs is not None and self.training and sample_indices is None and \
-                generator is None:
+                generator is None and not torch.compiler.is_compiling():
             why_not = _graphs.mismatch(graphs, self, student_feat, teacher_feat)
             if why_not is None:
                 return _graphs.replay(graphs, self, student_feat, teacher_feat, indices)
