@@ -331,3 +331,45 @@ def test_other_trainable_parameters_run_eagerly(graphs_on_cpu):
     crckd.teacher_head.requires_grad_(True)
     crckd(*batch(6)).loss.backward()
     assert crckd.cuda_graph_replays == 1
+
+
+def test_what_a_replayed_step_runs_besides_its_graphs(graphs_on_cpu):
+    """Around its two replays, a graphed step runs only its copies: the three inputs in and
+    the stacked outputs out; in backward, the select's gradient, one copy in and one
+    concatenation out (no zero gradient for the outputs a loop only logs, and no copy per
+    parameter). Counted with the replays themselves switched off, under the value-check
+    policy of a GPU ("mask": no value read)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from crckd_losses import set_value_checks
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    crckd = trained_once()
+    crckd.capture_cuda_graphs(6)
+    step = crckd.__dict__["_graphs"].step
+    step.replay_forward = step.replay_backward = lambda: None
+    f_s, f_t, idx = batch(8)
+    crckd.zero_grad(set_to_none=True)  # as a loop does: backward then sets new gradients
+    set_value_checks("mask")
+    try:
+        with Ops() as forward:
+            out = crckd(f_s, f_t, idx)
+        with Ops() as backward:
+            out.loss.backward()
+    finally:
+        set_value_checks("auto")
+    assert crckd.cuda_graph_replays == 1
+    assert sorted(forward.names) == ["clone.default", "copy_.default", "copy_.default",
+                                     "copy_.default"]
+    assert sorted(backward.names) == ["cat.default", "copy_.default", "ones_like.default",
+                                      "select_backward.default"]
+    assert f_s.grad is not None and crckd.student_head.linear.weight.grad is not None
