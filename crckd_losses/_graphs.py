@@ -12,7 +12,7 @@ does not do for this module:
   (a loop that keeps ``out.loss`` past the next call keeps its value), and read back by
   ``select``, whose backward, unlike five separate outputs', materialises no zero gradient
   for the outputs a loop only logs;
-- the gradients leave the graph in memory of their own (one concatenation), so a
+- the gradients leave the graph in memory of their own (one concatenation per dtype), so a
   parameter's ``.grad`` never aliases the graph's static gradient, which the next replay
   overwrites (with a graphed callable's gradients, accumulating over two micro-batches
   counts the second one twice);
@@ -108,7 +108,6 @@ class _Replayed(torch.autograd.Function):
         step.replay_forward()
         step.generation += 1
         ctx.step, ctx.generation = step, step.generation
-        ctx.shape = student_feat.shape
         return step.output.clone()
 
     @staticmethod
@@ -129,7 +128,7 @@ class _Replayed(torch.autograd.Function):
             pieces = torch.split(flat, [step.grads[i].numel() for i in group])
             for i, piece in zip(group, pieces):
                 grads[i] = piece.view(step.grads[i].shape)
-        out: list[torch.Tensor | None] = [None, grads[0].view(ctx.shape), None, None]
+        out: list[torch.Tensor | None] = [None, grads[0], None, None]
         rest = iter(grads[1:])
         out += [next(rest) if has_grad else None for has_grad in step.trainable]
         return tuple(out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -304,8 +303,8 @@ class CRCKDLoss(nn.Module):
 
     def _release_graphs(self, why: str) -> None:
         if self.__dict__.pop("_graphs", None) is not None:
-            warnings.warn(f"{why} released the CUDA graphs of capture_cuda_graphs(); call it "
-                          "again to replay", stacklevel=4)
+            warn_at_caller(f"{why} released the CUDA graphs of capture_cuda_graphs(); call it "
+                           "again to replay")
 
     def _apply(self, fn: Any, recurse: bool = True) -> CRCKDLoss:
         self._release_graphs("moving or casting the module")
