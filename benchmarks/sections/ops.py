@@ -173,16 +173,16 @@ def run_ops(bench: Bench) -> dict[str, Any]:
         out["ema_update"][buffers] = count_ema(buffers)
     if bench.device.type == "cuda":
         out["gpu_kernels"] = {}
-        variants: list[tuple[str, bool | Literal["auto"], str]] = [
-            ("False", False, "auto"), ("auto", "auto", "auto")]
+        # (row, fused, CCD path, whether the step replays capture_cuda_graphs' graphs)
+        variants: list[tuple[str, bool | Literal["auto"], str, bool]] = [
+            ("False", False, "auto", False), ("auto", "auto", "auto", False)]
         if triton_row(bench.device):
-            variants.append((TRITON_KERNELS, "auto", "triton"))
-        variants.append((LOSS_GRAPHED, "auto", "graphed"))
-        for key, fused, path in variants:
+            variants.append((TRITON_KERNELS, "auto", "triton", False))
+        variants.append((LOSS_GRAPHED, "auto", "auto", True))
+        for key, fused, path, graphed in variants:
             try:
-                out["gpu_kernels"][key] = count_kernels(
-                    p, bench.device, fused, path="auto" if path == "graphed" else path,
-                    graphed=path == "graphed")
+                out["gpu_kernels"][key] = count_kernels(p, bench.device, fused, path=path,
+                                                        graphed=graphed)
             except Exception as exc:  # noqa: BLE001 - recorded in the results, not hidden
                 bench.skipped.append(f"ops: GPU kernel count, {key}: {exc!r}")
     return out
