@@ -36,7 +36,7 @@ from . import distributed
 from ._checks import check_positive_int, set_value_checks, value_checks
 
 if TYPE_CHECKING:
-    from .crckd import CRCKDLoss, CRCKDOutput
+    from .crckd import CRCKDLoss
 
 #: The device type the graphs need (the tests set ``"cpu"`` with their stand-in).
 _DEVICE_TYPE = "cuda"
@@ -77,14 +77,15 @@ class Captured:
     def __init__(self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
                  grad_output: torch.Tensor, grads: tuple[torch.Tensor, ...],
                  replay_forward: Callable[[], None], replay_backward: Callable[[], None],
-                 trainable: tuple[bool, ...]) -> None:
+                 params: tuple[torch.Tensor, ...]) -> None:
         self.inputs = inputs
         self.output = output
         self.grad_output = grad_output
         self.grads = grads  # student_feat's, then each trainable parameter's
         self.replay_forward = replay_forward
         self.replay_backward = replay_backward
-        self.trainable = trainable  # per parameter of the module: whether it has a gradient
+        self.params = params  # the module's parameters, whose addresses the graphs read
+        self.trainable = tuple(p.requires_grad for p in params)  # which have a gradient
         # the gradients by dtype: each group leaves the graph in one concatenation
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, g in enumerate(grads):
@@ -241,7 +242,7 @@ def _capture_step(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
     replay_backward, grads = graphs.capture(
         lambda: torch.autograd.grad(latest[0], surface, grad_output))
     return Captured(sample, output, grad_output, tuple(grads), replay_forward, replay_backward,
-                    tuple(p.requires_grad for p in params))
+                    tuple(params))
 
 
 def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
@@ -305,21 +306,18 @@ def mismatch(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
     if autocast != graphs.autocast:
         return (f"autocast {'off' if autocast is None else autocast} where the capture ran "
                 f"under {'none' if graphs.autocast is None else graphs.autocast}")
-    if tuple(p.requires_grad for p in crckd.parameters()) != graphs.step.trainable:
+    if tuple(p.requires_grad for p in graphs.step.params) != graphs.step.trainable:
         return "other parameters require gradients than at the capture"
     return None
 
 
 def replay(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
-           teacher_feat: torch.Tensor, indices: torch.Tensor) -> CRCKDOutput:
-    """One graphed step; the banks' host-side bookkeeping then says what it kept current."""
-    from .crckd import CRCKDOutput
-
-    packed = _Replayed.apply(graphs.step, student_feat, teacher_feat.detach(), indices,
-                             *crckd.parameters())
+           teacher_feat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """One graphed step: its outputs stacked (``[5]``, in :class:`CRCKDOutput`'s order); the
+    banks' host-side bookkeeping then says what it kept current."""
+    packed: torch.Tensor = _Replayed.apply(graphs.step, student_feat, teacher_feat.detach(),
+                                           indices, *graphs.step.params)
     for bank, kinds in zip((crckd.student_bank, crckd.teacher_bank), graphs.kinds):
         bank._sums_valid &= kinds
     graphs.replays[0] += 1
-    # select, not unbind: the backward of an unbind materialises a zero gradient for every
-    # unused output, a select's only for its own
-    return CRCKDOutput(*(packed.select(0, i) for i in range(len(CRCKDOutput._fields))))
+    return packed

@@ -221,7 +221,11 @@ class CRCKDLoss(nn.Module):
                 generator is None and not torch.compiler.is_compiling():
             why_not = _graphs.mismatch(graphs, self, student_feat, teacher_feat)
             if why_not is None:
-                return _graphs.replay(graphs, self, student_feat, teacher_feat, indices)
+                packed = _graphs.replay(graphs, self, student_feat, teacher_feat, indices)
+                # select, not unbind: an unbind's backward makes a zero gradient for every
+                # unused output, a select's only for its own
+                return CRCKDOutput(*(packed.select(0, i)
+                                     for i in range(len(CRCKDOutput._fields))))
             if why_not and not graphs.warned:
                 graphs.warned.append(why_not)
                 warn_at_caller(f"this call does not fit the CUDA graphs of "
