@@ -17,6 +17,9 @@ does not do for this module:
   overwrites (with a graphed callable's gradients, accumulating over two micro-batches
   counts the second one twice);
 - a backward after the next forward replay (whose activations it would read) raises;
+- the warm-up calls and the captures run with gradients on and, under autocast, with
+  autocast's cache of weight casts off (a cast cached earlier would not be captured, and
+  every replay would read it stale);
 - the host-side bookkeeping of the banks' running class sums is told what the replays keep
   current, and a call the graphs do not fit runs eagerly.
 
@@ -167,13 +170,27 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 @contextmanager
-def _no_value_reads() -> Iterator[None]:
-    """No value is read while capturing: a read is a host sync, which a capture refuses (and
-    made-up features need no check). Real calls are checked before each replay."""
+def _capturing(device: torch.device) -> Iterator[None]:
+    """How the warm-up calls and the captures run.
+
+    - No value is read: a read is a host sync, which a capture refuses (and made-up
+      features need no check). Real calls are checked before each replay.
+    - Gradients are on, whatever the caller's grad mode: a training step is captured.
+    - Under autocast, autocast's cache of weight casts is off. With it on, a capture would
+      reuse a cast made before it (by a warm-up call or an eager step in the same autocast
+      block) instead of capturing the cast: every replay would then read weights as they
+      were then, from memory the cache frees when the caller's autocast block ends.
+    """
     mode = value_checks()
     set_value_checks("mask")
     try:
-        yield
+        with torch.enable_grad():
+            if torch.is_autocast_enabled(device.type):
+                with torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
+                                    cache_enabled=False):
+                    yield
+            else:
+                yield
     finally:
         set_value_checks(mode)
 
@@ -191,6 +208,9 @@ def _check_capturable(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) 
     if not crckd.training:
         raise ValueError("capture_cuda_graphs() captures the training step: call it in "
                          "training mode (eval-mode calls then run eagerly)")
+    if torch.is_inference_mode_enabled():
+        raise ValueError("capture_cuda_graphs() captures a training step, with gradients: "
+                         "call it outside torch.inference_mode()")
     for name in ("student_bank", "teacher_bank"):
         bank = getattr(crckd, name)
         if bank.copy_on_write != "snapshot":
@@ -272,7 +292,7 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
         # The made-up features and the warm-up calls' samples draw random numbers: the stream
         # goes back to where it was, so a graphed run draws what an eager run from the same
         # seed would.
-        with _no_value_reads(), torch.random.fork_rng(devices=rng_devices):
+        with _capturing(device), torch.random.fork_rng(devices=rng_devices):
             step = _capture_step(crckd, batch_size, num_warmup_iters, dtype)
         # What the captured step keeps current: the sums that were current when it was
         # captured (a compiled step reduces the whole bank and keeps none).

@@ -280,8 +280,9 @@ class CRCKDLoss(nn.Module):
         ``copy_on_write="snapshot"`` (banks written in place: the graphs hold their
         addresses), one process (no ``torch.distributed``), and one eager training step
         before (the first estimates :math:`Z`). Call it where you run the loss: under the
-        autocast you train with (``torch.autocast(..., cache_enabled=False)``, which graph
-        capture needs). Loading a state dict into the module, or moving or casting it,
+        autocast you train with (the capture turns autocast's cache of weight casts off for
+        itself, so that each replay casts the heads' current weights), outside
+        ``torch.inference_mode()``. Loading a state dict into the module, or moving or casting it,
         releases the graphs (a warning says so); call this again. Do not write the banks
         yourself between replays. See :doc:`/howto/gpu` ("Graphing only the loss").
 

@@ -27,6 +27,15 @@ def _copy_into(static, fresh):
                 s.copy_(f)
 
 
+def _refuse_cached_casts():
+    """A real capture under autocast with its cast cache on would capture no cast of a weight
+    cast before it, and its replays would read that stale cast from memory the cache later
+    frees. Replaying by running the Python again cannot show that, so the stand-in refuses
+    to capture in that state."""
+    if torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled():
+        raise AssertionError("captured under autocast with its weight-cast cache on")
+
+
 class HostGraphs:
     """Warm-up, capture and replay of one ``capture_cuda_graphs`` call, on the host."""
 
@@ -37,10 +46,12 @@ class HostGraphs:
         self.crckd = crckd
 
     def warm_up(self, fn, times):
+        _refuse_cached_casts()
         for _ in range(times):
             fn()
 
     def capture(self, fn):
+        _refuse_cached_casts()
         crckd = self.crckd
         tensors = list(crckd.buffers())
         before = [t.clone() for t in tensors]

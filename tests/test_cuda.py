@@ -317,25 +317,41 @@ def test_capture_cuda_graphs_matches_eager(fused):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
+def _bf16_batch(seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    f_s = torch.randn(64, 128, device="cuda", generator=g).bfloat16().requires_grad_()
+    f_t = torch.randn(64, 128, device="cuda", generator=g).bfloat16()
+    return f_s, f_t, torch.randperm(7012, device="cuda", generator=g)[:64]
+
+
 def test_capture_cuda_graphs_under_autocast():
     """Captured under bfloat16 autocast for bfloat16 features (as a backbone under autocast
-    gives them): the replayed steps match the eager twin's under the same autocast."""
+    gives them). The autocast is the default one, its weight-cast cache on, and an eager step
+    runs first in the same block, so the cache holds casts of the heads' weights; each later
+    step runs in a block of its own and SGD moves the heads between steps. The replayed
+    steps match the eager twin's: a capture that reused the cached casts would replay the
+    heads as they were before it, from memory freed when its block ended."""
     graphed, eager = _trained_once(False), _trained_once(False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-    with autocast:
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (graphed, eager)]
+
+    def step(module, opt, seed):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            f_s, f_t, idx = _bf16_batch(seed)
+            torch.cuda.manual_seed(seed)
+            out = module(f_s, f_t, idx)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        return out.loss.detach(), f_s.grad
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for module, opt in zip((graphed, eager), opts):
+            step(module, opt, 39)
         graphed.capture_cuda_graphs(64, dtype=torch.bfloat16)
-        for i in range(3):
-            got = []
-            for module in (graphed, eager):
-                g = torch.Generator(device="cuda").manual_seed(40 + i)
-                f_s = torch.randn(64, 128, device="cuda", generator=g).bfloat16()
-                f_s.requires_grad_()
-                f_t = torch.randn(64, 128, device="cuda", generator=g).bfloat16()
-                idx = torch.randperm(7012, device="cuda", generator=g)[:64]
-                torch.cuda.manual_seed(200 + i)
-                out = module(f_s, f_t, idx)
-                out.loss.backward()
-                got.append((out.loss.detach(), f_s.grad))
-            for a, b in zip(*got):
-                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    for i in range(3):
+        got = [step(module, opt, 40 + i) for module, opt in zip((graphed, eager), opts)]
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert graphed.cuda_graph_replays == 3
+    for a, b in zip(graphed.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -149,6 +149,8 @@ def test_what_capture_needs_is_said(graphs_on_cpu):
     with pytest.raises(ValueError, match="training mode"):
         crckd.capture_cuda_graphs(6)
     crckd.train()
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+        crckd.capture_cuda_graphs(6)
     copying = make(copy_on_write=True)
     copying(*batch(0)).loss.backward()
     with pytest.raises(ValueError, match="copy_on_write='snapshot'"):
@@ -293,12 +295,19 @@ def test_capture_reads_no_value_whatever_the_mode(graphs_on_cpu):
 def test_features_of_the_autocast_dtype(graphs_on_cpu):
     """Under autocast a backbone's features are often of the autocast dtype: captured for
     them (dtype=...), calls replay and match an eager twin's; captured for the heads' dtype,
-    such calls warn once and run eagerly."""
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    such calls warn once and run eagerly. The autocast is the default one, its weight-cast
+    cache on: the capture turns the cache off for itself (the stand-in refuses a capture
+    with it on) and leaves the caller's autocast as it was."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     crckd, twin, plain = trained_once(), trained_once(), trained_once()
     with autocast:
+        for module in (crckd, twin, plain):  # eager steps first: the cache holds casts
+            torch.manual_seed(29)
+            module(*batch(29)).loss.backward()
         crckd.capture_cuda_graphs(6, dtype=torch.bfloat16)
         plain.capture_cuda_graphs(6)
+        assert torch.is_autocast_cache_enabled()
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
         for i in range(2):
             for module in (crckd, twin, plain):
                 torch.manual_seed(30 + i)
@@ -315,6 +324,24 @@ def test_features_of_the_autocast_dtype(graphs_on_cpu):
     assert crckd.cuda_graph_replays == 2 and plain.cuda_graph_replays == 0
     with pytest.raises(TypeError, match="floating-point torch.dtype"):
         trained_once().capture_cuda_graphs(6, dtype=torch.int64)
+
+
+def test_capture_under_no_grad(graphs_on_cpu):
+    """Called under ``torch.no_grad()`` (beside a teacher's forward, say), the capture still
+    captures the training step: the next call replays, and its gradients are the eager
+    twin's."""
+    crckd, twin = trained_once(), trained_once()
+    with torch.no_grad():
+        crckd.capture_cuda_graphs(6)
+    for module in (crckd, twin):
+        torch.manual_seed(7)
+        f_s, f_t, idx = batch(7)
+        module(f_s, f_t, idx).loss.backward()
+        module.grad_in = f_s.grad
+    assert crckd.cuda_graph_replays == 1
+    assert torch.equal(crckd.grad_in, twin.grad_in)
+    for a, b in zip(crckd.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
 
 
 def test_other_trainable_parameters_run_eagerly(graphs_on_cpu):
