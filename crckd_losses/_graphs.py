@@ -16,7 +16,8 @@ does not do for this module:
   parameter's ``.grad`` never aliases the graph's static gradient, which the next replay
   overwrites (with a graphed callable's gradients, accumulating over two micro-batches
   counts the second one twice);
-- a backward after the next forward replay (whose activations it would read) raises;
+- a backward after the module's next call (whose replay would have overwritten the
+  activations it reads, or whose eager step the banks' snapshots) raises;
 - the warm-up calls and the captures run with gradients on and, under autocast, with
   autocast's cache of weight casts off (a cast cached earlier would not be captured, and
   every replay would read it stale);
@@ -121,9 +122,9 @@ class _Replayed(torch.autograd.Function):
         if step.generation != ctx.generation:
             raise RuntimeError(
                 "the backward of a CRCKDLoss call replayed from CUDA graphs must run before "
-                "the next call replays them (it reads that call's activations, which the "
-                "next replay overwrites); to accumulate gradients, call backward after each "
-                "call")
+                "the next call replays them or runs eagerly (it reads the activations and the "
+                "banks' snapshots of its own call, which the next call overwrites); to "
+                "accumulate gradients, call backward after each call")
         step.grad_output.copy_(grad)
         step.replay_backward()
         grads: list[torch.Tensor] = list(step.grads)

@@ -231,6 +231,11 @@ class CRCKDLoss(nn.Module):
                 warn_at_caller(f"this call does not fit the CUDA graphs of "
                                f"capture_cuda_graphs() ({why_not}); it runs eagerly, as will "
                                f"any such call (warned once)")
+        if graphs is not None and not torch.compiler.is_compiling():
+            # This call runs eagerly and rewrites the banks' snapshots in place, which the
+            # backward of a replayed call still to come would read: that backward now raises
+            # (autograd's version check does not see into a graph's replay).
+            graphs.step.generation += 1
         rows = self.student_bank._readable(indices)
         ccd = self.ccd
         if sample_indices is None:
@@ -266,8 +271,9 @@ class CRCKDLoss(nn.Module):
         - the outputs and the gradients leave the graphs in memory of their own: an output
           kept past the next call keeps its value, and gradients accumulate over several
           calls (micro-batches) as they do eagerly;
-        - a backward must run before the next call replays (it reads its own call's
-          activations, which the next replay overwrites); a late one raises;
+        - a backward must run before the module's next call (it reads its own call's
+          activations and the banks' snapshots, which the next call overwrites, replayed or
+          eager); a late one raises;
         - the input checks still run on every call (shapes, devices, and values where
           :func:`~crckd_losses.set_value_checks` reads them; on a GPU it reads none by
           default, and the banks refuse bad rows on the device as in an eager step);

@@ -234,15 +234,50 @@ def test_gradients_accumulate_over_replays(graphs_on_cpu):
 def test_a_backward_after_the_next_replay_raises(graphs_on_cpu):
     """The backward of a replayed call reads the activations its forward left in the graph;
     after the next call has replayed, they are that call's: the late backward raises instead
-    of returning another step's gradients. Each call's own backward still works."""
+    of returning another step's gradients. So does a second backward
+    (``retain_graph=True``) after the next replay. Each call's own backward still works."""
     crckd = trained_once()
     crckd.capture_cuda_graphs(6)
     first = crckd(*batch(1))
     second = crckd(*batch(2))
-    with pytest.raises(RuntimeError, match="before the next call replays"):
+    with pytest.raises(RuntimeError, match="before the next call replays them or runs eagerly"):
         first.loss.backward()
-    second.loss.backward()
-    assert crckd.student_head.linear.weight.grad is not None
+    second.loss.backward(retain_graph=True)
+    crckd(*batch(3)).loss.backward()
+    with pytest.raises(RuntimeError, match="before the next call replays them or runs eagerly"):
+        second.loss.backward()
+    assert crckd.cuda_graph_replays == 3
+
+
+@pytest.mark.parametrize("eager_call", ["partial batch", "eval mode", "given rows"])
+def test_a_backward_after_an_eager_call_raises(graphs_on_cpu, eager_call):
+    """An eager call of the module rewrites the banks' snapshots in place, which the backward
+    of a replayed call still to come would read; a replay's backward has no version check,
+    so that backward raises (where eagerly autograd would find the snapshot modified). In
+    order, eager calls between replays are fine."""
+    crckd = trained_once()
+    crckd.capture_cuda_graphs(6)
+
+    def eager():
+        f_s, f_t, idx = batch(2, size=6 if eager_call != "partial batch" else 4)
+        if eager_call == "eval mode":
+            crckd.eval()
+            crckd(f_s, f_t, idx)
+            crckd.train()
+        elif eager_call == "given rows":
+            width = crckd.ccd.num_positives + crckd.ccd.num_negatives
+            crckd(f_s, f_t, idx, sample_indices=torch.randint(0, 120, (6, width)))
+        else:
+            crckd(f_s, f_t, idx)
+
+    replayed = crckd(*batch(1))
+    eager()
+    with pytest.raises(RuntimeError, match="before the next call replays them or runs eagerly"):
+        replayed.loss.backward()
+    crckd(*batch(3)).loss.backward()
+    eager()
+    crckd(*batch(4)).loss.backward()
+    assert crckd.cuda_graph_replays == 3
 
 
 def test_frozen_head_gets_no_gradient(graphs_on_cpu):
