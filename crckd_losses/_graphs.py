@@ -18,6 +18,9 @@ does not do for this module:
   counts the second one twice);
 - a backward after the module's next call (whose replay would have overwritten the
   activations it reads, or whose eager step the banks' snapshots) raises;
+- the capture restricts CUDA calls in its own thread only (``capture_error_mode=
+  "thread_local"``), so that a data loader's pin-memory thread, busy with the next batches
+  mid-loop, cannot break it;
 - the warm-up calls and the captures run with gradients on and, under autocast, with
   autocast's cache of weight casts off (a cast cached earlier would not be captured, and
   every replay would read it stale);
@@ -64,9 +67,17 @@ class CudaGraphs:
         torch.cuda.synchronize()
 
     def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:  # pragma: no cover
-        """``fn`` captured: ``(replay, what fn returned)``; replays write into the latter."""
+        """``fn`` captured: ``(replay, what fn returned)``; replays write into the latter.
+
+        In ``"thread_local"`` mode: the capture happens in the middle of a training loop,
+        where a ``DataLoader(pin_memory=True)`` keeps a thread that allocates pinned memory
+        for the next batches. Under the default ``"global"`` mode that thread's CUDA calls
+        would invalidate the capture, and the error would then surface in the thread too,
+        ending the run at the next batch. The pinning thread's work is not the step's and
+        is rightly left out of the graph."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
+                              capture_error_mode="thread_local"):
             result = fn()
         return graph.replay, result
 

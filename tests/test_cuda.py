@@ -355,3 +355,23 @@ def test_capture_cuda_graphs_under_autocast():
     assert graphed.cuda_graph_replays == 3
     for a, b in zip(graphed.parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_capture_cuda_graphs_beside_a_pinning_data_loader():
+    """capture_cuda_graphs mid-loop, while a DataLoader(pin_memory=True) pins the prefetched
+    batches in its own thread: the capture succeeds, the loader delivers every batch, and
+    the next call replays. (Under torch's default "global" capture mode the pinning thread's
+    CUDA calls would invalidate the capture and then fail in the thread.)"""
+    crckd = _trained_once(False)
+    images = torch.utils.data.TensorDataset(torch.randn(64 * 12, 3, 128, 128))
+    loader = torch.utils.data.DataLoader(images, batch_size=64, pin_memory=True,
+                                         num_workers=2, prefetch_factor=4)
+    batches = iter(loader)
+    first = next(batches)[0]  # from here the pin-memory thread pins the next batches
+    crckd.capture_cuda_graphs(64)
+    rest = [b[0] for b in batches]
+    assert first.is_pinned() and len(rest) == 11 and all(b.is_pinned() for b in rest)
+    f_s = torch.randn(64, 128, device="cuda", requires_grad=True)
+    crckd(f_s, torch.randn(64, 128, device="cuda"), torch.arange(64, device="cuda")
+          ).loss.backward()
+    assert crckd.cuda_graph_replays == 1 and torch.isfinite(f_s.grad).all()
