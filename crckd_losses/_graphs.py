@@ -51,20 +51,24 @@ _DEVICE_TYPE = "cuda"
 
 class CudaGraphs:
     """Warm-up and capture on one side stream into one memory pool, as
-    ``torch.cuda.make_graphed_callables`` does."""
+    ``torch.cuda.make_graphed_callables`` does, on the module's GPU (which need not be the
+    current device)."""
 
     def __init__(self, crckd: CRCKDLoss) -> None:  # pragma: no cover - needs a GPU
-        self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call, unused-ignore]
-        self.pool = torch.cuda.graph_pool_handle()
+        self.device = crckd.student_bank.memory.device
+        with torch.cuda.device(self.device):
+            self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call, unused-ignore]
+            self.pool = torch.cuda.graph_pool_handle()
 
     def warm_up(self, fn: Callable[[], Any], times: int) -> None:  # pragma: no cover
         """``fn()`` ``times`` times on the side stream, the device idle before and after (so
         that lazy initialisation stays out of the captures)."""
-        torch.cuda.synchronize()
-        with torch.cuda.stream(self.stream):
-            for _ in range(times):
-                fn()
-        torch.cuda.synchronize()
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize()
+            with torch.cuda.stream(self.stream):
+                for _ in range(times):
+                    fn()
+            torch.cuda.synchronize()
 
     def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:  # pragma: no cover
         """``fn`` captured: ``(replay, what fn returned)``; replays write into the latter.
@@ -76,10 +80,11 @@ class CudaGraphs:
         ending the run at the next batch. The pinning thread's work is not the step's and
         is rightly left out of the graph."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
-                              capture_error_mode="thread_local"):
+        with torch.cuda.device(self.device), \
+                torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
+                                 capture_error_mode="thread_local"):
             result = fn()
-        return graph.replay, result
+        return graph.replay, result  # a replay runs on its capture's device
 
 
 #: Builds the graph objects of one capture (tests replace it).

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Literal
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -852,15 +853,17 @@ class _TritonNCE(torch.autograd.Function):
         dtype = anchor_s.dtype
         block_j, block_d = _triton_blocks(dim)
         raw = torch.empty(2, batch, width, dtype=torch.float32, device=index.device)
-        kernels.scores[(_cdiv(width, block_j), batch)](
-            anchor_s, anchor_t, memory_t, memory_s, index, raw, batch, width, dim,
-            anchor_s.stride(0), memory_t.stride(0),
-            ROUND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
-            BLOCK_J=block_j, BLOCK_D=block_d)
+        with _launching_on(index.device):
+            kernels.scores[(_cdiv(width, block_j), batch)](
+                anchor_s, anchor_t, memory_t, memory_s, index, raw, batch, width, dim,
+                anchor_s.stride(0), memory_t.stride(0),
+                ROUND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
+                BLOCK_J=block_j, BLOCK_D=block_d)
         bias = bias_of(raw if dtype == torch.float32 else raw.to(dtype), scale, noise)
         rows = torch.empty(2, batch, dtype=torch.float32, device=index.device)
-        kernels.nce[(batch, 2)](raw, bias.contiguous(), rows, batch, width, num_positives,
-                                scale, 1.0 / num_positives, BLOCK=1024)
+        with _launching_on(index.device):
+            kernels.nce[(batch, 2)](raw, bias.contiguous(), rows, batch, width, num_positives,
+                                    scale, 1.0 / num_positives, BLOCK=1024)
         out = rows if reduction == "none" else rows.mean(1) if reduction == "mean" else \
             rows.sum(1)
         ctx.save_for_backward(raw, index, memory_t, memory_s, anchor_s, anchor_t, bias)
@@ -885,14 +888,22 @@ class _TritonNCE(torch.autograd.Function):
         chunks = _cdiv(width, _TRITON_CHUNK)
         partial = torch.empty(chunks, 2, batch, dim, dtype=torch.float32, device=index.device)
         coef_b = grad.stride(1) if reduction == "none" else 0
-        kernels.grad[(batch, chunks)](
-            factor, index, memory_t, memory_s, grad, partial, batch, width, dim, _TRITON_CHUNK,
-            memory_t.stride(0), grad.stride(0), coef_b,
-            1.0 / batch if reduction == "mean" else 1.0,
-            NEED_S=needs[0], NEED_T=needs[1], BLOCK_J=block_j, BLOCK_D=block_d)
+        with _launching_on(index.device):
+            kernels.grad[(batch, chunks)](
+                factor, index, memory_t, memory_s, grad, partial, batch, width, dim,
+                _TRITON_CHUNK, memory_t.stride(0), grad.stride(0), coef_b,
+                1.0 / batch if reduction == "mean" else 1.0,
+                NEED_S=needs[0], NEED_T=needs[1], BLOCK_J=block_j, BLOCK_D=block_d)
         grads = partial[0] if chunks == 1 else partial.sum(0)
         out = [g.to(a.dtype) if n else None for g, a, n in zip(grads, (anchor_s, anchor_t), needs)]
         return (out[0], out[1], *(None,) * 8)
+
+
+def _launching_on(device: torch.device) -> AbstractContextManager[Any]:
+    """The tensors' GPU made current for a Triton launch, which goes to the current device's
+    current stream (a module on ``cuda:1`` while ``cuda:0`` is current would otherwise launch
+    on the wrong GPU); nothing on a CPU (Triton's interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def _cdiv(a: int, b: int) -> int:

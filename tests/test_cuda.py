@@ -375,3 +375,27 @@ def test_capture_cuda_graphs_beside_a_pinning_data_loader():
     crckd(f_s, torch.randn(64, 128, device="cuda"), torch.arange(64, device="cuda")
           ).loss.backward()
     assert crckd.cuda_graph_replays == 1 and torch.isfinite(f_s.grad).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("path", ["auto", pytest.param("triton", marks=needs_triton)])
+def test_capture_cuda_graphs_on_a_device_that_is_not_current(path):
+    """A module on cuda:1 while cuda:0 is the current device: the side stream, the
+    synchronisations, the captures and the Triton kernels' launches are on the module's
+    device, and replays match an eager twin."""
+    graphed, eager = (_trained_once(False, path).to("cuda:1") for _ in range(2))
+    graphed.capture_cuda_graphs(64)
+    for i in range(2):
+        got = []
+        for module in (graphed, eager):
+            g = torch.Generator(device="cuda:1").manual_seed(60 + i)
+            f_s = torch.randn(64, 128, device="cuda:1", generator=g, requires_grad=True)
+            f_t = torch.randn(64, 128, device="cuda:1", generator=g)
+            idx = torch.randperm(7012, device="cuda:1", generator=g)[:64]
+            torch.cuda.manual_seed_all(300 + i)
+            out = module(f_s, f_t, idx)
+            out.loss.backward()
+            got.append((out.loss.detach(), f_s.grad))
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.cuda.current_device() == 0 and graphed.cuda_graph_replays == 2
