@@ -288,6 +288,15 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
     (default: the heads'); the state it trains is left as it was, whether or not the capture
     succeeds. See :meth:`~crckd_losses.CRCKDLoss.capture_cuda_graphs`."""
     _check_capturable(crckd, batch_size, num_warmup_iters)
+    crckd.__dict__["_capturing"] = True  # its own warm-up calls must not capture again
+    try:
+        return _capture(crckd, batch_size, num_warmup_iters, dtype)
+    finally:
+        del crckd.__dict__["_capturing"]
+
+
+def _capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
+             dtype: torch.dtype | None) -> Graphs:
     if dtype is None:
         dtype = crckd.student_head.linear.weight.dtype
     elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -327,6 +336,23 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
     keep = (tuple(bank.__dict__.get("_snapshot") for bank in banks),
             crckd.ccd.__dict__.get("_cached_bias"))
     return Graphs(step, batch_size, dtype, _autocast_dtype(device), kinds, keep, [0], [])
+
+
+def stream_capturing(device: torch.device) -> bool:
+    """Whether CUDA work on ``device``'s current stream is being captured now (a whole step
+    of the caller's own, or these graphs' capture): no replay or capture may start inside."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def may_capture(crckd: CRCKDLoss, student_feat: torch.Tensor) -> bool:
+    """Whether this (checked, training-mode) call can capture under ``cuda_graphs=True``:
+    on the graphs' device type, after the first training step, with gradients on, and
+    outside any capture (its own warm-up calls included). The needs that no later call can
+    meet either (one process, banks written in place) are left to the capture, which says
+    what is missing."""
+    return (student_feat.device.type == _DEVICE_TYPE and crckd.ccd._initialized
+            and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+            and "_capturing" not in crckd.__dict__ and not stream_capturing(student_feat.device))
 
 
 def mismatch(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,

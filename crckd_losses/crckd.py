@@ -99,6 +99,15 @@ class CRCKDLoss(nn.Module):
             compile failure warns and falls back to eager. With ``path="triton"``,
             ``"auto"`` runs the step eagerly with the Triton kernels; ``True`` compiles it
             and inductor generates its own kernels instead. See :doc:`/howto/gpu`.
+        cuda_graphs: ``True`` runs the training step as CUDA graphs without a call of your
+            own: the first training call that can be captured after the first (which
+            estimates :math:`Z`) calls :meth:`capture_cuda_graphs` for its batch size and
+            feature dtype, under its autocast, and every call that fits replays from then
+            on. It needs ``copy_on_write="snapshot"``, the module on a CUDA device and one
+            process. Calls made while a CUDA graph of your own is being captured (a whole
+            step) run eagerly into it, and a load or a move captures again at the next
+            call. ``False`` (default): only an explicit :meth:`capture_cuda_graphs`
+            captures.
 
     Examples:
         >>> labels = torch.randint(0, 3, (100,))
@@ -132,9 +141,17 @@ class CRCKDLoss(nn.Module):
         num_classes: int | None = None,
         copy_on_write: bool | Literal["snapshot"] = True,
         fused: Fused = "auto",
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         self.fused: Fused = _fused.check_fused(fused)
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if cuda_graphs and copy_on_write != "snapshot":
+            raise ValueError(
+                "cuda_graphs=True needs banks written in place: pass copy_on_write='snapshot' "
+                f"(got copy_on_write={copy_on_write!r})")
+        self.cuda_graphs = cuda_graphs
         for name, value in (("ccd_weight", ccd_weight), ("crp_weight", crp_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -217,8 +234,14 @@ class CRCKDLoss(nn.Module):
         check_range("indices", indices, self.student_bank.size)
         indices = indices.long()
         graphs: _graphs.Graphs | None = self.__dict__.get("_graphs")
-        if graphs is not None and self.training and sample_indices is None and \
-                generator is None and not torch.compiler.is_compiling():
+        replayable = self.training and sample_indices is None and generator is None and \
+            not torch.compiler.is_compiling()
+        if graphs is None and replayable and self.cuda_graphs and \
+                _graphs.may_capture(self, student_feat):
+            self.capture_cuda_graphs(batch, dtype=student_feat.dtype)
+            graphs = self.__dict__["_graphs"]
+        if graphs is not None and replayable and \
+                not _graphs.stream_capturing(student_feat.device):
             why_not = _graphs.mismatch(graphs, self, student_feat, teacher_feat)
             if why_not is None:
                 packed = _graphs.replay(graphs, self, student_feat, teacher_feat, indices)
@@ -313,7 +336,7 @@ class CRCKDLoss(nn.Module):
         return 0 if graphs is None else graphs.replays[0]
 
     def _release_graphs(self, why: str) -> None:
-        if self.__dict__.pop("_graphs", None) is not None:
+        if self.__dict__.pop("_graphs", None) is not None and not self.cuda_graphs:
             warn_at_caller(f"{why} released the CUDA graphs of capture_cuda_graphs(); call it "
                            "again to replay")
 

@@ -67,16 +67,19 @@ class HostGraphs:
         def replay():
             # No Python runs in a replay: the bookkeeping is put back, with the version
             # counters read as unchanged. The graphs are set aside while the work runs, or
-            # the module would replay them from inside.
+            # the module would replay them from inside, and the work runs marked as inside
+            # a capture, as it was captured (so that cuda_graphs=True does not capture).
             host = [(b._class_sums_current(), set(b._sums_valid), set(b._requested_kinds))
                     for b in _banks(crckd)]
             graphs = crckd.__dict__.pop("_graphs", None)
+            crckd.__dict__["_capturing"] = True
             try:
                 # a replay runs the captured work whatever the grad mode of its caller (an
                 # autograd Function's forward and backward run without grad)
                 with torch.enable_grad():
                     fresh = fn()
             finally:
+                del crckd.__dict__["_capturing"]
                 if graphs is not None:
                     crckd.__dict__["_graphs"] = graphs
                 for b, (was, valid, requested) in zip(_banks(crckd), host):

@@ -19,6 +19,7 @@ import torch
 from _graph_stand_in import HostGraphs
 
 from crckd_losses import CRCKDLoss
+from crckd_losses import _graphs as _graphs_module
 
 
 @pytest.fixture
@@ -435,3 +436,67 @@ def test_what_a_replayed_step_runs_besides_its_graphs(graphs_on_cpu):
     assert sorted(backward.names) == ["cat.default", "copy_.default", "ones_like.default",
                                       "select_backward.default"]
     assert f_s.grad is not None and crckd.student_head.linear.weight.grad is not None
+
+
+def test_cuda_graphs_option_captures_by_itself(graphs_on_cpu):
+    """``CRCKDLoss(cuda_graphs=True)``: the first training call runs eagerly (it estimates
+    Z), the next captures for its batch size and replays, and every later call that fits
+    replays; losses, gradients and the state equal an eager twin's, a partial batch running
+    eagerly in between, without a warning."""
+    crckd, twin = make(cuda_graphs=True), make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, size in enumerate([6, 6, 6, 4, 6]):
+            for module in (crckd, twin):
+                torch.manual_seed(200 + i)
+                f_s, f_t, idx = batch(200 + i, size)
+                module.out = module(f_s, f_t, idx)
+                module.out.loss.backward()
+                module.grad_s = f_s.grad
+            assert torch.equal(crckd.out.loss, twin.out.loss)
+            assert torch.equal(crckd.grad_s, twin.grad_s)
+            assert ("_graphs" in crckd.__dict__) == (i >= 1)
+    assert crckd.cuda_graph_replays == 3 and twin.cuda_graph_replays == 0
+    assert crckd.__dict__["_graphs"].batch == 6
+    for a, b in zip(crckd.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    assert_same_state(crckd, twin)
+
+
+def test_cuda_graphs_option_waits_for_a_call_it_can_capture(graphs_on_cpu, monkeypatch):
+    """No capture from a call without gradients, or from inside a CUDA-graph capture of the
+    caller's own (a whole step, which records the eager call instead); the next plain
+    training call captures. Inside such a capture the graphs do not replay either. A load
+    captures again at the next call, without a warning."""
+    crckd = make(cuda_graphs=True)
+    crckd(*batch(0)).loss.backward()
+    with torch.no_grad():
+        crckd(*batch(1))
+    monkeypatch.setattr(_graphs_module, "stream_capturing", lambda device: True)
+    crckd(*batch(2)).loss.backward()
+    assert "_graphs" not in crckd.__dict__
+    monkeypatch.undo()
+    _graph_stand_in.graphs_on_cpu(monkeypatch)
+    crckd(*batch(3)).loss.backward()
+    assert crckd.cuda_graph_replays == 1
+    monkeypatch.setattr(_graphs_module, "stream_capturing", lambda device: True)
+    crckd(*batch(5)).loss.backward()  # inside a capture of the caller's: eager, recorded
+    assert crckd.cuda_graph_replays == 1
+    monkeypatch.setattr(_graphs_module, "stream_capturing", lambda device: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        crckd.load_state_dict(copy.deepcopy(crckd.state_dict()))
+    assert "_graphs" not in crckd.__dict__
+    crckd(*batch(4)).loss.backward()
+    assert crckd.cuda_graph_replays == 1
+
+
+def test_cuda_graphs_option_is_checked():
+    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+        make(cuda_graphs="auto")
+    with pytest.raises(ValueError, match="copy_on_write='snapshot'"):
+        make(cuda_graphs=True, copy_on_write=True)
+    crckd = make(cuda_graphs=True)  # on a CPU without the stand-in: never captures
+    for i in range(3):
+        crckd(*batch(i)).loss.backward()
+    assert crckd.cuda_graph_replays == 0
