@@ -340,6 +340,12 @@ class CRCKDLoss(nn.Module):
             warn_at_caller(f"{why} released the CUDA graphs of capture_cuda_graphs(); call it "
                            "again to replay")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The graphs hold this module's addresses: a copy (copy.deepcopy) or a pickle leaves
+        # them behind and runs eagerly (with cuda_graphs=True it captures its own).
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call, unused-ignore]
+        return {k: v for k, v in state.items() if k not in ("_graphs", "_capturing")}
+
     def _apply(self, fn: Any, recurse: bool = True) -> CRCKDLoss:
         self._release_graphs("moving or casting the module")
         return super()._apply(fn, recurse)  # type: ignore[no-any-return, no-untyped-call, unused-ignore]

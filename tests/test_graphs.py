@@ -11,6 +11,7 @@ move. The real capture and replay on a GPU are in ``tests/test_cuda.py``.
 """
 
 import copy
+import pickle
 import warnings
 
 import _graph_stand_in
@@ -500,3 +501,35 @@ def test_cuda_graphs_option_is_checked():
     for i in range(3):
         crckd(*batch(i)).loss.backward()
     assert crckd.cuda_graph_replays == 0
+
+
+def test_a_copy_or_a_pickle_leaves_the_graphs_behind(graphs_on_cpu):
+    """The graphs hold the module's addresses: ``copy.deepcopy`` and pickling (``torch.save``
+    of the module) leave them out. The copy runs eagerly and trains as the original's eager
+    twin; the original still replays; with ``cuda_graphs=True`` the copy captures its own."""
+    crckd, twin = trained_once(), trained_once()
+    crckd.capture_cuda_graphs(6)
+    copied = copy.deepcopy(crckd)
+    unpickled = pickle.loads(pickle.dumps(crckd))
+    for module in (copied, unpickled):
+        assert "_graphs" not in module.__dict__
+    for module in (crckd, copied, unpickled, twin):
+        torch.manual_seed(60)
+        module.out = module(*batch(60))
+        module.out.loss.backward()
+    assert torch.equal(crckd.out.loss, twin.out.loss)
+    assert_same_state(crckd, twin)
+    # A copy rebuilds its running class sums from the rows (the sums kept by adding each
+    # write's change differ from those in the last float32 bits).
+    for module in (copied, unpickled):
+        torch.testing.assert_close(module.out.loss, twin.out.loss, rtol=1e-6, atol=0)
+        for a, b in zip(state_of(module), state_of(twin)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert crckd.cuda_graph_replays == 1 and copied.cuda_graph_replays == 0
+    auto = make(cuda_graphs=True)
+    auto(*batch(0)).loss.backward()
+    auto(*batch(1)).loss.backward()
+    auto_copy = copy.deepcopy(auto)
+    auto_copy(*batch(2)).loss.backward()
+    assert auto_copy.cuda_graph_replays == 1
+    assert auto_copy.__dict__["_graphs"].step.params[0] is auto_copy.student_head.linear.weight
