@@ -362,6 +362,10 @@ def mismatch(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
     the reason, to warn about."""
     if student_feat.shape[0] != graphs.batch:
         return ""
+    if student_feat.device != graphs.step.inputs[0].device:
+        # a replica of the module (nn.DataParallel copies its attributes) on another GPU
+        return (f"features on {student_feat.device}, captured on "
+                f"{graphs.step.inputs[0].device}")
     if student_feat.dtype != graphs.dtype or teacher_feat.dtype != graphs.dtype:
         return (f"features of dtype {student_feat.dtype} and {teacher_feat.dtype}, captured "
                 f"for {graphs.dtype}: pass capture_cuda_graphs(dtype=...)")

@@ -303,7 +303,8 @@ class CRCKDLoss(nn.Module):
         - a call the graphs were not captured for runs eagerly, on the same banks: another
           batch size (the last partial batch of an epoch), eval mode, ``sample_indices`` or a
           ``generator`` given; and, with a warning the first time, features of another
-          dtype, another autocast state, or other parameters requiring gradients.
+          dtype or on another device, another autocast state, or other parameters
+          requiring gradients.
 
         Needs: the module on a CUDA device, in training mode, built with
         ``copy_on_write="snapshot"`` (banks written in place: the graphs hold their

@@ -381,6 +381,19 @@ def test_capture_under_no_grad(graphs_on_cpu):
         assert torch.equal(a.grad, b.grad)
 
 
+def test_features_on_another_device_run_eagerly(graphs_on_cpu):
+    """A replica of the module on another GPU (``nn.DataParallel`` copies its attributes,
+    the graphs included) must not replay graphs captured elsewhere: its calls warn once and
+    run eagerly. (Here the capture's static input is put on another device instead.)"""
+    crckd = trained_once()
+    crckd.capture_cuda_graphs(6)
+    step = crckd.__dict__["_graphs"].step
+    step.inputs = (torch.empty(6, 10, device="meta"), *step.inputs[1:])
+    with pytest.warns(UserWarning, match="features on cpu, captured on meta"):
+        crckd(*batch(3)).loss.backward()
+    assert crckd.cuda_graph_replays == 0
+
+
 def test_other_trainable_parameters_run_eagerly(graphs_on_cpu):
     """The backward graph computes the gradients of the parameters that required one at the
     capture: after freezing a head, calls warn once and run eagerly (no gradient for it)."""
