@@ -379,9 +379,9 @@ def test_train_section_reports_the_triton_step_in_a_cuda_graph() -> None:
 
 def test_loss_graphed_row_checks_against_eager_and_reports(monkeypatch) -> None:
     """The CUDA-only row that graphs CRCKDLoss alone, run here through a host-side stand-in
-    for the CUDA graphs: the step trains after three eager steps, the graphed
-    step's loss is checked against the same step eagerly on a copy of the state, the step
-    replayed the loss once, and the section reports the figure."""
+    for the CUDA graphs: with ``cuda_graphs=True`` the module captures at its second step
+    and replays from then on, the graphed step's loss is checked against the same step
+    eagerly on a copy of the state, and the section reports the figure."""
     import _graph_stand_in
 
     from benchmarks.sections import train
@@ -391,7 +391,9 @@ def test_loss_graphed_row_checks_against_eager_and_reports(monkeypatch) -> None:
     step, diff = train.graphed_loss(b)
     assert diff == 0.0
     assert bool(torch.isfinite(step()))
-    assert _graph_stand_in.HostGraphs.replays == 4  # two steps, a forward and a backward each
+    # four replayed steps (two while warming up, the checked one, this one), a forward and a
+    # backward each
+    assert _graph_stand_in.HostGraphs.replays == 8
     result = {"params": dict(common.PAPER, image=64), "default_fused": True,
               "rows": {"MT": {"median_s": 0.01, "min_s": 0.01, "iqr_s": 0.0, "rounds": 3,
                               "samples_per_s": 1.0, "peak_bytes": 0}},

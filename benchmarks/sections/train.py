@@ -66,7 +66,8 @@ def make_batch(device: torch.device, quick: bool = False) -> Batch:
 
 
 def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
-              graph: bool = False, path: str = "auto", snapshot: bool = False
+              graph: bool = False, path: str = "auto", snapshot: bool = False,
+              cuda_graphs: bool = False,
               ) -> tuple[Callable[[], torch.Tensor], tuple[Any, ...]]:
     """One training step of ``kind`` ("baseline", "MT" or "CRCKD") and the state it trains.
 
@@ -74,7 +75,8 @@ def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
     step is written for CUDA-graph capture (the recipe of the GPU how-to):
     banks with ``copy_on_write="snapshot"``, a capturable Adam whose gradients are zeroed in
     place after the step, and a teacher whose decay does not change (``warmup=False``).
-    ``snapshot`` gives the banks ``copy_on_write="snapshot"`` in an otherwise eager step.
+    ``snapshot`` gives the banks ``copy_on_write="snapshot"`` in an otherwise eager step;
+    ``cuda_graphs`` passes ``cuda_graphs=True`` to ``CRCKDLoss`` (with ``snapshot``).
 
     Returns:
         ``(step, (student, teacher, crckd, optimizer))``; ``step()`` returns the loss.
@@ -90,6 +92,7 @@ def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
                           num_negatives=p["K"], temperature=p["tau"], fused=fused,
                           path=path,  # type: ignore[arg-type]
                           copy_on_write="snapshot" if graph or snapshot else True,
+                          cuda_graphs=cuda_graphs,
                           ).to(b.view1.device)
         params += list(crckd.parameters())
     opt = torch.optim.Adam(params, lr=3e-4, weight_decay=5e-4, capturable=graph)
@@ -175,27 +178,30 @@ def capture(b: Batch, kind: str, path: str = "auto") -> tuple[Callable[[], None]
 
 def graphed_loss(b: Batch) -> tuple[Callable[[], torch.Tensor], float]:
     """A CRCKD step whose loss module alone runs as CUDA graphs, forward and backward
-    (:meth:`CRCKDLoss.capture_cuda_graphs`), while the model, the optimiser and the teacher
-    run eagerly: what graphing only the library's part of an eager loop saves. Checked
-    against the same step run eagerly on a copy of the state.
+    (``CRCKDLoss(cuda_graphs=True)``, which captures at its second training call), while
+    the model, the optimiser and the teacher run eagerly: what graphing only the library's
+    part of an eager loop saves. Checked against the same step run eagerly on a copy of the
+    state (a copy leaves the graphs behind; its option is turned off).
 
     Returns:
         ``(step, relative difference of the graphed and the eager loss)``.
     """
-    step, state = make_step(b, "CRCKD", snapshot=True)
+    step, state = make_step(b, "CRCKD", snapshot=True, cuda_graphs=True)
     crckd = state[2]
-    for _ in range(3):  # Z, compilation, gradients: the steady state is what is captured
+    for _ in range(3):  # Z, then the capture (which compiles), then a replay
         step()
+    if crckd.cuda_graph_replays != 2:
+        raise AssertionError(f"cuda_graphs=True replayed {crckd.cuda_graph_replays} of the "
+                             "2 training calls after the first")
     twin = copy.deepcopy(state)
-    crckd.capture_cuda_graphs(b.p["B"])  # puts back the state its warm-up calls wrote
+    twin[2].cuda_graphs = False
     torch.manual_seed(1234)
     got = step()
     torch.manual_seed(1234)
     want = step_loss(b, *twin[:3]).detach()  # the same step, eagerly, on the copy
     diff = matches_eager(got, want, "the graphed loss")
-    if crckd.cuda_graph_replays != 1:
-        raise AssertionError(f"the graphed loss replayed {crckd.cuda_graph_replays} times "
-                             "in one step")
+    if crckd.cuda_graph_replays != 3 or twin[2].cuda_graph_replays != 0:
+        raise AssertionError("the graphed step did not replay once, or its twin replayed")
     return step, diff
 
 
@@ -360,7 +366,7 @@ class Train(Section):
             md[-1] += f" CUDA-graph capture failed: `{s['graph_error']}`."
         if "loss_graphed_over_mt" in s:
             md[-1] += (f" {LOSS_GRAPHED_ROW} (the model, the optimiser and the teacher eager, "
-                       f"`CRCKDLoss` alone replayed, `CRCKDLoss.capture_cuda_graphs`) over "
+                       f"`CRCKDLoss` alone replayed, `CRCKDLoss(cuda_graphs=True)`) over "
                        f"MT: {100 * s['loss_graphed_over_mt']:.1f} % (relative loss "
                        f"difference against eager {s['loss_graphed_rel_diff']:.1e}).")
         md.append("")
