@@ -385,6 +385,6 @@ def replay(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
     packed: torch.Tensor = _Replayed.apply(graphs.step, student_feat, teacher_feat.detach(),
                                            indices, *graphs.step.params)
     for bank, kinds in zip((crckd.student_bank, crckd.teacher_bank), graphs.kinds):
-        bank._sums_valid &= kinds
+        bank._sums_valid.intersection_update(kinds)  # in place: no Module.__setattr__
     graphs.replays[0] += 1
     return packed
