@@ -106,8 +106,9 @@ class CRCKDLoss(nn.Module):
             on. It needs ``copy_on_write="snapshot"``, the module on a CUDA device and one
             process. Calls made while a CUDA graph of your own is being captured (a whole
             step) run eagerly into it, and a load or a move captures again at the next
-            call. ``False`` (default): only an explicit :meth:`capture_cuda_graphs`
-            captures.
+            call. A capture that fails raises, as :meth:`capture_cuda_graphs` does, with
+            the state as it was. ``False`` (default): only an explicit
+            :meth:`capture_cuda_graphs` captures.
 
     Examples:
         >>> labels = torch.randint(0, 3, (100,))
@@ -312,9 +313,10 @@ class CRCKDLoss(nn.Module):
         before (the first estimates :math:`Z`). Call it where you run the loss: under the
         autocast you train with (the capture turns autocast's cache of weight casts off for
         itself, so that each replay casts the heads' current weights), outside
-        ``torch.inference_mode()``. Loading a state dict into the module, or moving or casting it,
-        releases the graphs (a warning says so); call this again. Do not write the banks
-        yourself between replays. See :doc:`/howto/gpu` ("Graphing only the loss").
+        ``torch.inference_mode()``. Loading a state dict into the module, or moving or
+        casting it, releases the graphs (a warning says so); call this again. A copy or a
+        pickle of the module leaves them behind. Do not write the banks yourself between
+        replays. See :doc:`/howto/gpu` ("Graphing only the loss").
 
         Args:
             batch_size: ``B`` of the calls to replay.
