@@ -853,15 +853,14 @@ class _TritonNCE(torch.autograd.Function):
         dtype = anchor_s.dtype
         block_j, block_d = _triton_blocks(dim)
         raw = torch.empty(2, batch, width, dtype=torch.float32, device=index.device)
+        rows = torch.empty(2, batch, dtype=torch.float32, device=index.device)
         with _launching_on(index.device):
             kernels.scores[(_cdiv(width, block_j), batch)](
                 anchor_s, anchor_t, memory_t, memory_s, index, raw, batch, width, dim,
                 anchor_s.stride(0), memory_t.stride(0),
                 ROUND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
                 BLOCK_J=block_j, BLOCK_D=block_d)
-        bias = bias_of(raw if dtype == torch.float32 else raw.to(dtype), scale, noise)
-        rows = torch.empty(2, batch, dtype=torch.float32, device=index.device)
-        with _launching_on(index.device):
+            bias = bias_of(raw if dtype == torch.float32 else raw.to(dtype), scale, noise)
             kernels.nce[(batch, 2)](raw, bias.contiguous(), rows, batch, width, num_positives,
                                     scale, 1.0 / num_positives, BLOCK=1024)
         out = rows if reduction == "none" else rows.mean(1) if reduction == "mean" else \
