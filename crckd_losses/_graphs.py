@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from . import distributed
-from ._checks import check_positive_int, set_value_checks, value_checks
+from ._checks import check_positive_int, set_value_checks, value_checks, warn_at_caller
 
 if TYPE_CHECKING:
     from .crckd import CRCKDLoss
@@ -375,6 +375,35 @@ def mismatch(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
                 f"under {'none' if graphs.autocast is None else graphs.autocast}")
     if tuple(p.requires_grad for p in graphs.step.params) != graphs.step.trainable:
         return "other parameters require gradients than at the capture"
+    return None
+
+
+def replay_if_captured(crckd: CRCKDLoss, student_feat: torch.Tensor,
+                       teacher_feat: torch.Tensor, indices: torch.Tensor,
+                       sampled_here: bool) -> torch.Tensor | None:
+    """The stacked outputs of this (checked) call replayed from the graphs, capturing them
+    first under ``cuda_graphs=True``; ``None`` where the call runs eagerly (``sampled_here``:
+    no ``sample_indices`` or ``generator`` given)."""
+    graphs: Graphs | None = crckd.__dict__.get("_graphs")
+    replayable = crckd.training and sampled_here and not torch.compiler.is_compiling()
+    if graphs is None and replayable and crckd.cuda_graphs and may_capture(crckd, student_feat):
+        crckd.capture_cuda_graphs(student_feat.shape[0], dtype=student_feat.dtype)
+        graphs = crckd.__dict__["_graphs"]
+    if graphs is None:
+        return None
+    if replayable and not stream_capturing(student_feat.device):
+        why_not = mismatch(graphs, crckd, student_feat, teacher_feat)
+        if why_not is None:
+            return replay(graphs, crckd, student_feat, teacher_feat, indices)
+        if why_not and not graphs.warned:
+            graphs.warned.append(why_not)
+            warn_at_caller(f"this call does not fit the CUDA graphs of capture_cuda_graphs() "
+                           f"({why_not}); it runs eagerly, as will any such call (warned once)")
+    if not torch.compiler.is_compiling():
+        # This call runs eagerly and rewrites the banks' snapshots in place, which the
+        # backward of a replayed call still to come would read: that backward now raises
+        # (autograd's version check does not see into a graph's replay).
+        graphs.step.generation += 1
     return None
 
 

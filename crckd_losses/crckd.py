@@ -234,32 +234,12 @@ class CRCKDLoss(nn.Module):
             check_finite(name, feat)
         check_range("indices", indices, self.student_bank.size)
         indices = indices.long()
-        graphs: _graphs.Graphs | None = self.__dict__.get("_graphs")
-        replayable = self.training and sample_indices is None and generator is None and \
-            not torch.compiler.is_compiling()
-        if graphs is None and replayable and self.cuda_graphs and \
-                _graphs.may_capture(self, student_feat):
-            self.capture_cuda_graphs(batch, dtype=student_feat.dtype)
-            graphs = self.__dict__["_graphs"]
-        if graphs is not None and replayable and \
-                not _graphs.stream_capturing(student_feat.device):
-            why_not = _graphs.mismatch(graphs, self, student_feat, teacher_feat)
-            if why_not is None:
-                packed = _graphs.replay(graphs, self, student_feat, teacher_feat, indices)
-                # select, not unbind: an unbind's backward makes a zero gradient for every
-                # unused output, a select's only for its own
-                return CRCKDOutput(*(packed.select(0, i)
-                                     for i in range(len(CRCKDOutput._fields))))
-            if why_not and not graphs.warned:
-                graphs.warned.append(why_not)
-                warn_at_caller(f"this call does not fit the CUDA graphs of "
-                               f"capture_cuda_graphs() ({why_not}); it runs eagerly, as will "
-                               f"any such call (warned once)")
-        if graphs is not None and not torch.compiler.is_compiling():
-            # This call runs eagerly and rewrites the banks' snapshots in place, which the
-            # backward of a replayed call still to come would read: that backward now raises
-            # (autograd's version check does not see into a graph's replay).
-            graphs.step.generation += 1
+        packed = _graphs.replay_if_captured(self, student_feat, teacher_feat, indices,
+                                            sample_indices is None and generator is None)
+        if packed is not None:
+            # select, not unbind: an unbind's backward makes a zero gradient for every unused
+            # output, a select's only for its own
+            return CRCKDOutput(*(packed.select(0, i) for i in range(len(CRCKDOutput._fields))))
         rows = self.student_bank._readable(indices)
         ccd = self.ccd
         if sample_indices is None:
