@@ -234,16 +234,17 @@ def test_ops_section_counts_a_small_crckd_step_and_an_ema_update() -> None:
 
 
 def test_ops_step_can_be_graphed(monkeypatch) -> None:
-    """The step the GPU kernel table captures for its ``auto, loss graphed`` row (there on a
-    GPU after three eager steps; here through the host-side stand-in of the graphs)."""
+    """The step the GPU kernel table replays for its ``auto, loss graphed`` row (there on a
+    GPU; here through the host-side stand-in of the graphs): the first call runs eagerly,
+    the second captures and replays, forward and backward."""
     import _graph_stand_in
 
     _graph_stand_in.graphs_on_cpu(monkeypatch)
-    step = ops.crckd_step(dict(common.PAPER, B=8, K=64, N=300), copy_on_write="snapshot")
+    step = ops.crckd_step(dict(common.PAPER, B=8, K=64, N=300), cuda_graphs=True)
     step()
-    step.loss_fn.capture_cuda_graphs(8)
+    assert _graph_stand_in.HostGraphs.replays == 0
     step()
-    assert step.loss_fn.cuda_graph_replays == 1
+    assert _graph_stand_in.HostGraphs.replays == 2
 
 
 def test_gpu_kernel_table_names_where_the_time_goes() -> None:

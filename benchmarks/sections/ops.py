@@ -37,7 +37,7 @@ from .common import (
 
 #: The GPU kernel count's key for the step with ``path="triton"``.
 TRITON_KERNELS = 'path="triton"'
-#: The row of the GPU kernel table whose step replays ``capture_cuda_graphs``' graphs.
+#: The row of the GPU kernel table whose step replays its graphs (``cuda_graphs=True``).
 LOSS_GRAPHED = "auto, loss graphed"
 #: The value-check policies counted; the targets hold under ``"mask"``.
 POLICIES = ("auto", "mask")
@@ -67,18 +67,20 @@ def _summary(counts: dict[str, int]) -> dict[str, Any]:
 
 def crckd_step(p: dict[str, Any], seed: int = 0, device: torch.device | None = None,
                fused: bool | Literal["auto"] = "auto", path: str = "auto",
-               copy_on_write: bool | Literal["snapshot"] = True) -> Callable[[], None]:
+               cuda_graphs: bool = False) -> Callable[[], None]:
     """One default ``CRCKDLoss`` step (forward and ``loss.backward()``) at sizes ``p`` (with
-    CCD's score ``path``); every call takes the next batch of a fixed random order. The
-    module is the returned function's ``loss_fn``."""
+    CCD's score ``path``); every call takes the next batch of a fixed random order.
+    ``cuda_graphs``: the module built with ``cuda_graphs=True`` (and snapshot banks), so that
+    its second call captures its graphs and later calls replay them."""
     device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
     labels = torch.cat([torch.arange(p["C"]),
                         torch.randint(0, p["C"], (p["N"] - p["C"],), generator=g)])
     loss_fn = CRCKDLoss(labels, p["d"], p["d"], embed_dim=p["d"], num_positives=p["P"],
                         num_negatives=p["K"], temperature=p["tau"], fused=fused,
-                        path=path, copy_on_write=copy_on_write,  # type: ignore[arg-type]
-                        ).to(device)
+                        path=path,  # type: ignore[arg-type]
+                        copy_on_write="snapshot" if cuda_graphs else True,
+                        cuda_graphs=cuda_graphs).to(device)
     order = torch.randperm(p["N"], generator=g).to(device)
     student = torch.randn(p["B"], p["d"], generator=g).to(device).requires_grad_()
     teacher = torch.randn(p["B"], p["d"], generator=g).to(device)
@@ -97,7 +99,6 @@ def crckd_step(p: dict[str, Any], seed: int = 0, device: torch.device | None = N
             q.grad = None
         step()
 
-    fresh_step.loss_fn = loss_fn  # type: ignore[attr-defined]
     return fresh_step
 
 
@@ -173,7 +174,7 @@ def run_ops(bench: Bench) -> dict[str, Any]:
         out["ema_update"][buffers] = count_ema(buffers)
     if bench.device.type == "cuda":
         out["gpu_kernels"] = {}
-        # (row, fused, CCD path, whether the step replays capture_cuda_graphs' graphs)
+        # (row, fused, CCD path, whether the step replays its graphs: cuda_graphs=True)
         variants: list[tuple[str, bool | Literal["auto"], str, bool]] = [
             ("False", False, "auto", False), ("auto", "auto", "auto", False)]
         if triton_row(bench.device):
@@ -194,17 +195,13 @@ def count_kernels(p: dict[str, Any], device: torch.device,
     """GPU kernels (and copies and fills) one default ``CRCKDLoss`` step launches, and their
     summed GPU time, from ``torch.profiler`` over ``calls`` steps after three warm-up steps
     (which compile on the fused path); the profiler sees Triton's kernels too. ``graphed``
-    captures the step (``capture_cuda_graphs``) after the warm-up steps: the kernels are
-    then those the profiler reports inside the replayed graphs and around them, and the
-    host's side shows what replaying costs."""
+    builds the module with ``cuda_graphs=True``, which captures at the second warm-up step:
+    the kernels are then those the profiler reports inside the replayed graphs and around
+    them, and the host's side shows what replaying costs."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = crckd_step(p, device=device, fused=fused, path=path,
-                      copy_on_write="snapshot" if graphed else True)
+    step = crckd_step(p, device=device, fused=fused, path=path, cuda_graphs=graphed)
     for _ in range(3):
-        step()
-    if graphed:
-        step.loss_fn.capture_cuda_graphs(p["B"])  # type: ignore[attr-defined]
         step()
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
