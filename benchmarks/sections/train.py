@@ -66,8 +66,7 @@ def make_batch(device: torch.device, quick: bool = False) -> Batch:
 
 
 def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
-              graph: bool = False, path: str = "auto", snapshot: bool = False,
-              cuda_graphs: bool = False,
+              graph: bool = False, path: str = "auto", cuda_graphs: bool = False,
               ) -> tuple[Callable[[], torch.Tensor], tuple[Any, ...]]:
     """One training step of ``kind`` ("baseline", "MT" or "CRCKD") and the state it trains.
 
@@ -75,8 +74,8 @@ def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
     step is written for CUDA-graph capture (the recipe of the GPU how-to):
     banks with ``copy_on_write="snapshot"``, a capturable Adam whose gradients are zeroed in
     place after the step, and a teacher whose decay does not change (``warmup=False``).
-    ``snapshot`` gives the banks ``copy_on_write="snapshot"`` in an otherwise eager step;
-    ``cuda_graphs`` passes ``cuda_graphs=True`` to ``CRCKDLoss`` (with ``snapshot``).
+    ``cuda_graphs`` passes ``cuda_graphs=True`` to ``CRCKDLoss``, with the banks it needs
+    (``copy_on_write="snapshot"``), in an otherwise eager step.
 
     Returns:
         ``(step, (student, teacher, crckd, optimizer))``; ``step()`` returns the loss.
@@ -91,7 +90,7 @@ def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
         crckd = CRCKDLoss(b.labels, 128, 128, embed_dim=p["d"], num_positives=p["P"],
                           num_negatives=p["K"], temperature=p["tau"], fused=fused,
                           path=path,  # type: ignore[arg-type]
-                          copy_on_write="snapshot" if graph or snapshot else True,
+                          copy_on_write="snapshot" if graph or cuda_graphs else True,
                           cuda_graphs=cuda_graphs,
                           ).to(b.view1.device)
         params += list(crckd.parameters())
@@ -186,7 +185,7 @@ def graphed_loss(b: Batch) -> tuple[Callable[[], torch.Tensor], float]:
     Returns:
         ``(step, relative difference of the graphed and the eager loss)``.
     """
-    step, state = make_step(b, "CRCKD", snapshot=True, cuda_graphs=True)
+    step, state = make_step(b, "CRCKD", cuda_graphs=True)
     crckd = state[2]
     for _ in range(3):  # Z, then the capture (which compiles), then a replay
         step()
