@@ -28,7 +28,7 @@ does not do for this module:
   current, and a call the graphs do not fit runs eagerly.
 
 The graph objects come from :class:`CudaGraphs`; the tests put a host-side stand-in in its
-place (``tests/_graph_stand_in.py``) and so run all of the above on a CPU.
+place (``tests/crckd_losses/graph_stand_in.py``) and so run all of the above on a CPU.
 """
 
 from __future__ import annotations

@@ -392,7 +392,7 @@ class _CPULogSigmoid(torch.autograd.Function):
     :math:`\log u - ((u - 1) - t) / u` with :math:`u = 1 + t` (the correction restores what
     rounding :math:`u` lost; :math:`u - 1` and its difference with :math:`t` are exact), and
     the backward is :math:`\sigma(-x)` times the incoming gradient. Both are within 2 ulp of
-    float64 over :math:`x \in [-120, 120]` (``tests/test_functional.py``), as torch's own are;
+    float64 over :math:`x \in [-120, 120]` (``tests/crckd_losses/test_functional.py``), as torch's own are;
     a gradient below about 3e-39 (``x`` above about 88) is flushed to zero.
     """
 
@@ -673,7 +673,7 @@ class _CPUDenseNCE(torch.autograd.Function):
     the same order, with fewer and smaller buffers, and its four matrix products through
     :func:`_cpu_gemm`. With ``torch.mm`` products (small sizes, or oneDNN switched off) the
     losses and gradients are bit for bit those of the general path; with oneDNN's they differ
-    by float32 rounding (``tests/test_functional.py`` checks both).
+    by float32 rounding (``tests/crckd_losses/test_functional.py`` checks both).
 
     Where the general path allocates each intermediate afresh, this one gathers the sampled
     columns of both ``[B, N]`` products into one ``[2, B, P+K]`` tensor (no stack) and then

@@ -63,7 +63,7 @@ napoleon_use_rtype = False
 napoleon_custom_sections = ["Shapes"]
 
 # -- doctest: only the explicit testcode/doctest blocks of the guides ------------------------
-# The docstrings' own examples run under pytest (tests/test_docs.py and --doctest-modules),
+# The docstrings' own examples run under pytest (tests/docs/test_docs.py and --doctest-modules),
 # in their modules' namespaces.
 doctest_test_doctest_blocks = ""
 doctest_global_setup = """

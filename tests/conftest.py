@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import settings
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the reference training is not installed with the library
-    sys.path.insert(0, str(ROOT))
 
 settings.register_profile("ci", max_examples=25, deadline=None)
 settings.load_profile("ci")

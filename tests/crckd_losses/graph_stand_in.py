@@ -1,0 +1,99 @@
+"""A host-side stand-in for the CUDA graphs of ``CRCKDLoss.capture_cuda_graphs``, for its CPU
+tests (tests/crckd_losses/test_graphs.py) and for the benchmark row that uses it
+(tests/benchmarks/test_benchmarks.py).
+
+It keeps what a CUDA graph does to the state and to static tensors: a capture runs the
+Python (versions, caches, the banks' bookkeeping) but no kernel, so every tensor keeps its
+value; a replay runs the captured work on whatever the static inputs hold now and writes
+the static outputs, but no Python, so the host-side bookkeeping stays as it was. Here a
+replay runs the same function again and copies its results into the static outputs.
+"""
+
+import pytest
+import torch
+
+from crckd_losses import _graphs
+
+
+def _banks(crckd):
+    return (crckd.student_bank, crckd.teacher_bank)
+
+
+def _copy_into(static, fresh):
+    with torch.no_grad():
+        if isinstance(static, torch.Tensor):
+            static.copy_(fresh)
+        else:
+            for s, f in zip(static, fresh):
+                s.copy_(f)
+
+
+def _refuse_cached_casts():
+    """A real capture under autocast with its cast cache on would capture no cast of a weight
+    cast before it, and its replays would read that stale cast from memory the cache later
+    frees. Replaying by running the Python again cannot show that, so the stand-in refuses
+    to capture in that state."""
+    if torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled():
+        raise AssertionError("captured under autocast with its weight-cast cache on")
+
+
+class HostGraphs:
+    """Warm-up, capture and replay of one ``capture_cuda_graphs`` call, on the host."""
+
+    #: Replays of captured functions, over every instance (forward and backward counted).
+    replays = 0
+
+    def __init__(self, crckd):
+        self.crckd = crckd
+
+    def warm_up(self, fn, times):
+        _refuse_cached_casts()
+        for _ in range(times):
+            fn()
+
+    def capture(self, fn):
+        _refuse_cached_casts()
+        crckd = self.crckd
+        tensors = list(crckd.buffers())
+        before = [t.clone() for t in tensors]
+        result = fn()
+        current = [b._class_sums_current() for b in _banks(crckd)]
+        with torch.no_grad():  # a capture launches nothing: the values stay as they were
+            for t, b in zip(tensors, before):
+                t.copy_(b)
+        for bank, was in zip(_banks(crckd), current):
+            if was:  # the version counters move as the Python sees the writes
+                bank._sums_of = (bank.memory, bank.memory._version)
+
+        def replay():
+            # No Python runs in a replay: the bookkeeping is put back, with the version
+            # counters read as unchanged. The graphs are set aside while the work runs, or
+            # the module would replay them from inside, and the work runs marked as inside
+            # a capture, as it was captured (so that cuda_graphs=True does not capture).
+            host = [(b._class_sums_current(), set(b._sums_valid), set(b._requested_kinds))
+                    for b in _banks(crckd)]
+            graphs = crckd.__dict__.pop("_graphs", None)
+            crckd.__dict__["_capturing"] = True
+            try:
+                # a replay runs the captured work whatever the grad mode of its caller (an
+                # autograd Function's forward and backward run without grad)
+                with torch.enable_grad():
+                    fresh = fn()
+            finally:
+                del crckd.__dict__["_capturing"]
+                if graphs is not None:
+                    crckd.__dict__["_graphs"] = graphs
+                for b, (was, valid, requested) in zip(_banks(crckd), host):
+                    b._sums_of = (b.memory, b.memory._version) if was else None
+                    b._sums_valid, b._requested_kinds = valid, requested
+            _copy_into(result, fresh)
+            HostGraphs.replays += 1
+
+        return replay, result
+
+
+def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch, graphs=HostGraphs) -> None:
+    """Let ``capture_cuda_graphs`` run on a CPU, through ``graphs``."""
+    monkeypatch.setattr(_graphs, "_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(_graphs, "make_graphs", graphs)
+    HostGraphs.replays = 0
