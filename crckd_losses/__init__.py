@@ -4,8 +4,9 @@ Class-guided contrastive distillation, categorical relation preserving loss, mom
 memory banks and a mean teacher, exact to the method and fast.
 """
 
-from . import functional, sampling
+from . import backends, functional, sampling
 from ._checks import set_value_checks, value_checks
+from .backends.cuda_graphs import GraphedCRCKDLoss, graph_crckd_loss
 from .contrastive import CCDTerms, ClassGuidedContrastiveLoss
 from .crckd import CRCKDLoss, CRCKDOutput
 from .data import IndexedDataset
@@ -14,7 +15,7 @@ from .memory import MomentumMemoryBank
 from .relation import CategoricalRelationLoss
 from .teacher import EMATeacher, unwrap_model
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "CCDTerms",
@@ -24,9 +25,12 @@ __all__ = [
     "ClassGuidedContrastiveLoss",
     "EMATeacher",
     "EmbeddingHead",
+    "GraphedCRCKDLoss",
     "IndexedDataset",
     "MomentumMemoryBank",
+    "backends",
     "functional",
+    "graph_crckd_loss",
     "sampling",
     "set_value_checks",
     "value_checks",

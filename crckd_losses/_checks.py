@@ -146,6 +146,11 @@ def check_reduction(reduction: str) -> str:
     return check_choice("reduction", reduction, ("mean", "sum", "none"))
 
 
+def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the losses reduce in: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_sample.mean()

@@ -8,7 +8,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from . import distributed
+from . import backends, distributed
 from ._checks import (
     check_choice,
     check_finite,
@@ -23,7 +23,7 @@ from ._checks import (
     reads_values,
     warn_at_caller,
 )
-from .functional import SCORE_PATHS, ScorePath, _ccd_pair, _nce_bias
+from .backends import Backend, check_backend, compiled
 from .memory import MomentumMemoryBank
 from .sampling import SAMPLERS, Sampler
 
@@ -71,12 +71,10 @@ class ClassGuidedContrastiveLoss(nn.Module):
         sampler: how :meth:`MomentumMemoryBank.sample` draws rows: ``"independent"`` (the
             method's law for every anchor) or ``"shuffle"`` (faster; anchors of one class
             share one permutation).
-        path: ``"auto"``, ``"dense"`` or ``"gather"`` (see
-            :func:`crckd_losses.functional.contrastive_scores`), or ``"triton"``: both
-            directions, forward and backward, in hand-written Triton kernels that gather the
-            sampled rows themselves (CUDA tensors and Triton needed; five kernel launches
-            where the other paths take about twenty). Not chosen by ``"auto"``: its speed has
-            not been measured on a GPU yet (:doc:`/howto/gpu`).
+        backend: how the loss is computed, all to the same values: ``"auto"`` (default),
+            ``"reference"``, ``"dense"``, ``"gather"``, ``"compiled"`` or ``"triton"``; see
+            :mod:`crckd_losses.backends`. Here ``"auto"`` runs the general operators,
+            ``"dense"`` or ``"gather"`` by the bank's size.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
     Shapes:
@@ -110,7 +108,7 @@ class ClassGuidedContrastiveLoss(nn.Module):
         normalizer: Normalizer = "first_batch",
         normalizer_momentum: float = 0.9,
         sampler: Sampler = "independent",
-        path: ScorePath = "auto",
+        backend: Backend = "auto",
         reduction: str = "mean",
     ) -> None:
         super().__init__()
@@ -120,7 +118,7 @@ class ClassGuidedContrastiveLoss(nn.Module):
         self.normalizer = check_choice("normalizer", normalizer, NORMALIZERS)
         self.normalizer_momentum = check_unit_interval("normalizer_momentum", normalizer_momentum)
         self.sampler: Sampler = check_choice("sampler", sampler, SAMPLERS)  # type: ignore[assignment]
-        self.path: ScorePath = check_choice("path", path, SCORE_PATHS)  # type: ignore[assignment]
+        self.backend: Backend = check_backend(backend)
         self.reduction = check_reduction(reduction)
         self.register_buffer("log_normalizer", torch.zeros(2, dtype=torch.float64))
         self.register_buffer("normalizer_initialized", torch.zeros((), dtype=torch.bool))
@@ -130,7 +128,7 @@ class ClassGuidedContrastiveLoss(nn.Module):
         return (
             f"num_positives={self.num_positives}, num_negatives={self.num_negatives}, "
             f"temperature={self.temperature}, normalizer={self.normalizer!r}, "
-            f"sampler={self.sampler!r}, path={self.path!r}"
+            f"sampler={self.sampler!r}, backend={self.backend!r}"
         )
 
     def forward(
@@ -257,40 +255,23 @@ class ClassGuidedContrastiveLoss(nn.Module):
         student_bank: MomentumMemoryBank,
         teacher_bank: MomentumMemoryBank,
         sample_indices: torch.Tensor,
+        backend: Backend | None = None,
     ) -> torch.Tensor:
-        """``[2]`` (:math:`L_S, L_T`), or ``[2, B]`` unreduced, from checked arguments."""
+        """``[2]`` (:math:`L_S, L_T`), or ``[2, B]`` unreduced, from checked arguments, on
+        ``backend`` (this module's by default; compiled where it says so)."""
+        if backend is None:
+            backend = self.backend
+            if backends.compiles(backend, student_emb.device, step=False):
+                out: torch.Tensor = compiled.run(self, True, _both, self, student_emb,
+                                                 teacher_emb, student_bank, teacher_bank,
+                                                 sample_indices)
+                return out
         bank_size = student_bank.size
-
-        def bias_of(raw: torch.Tensor, scale: float, noise: float) -> torch.Tensor:
-            return self._bias(raw, scale, noise, bank_size)
-
-        return _ccd_pair(
-            student_emb, teacher_emb, student_bank.read(), teacher_bank.read(),
-            sample_indices, self.num_positives, self.temperature, self.path,
-            bias_of, self.reduction,
+        return backends.ccd_pair(
+            backend, student_emb, teacher_emb, student_bank.read(), teacher_bank.read(),
+            sample_indices, self.num_positives, self.temperature,
+            lambda raw, scale: self._normalizer(raw, scale, bank_size), self.reduction,
         )
-
-    def _bias(self, raw: torch.Tensor, scale: float, noise: float, bank_size: int
-              ) -> torch.Tensor:
-        """The NCE bias of both directions from :math:`Z`; while :math:`Z` stays frozen, built
-        once and reused (it changes only with ``log_normalizer``)."""
-        dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
-        width = raw.shape[2]
-        if self.normalizer == "first_batch" and self._initialized:
-            if torch.compiler.is_compiling():
-                return _nce_bias(self.log_normalizer, noise, width, self.num_positives, dtype)
-            key = (width, scale, noise, dtype)
-            cached = self.__dict__.get("_cached_bias")
-            z = self.log_normalizer
-            if cached is None or cached[0] is not z or cached[1] != z._version or \
-                    cached[2] != key:
-                bias = _nce_bias(z, noise, width, self.num_positives, dtype)
-                cached = (z, z._version, key, bias)
-                self.__dict__["_cached_bias"] = cached
-            bias_cached: torch.Tensor = cached[3]
-            return bias_cached
-        log_z = self._normalizer(raw * scale, bank_size)
-        return _nce_bias(log_z, noise, width, self.num_positives, dtype)
 
     def check_sample_indices(self, sample_indices: torch.Tensor, batch: int,
                              bank: MomentumMemoryBank) -> torch.Tensor:
@@ -314,10 +295,13 @@ class ClassGuidedContrastiveLoss(nn.Module):
         return sample_indices.long()
 
     @torch.no_grad()
-    def _normalizer(self, u: torch.Tensor, bank_size: int) -> torch.Tensor:
-        r"""``[2]`` :math:`\log Z` for the ``[2, B, P+K]`` scores ``u`` of both directions."""
+    def _normalizer(self, raw: torch.Tensor, scale: float, bank_size: int) -> torch.Tensor:
+        r"""``[2]`` :math:`\log Z` for the ``[2, B, P+K]`` scores ``u = scale * raw`` of both
+        directions: estimated from them on the first training call (and, with ``"ema"``,
+        moved towards them on every later one), then the buffer."""
         if self.normalizer == "first_batch" and self._initialized:
             return self.log_normalizer
+        u = raw * scale
         estimate = torch.stack(
             [distributed.global_log_mean_exp(u[k].detach().to(self.log_normalizer.dtype))
              for k in range(2)]
@@ -341,3 +325,12 @@ class ClassGuidedContrastiveLoss(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         # A Python mirror of `normalizer_initialized`, so a frozen Z costs no work per step.
         self._initialized = bool(self.normalizer_initialized)
+
+
+def _both(ccd: ClassGuidedContrastiveLoss, student_emb: torch.Tensor, teacher_emb: torch.Tensor,
+          student_bank: MomentumMemoryBank, teacher_bank: MomentumMemoryBank,
+          sample_indices: torch.Tensor) -> torch.Tensor:
+    """:meth:`ClassGuidedContrastiveLoss._both` on the general operators: what the
+    ``"compiled"`` backend compiles."""
+    return ccd._both(student_emb, teacher_emb, student_bank, teacher_bank, sample_indices,
+                     "compiled")

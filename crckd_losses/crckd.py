@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from . import _fused, _graphs
 from ._checks import (
     check_finite,
     check_float,
@@ -18,12 +17,11 @@ from ._checks import (
     check_same_device,
     check_unit_interval,
     reduce,
-    warn_at_caller,
 )
-from ._fused import Fused
+from .backends import Backend, check_backend, compiled, compiles, cuda_graphs
 from .contrastive import ClassGuidedContrastiveLoss, Normalizer
-from .functional import ScorePath, _relation_per_sample
-from .heads import EmbeddingHead, normalize_row_pair
+from .functional import _relation_per_sample
+from .heads import EmbeddingHead
 from .memory import MomentumMemoryBank, centroids_of, gather_rows, plan_write, write_banks
 from .relation import CategoricalRelationLoss
 from .sampling import Sampler, class_guided_indices
@@ -85,30 +83,15 @@ class CRCKDLoss(nn.Module):
         centroid_relu: ReLU the bank rows before averaging (method §3, the default).
         sampler: ``"independent"`` (the method's law) or ``"shuffle"`` (faster, anchors of one
             class correlated; see :meth:`MomentumMemoryBank.sample`).
-        path: ``"auto"``, ``"dense"``, ``"gather"`` or ``"triton"`` (see
-            :class:`ClassGuidedContrastiveLoss`).
         num_classes: ``C``; defaults to ``labels.max() + 1``.
-        copy_on_write: how the banks are written (see :class:`MomentumMemoryBank`):
-            ``"snapshot"`` keeps every tensor in place, for capture in a CUDA graph.
-        fused: ``"auto"`` (default) compiles the step after the checks and the sampling
-            with inductor (``torch.compile``) where that pays and works: CUDA tensors with
-            Triton installed, in one process, outside an outer ``torch.compile``. ``True``
-            compiles it on any device, ``False`` never. The compiled step matches the eager
-            one to float rounding; the first training calls compile it (once for the first
-            step, which estimates :math:`Z`, once for the steady state). Under ``"auto"`` a
-            compile failure warns and falls back to eager. With ``path="triton"``,
-            ``"auto"`` runs the step eagerly with the Triton kernels; ``True`` compiles it
-            and inductor generates its own kernels instead. See :doc:`/howto/gpu`.
-        cuda_graphs: ``True`` runs the training step as CUDA graphs without a call of your
-            own: the first training call that can be captured after the first (which
-            estimates :math:`Z`) calls :meth:`capture_cuda_graphs` for its batch size and
-            feature dtype, under its autocast, and every call that fits replays from then
-            on. It needs ``copy_on_write="snapshot"``, the module on a CUDA device and one
-            process. Calls made while a CUDA graph of your own is being captured (a whole
-            step) run eagerly into it, and a load or a move captures again at the next
-            call. A capture that fails raises, as :meth:`capture_cuda_graphs` does, with
-            the state as it was. ``False`` (default): only an explicit
-            :meth:`capture_cuda_graphs` captures.
+        backend: how the step is computed, all to the same values: ``"auto"`` (default),
+            ``"reference"``, ``"dense"``, ``"gather"``, ``"compiled"`` or ``"triton"``; see
+            :mod:`crckd_losses.backends`. ``"auto"`` compiles the step with inductor on a
+            CUDA device with Triton installed, in one process (the first training calls then
+            compile it: once for the first step, which estimates :math:`Z`, once for the
+            steady state; a compile failure warns and falls back to eager), and otherwise
+            runs the general operators. To run the step as CUDA graphs, wrap the module with
+            :func:`~crckd_losses.graph_crckd_loss`.
 
     Examples:
         >>> labels = torch.randint(0, 3, (100,))
@@ -138,21 +121,10 @@ class CRCKDLoss(nn.Module):
         normalizer_momentum: float = 0.9,
         centroid_relu: bool = True,
         sampler: Sampler = "independent",
-        path: ScorePath = "auto",
         num_classes: int | None = None,
-        copy_on_write: bool | Literal["snapshot"] = True,
-        fused: Fused = "auto",
-        cuda_graphs: bool = False,
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        self.fused: Fused = _fused.check_fused(fused)
-        if not isinstance(cuda_graphs, bool):
-            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-        if cuda_graphs and copy_on_write != "snapshot":
-            raise ValueError(
-                "cuda_graphs=True needs banks written in place: pass copy_on_write='snapshot' "
-                f"(got copy_on_write={copy_on_write!r})")
-        self.cuda_graphs = cuda_graphs
         for name, value in (("ccd_weight", ccd_weight), ("crp_weight", crp_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -162,10 +134,8 @@ class CRCKDLoss(nn.Module):
         self.centroid_relu = bool(centroid_relu)
         self.student_head = EmbeddingHead(student_dim, embed_dim)
         self.teacher_head = EmbeddingHead(teacher_dim, embed_dim)
-        self.student_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes,
-                                               copy_on_write=copy_on_write)
-        self.teacher_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes,
-                                               copy_on_write=copy_on_write)
+        self.student_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes)
+        self.teacher_bank = MomentumMemoryBank(labels, embed_dim, momentum, num_classes)
         if isinstance(num_positives, int) and num_positives > self.student_bank.size:
             raise ValueError(
                 f"num_positives={num_positives} is larger than the bank "
@@ -181,9 +151,14 @@ class CRCKDLoss(nn.Module):
             normalizer=normalizer,
             normalizer_momentum=normalizer_momentum,
             sampler=sampler,
-            path=path,
+            backend=check_backend(backend),
         )
         self.crp = CategoricalRelationLoss(temperature)
+
+    @property
+    def backend(self) -> Backend:
+        """The backend the module was built with (see :mod:`crckd_losses.backends`)."""
+        return self.ccd.backend
 
     def forward(
         self,
@@ -193,7 +168,8 @@ class CRCKDLoss(nn.Module):
         sample_indices: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> CRCKDOutput:
-        """One CRCKD step.
+        """One CRCKD step: steps 1-5 of the class docstring, after the checks and the draw of
+        the sampled rows.
 
         Args:
             student_feat: ``[B, student_dim]`` student features ``f_S``.
@@ -205,6 +181,29 @@ class CRCKDLoss(nn.Module):
         Returns:
             :class:`CRCKDOutput`.
         """
+        student_feat, teacher_feat, indices = self.check_inputs(student_feat, teacher_feat,
+                                                                indices)
+        cuda_graphs.invalidate_replays(self)
+        rows = self.student_bank._readable(indices)
+        ccd = self.ccd
+        if sample_indices is None:
+            sample_indices = class_guided_indices(
+                self.student_bank.layout, rows, ccd.num_positives, ccd.num_negatives,
+                generator, ccd.sampler)
+        else:
+            sample_indices = ccd.check_sample_indices(sample_indices, indices.shape[0],
+                                                      self.student_bank)
+        args = (self, student_feat, teacher_feat, indices, rows, sample_indices)
+        if compiles(self.backend, student_feat.device, step=True):
+            out: CRCKDOutput = compiled.run(self, self.backend == "compiled", _step, *args)
+            return out
+        return _step(*args)
+
+    def check_inputs(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                     indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The checks of :meth:`forward`: shapes, dtypes, devices, and (where
+        :func:`~crckd_losses.set_value_checks` reads them) finite features and indices in
+        range. Returns the inputs, the indices as long."""
         check_float("student_feat", student_feat, 2)
         check_float("teacher_feat", teacher_feat, 2)
         check_index("indices", indices, 1)
@@ -233,120 +232,32 @@ class CRCKDLoss(nn.Module):
                 )
             check_finite(name, feat)
         check_range("indices", indices, self.student_bank.size)
-        indices = indices.long()
-        packed = _graphs.replay_if_captured(self, student_feat, teacher_feat, indices,
-                                            sample_indices is None and generator is None)
-        if packed is not None:
-            # select, not unbind: an unbind's backward makes a zero gradient for every unused
-            # output, a select's only for its own
-            return CRCKDOutput(*(packed.select(0, i) for i in range(len(CRCKDOutput._fields))))
-        rows = self.student_bank._readable(indices)
-        ccd = self.ccd
-        if sample_indices is None:
-            sample_indices = class_guided_indices(
-                self.student_bank.layout, rows, ccd.num_positives, ccd.num_negatives,
-                generator, ccd.sampler)
-        else:
-            sample_indices = ccd.check_sample_indices(sample_indices, batch, self.student_bank)
-        # The Triton kernels are the fused CCD of path="triton": "auto" leaves that step eager.
-        fused = False if self.fused == "auto" and ccd.path == "triton" else self.fused
-        out: CRCKDOutput = _fused.run(self, fused, student_feat.device, _step, self,
-                                      student_feat, teacher_feat, indices, rows,
-                                      sample_indices)
-        return out
-
-    def capture_cuda_graphs(self, batch_size: int, num_warmup_iters: int = 3,
-                            dtype: torch.dtype | None = None) -> None:
-        """Run the training step, forward and backward, as two CUDA graphs from now on.
-
-        An eager step launches each of its kernels from Python; on a GPU that launching, not
-        the arithmetic, is most of what CRCKD adds to a training step. After this call, a
-        training-mode call with a batch of ``batch_size`` features of the captured dtype copies
-        its three inputs into static tensors and replays one graph, and ``backward`` replays
-        a second; the rest of your loop (model, optimiser, teacher) stays eager. The capture
-        follows ``torch.cuda.make_graphed_callables`` (warm-up calls on a side stream, both
-        graphs in one memory pool) and adds what this module needs:
-
-        - the warm-up calls write both banks (and move :math:`Z` under
-          ``normalizer="ema"``) from made-up features: the state is saved first and put back
-          afterwards, in place, so training continues exactly where it was; the random stream
-          is put back too, so a graphed run draws the rows an eager run from the same seed
-          would. If the capture fails, the state is put back all the same;
-        - the outputs and the gradients leave the graphs in memory of their own: an output
-          kept past the next call keeps its value, and gradients accumulate over several
-          calls (micro-batches) as they do eagerly;
-        - a backward must run before the module's next call (it reads its own call's
-          activations and the banks' snapshots, which the next call overwrites, replayed or
-          eager); a late one raises;
-        - the input checks still run on every call (shapes, devices, and values where
-          :func:`~crckd_losses.set_value_checks` reads them; on a GPU it reads none by
-          default, and the banks refuse bad rows on the device as in an eager step);
-        - a call the graphs were not captured for runs eagerly, on the same banks: another
-          batch size (the last partial batch of an epoch), eval mode, ``sample_indices`` or a
-          ``generator`` given; and, with a warning the first time, features of another
-          dtype or on another device, another autocast state, or other parameters
-          requiring gradients.
-
-        Needs: the module on a CUDA device, in training mode, built with
-        ``copy_on_write="snapshot"`` (banks written in place: the graphs hold their
-        addresses), one process (no ``torch.distributed``), and one eager training step
-        before (the first estimates :math:`Z`). Call it where you run the loss: under the
-        autocast you train with (the capture turns autocast's cache of weight casts off for
-        itself, so that each replay casts the heads' current weights), outside
-        ``torch.inference_mode()``. Loading a state dict into the module, or moving or
-        casting it, releases the graphs (a warning says so); call this again. A copy or a
-        pickle of the module leaves them behind. Do not write the banks yourself between
-        replays. See :doc:`/howto/gpu` ("Graphing only the loss").
-
-        Args:
-            batch_size: ``B`` of the calls to replay.
-            num_warmup_iters: eager calls before the capture, on made-up features (compiling
-                with ``fused`` happens there).
-            dtype: the dtype of the features the calls pass; by default the heads'. Under
-                autocast a backbone's features are often of the autocast dtype: pass it.
-
-        Raises:
-            ValueError: where one of the needs above is not met.
-            RuntimeError: on a second call.
-        """
-        self.__dict__["_graphs"] = _graphs.capture(self, batch_size, num_warmup_iters, dtype)
-
-    @property
-    def cuda_graph_replays(self) -> int:
-        """How many calls replayed the graphs of :meth:`capture_cuda_graphs` (0 without
-        them)."""
-        graphs: _graphs.Graphs | None = self.__dict__.get("_graphs")
-        return 0 if graphs is None else graphs.replays[0]
-
-    def _release_graphs(self, why: str) -> None:
-        if self.__dict__.pop("_graphs", None) is not None and not self.cuda_graphs:
-            warn_at_caller(f"{why} released the CUDA graphs of capture_cuda_graphs(); call it "
-                           "again to replay")
+        return student_feat, teacher_feat, indices.long()
 
     def __getstate__(self) -> dict[str, Any]:
-        # The graphs hold this module's addresses: a copy (copy.deepcopy) or a pickle leaves
-        # them behind and runs eagerly (with cuda_graphs=True it captures its own).
+        # The CUDA graphs of graph_crckd_loss hold this module's addresses: a copy
+        # (copy.deepcopy) or a pickle leaves them behind and runs eagerly.
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call, unused-ignore]
-        return {k: v for k, v in state.items() if k not in ("_graphs", "_capturing")}
+        return {k: v for k, v in state.items() if k != "_graphs"}
 
     def _apply(self, fn: Any, recurse: bool = True) -> CRCKDLoss:
-        self._release_graphs("moving or casting the module")
+        self.__dict__.pop("_graphs", None)  # moved or cast: graphs are captured again
         return super()._apply(fn, recurse)  # type: ignore[no-any-return, no-untyped-call, unused-ignore]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._release_graphs("load_state_dict")
+        self.__dict__.pop("_graphs", None)  # loaded: graphs are captured again
         super()._load_from_state_dict(*args, **kwargs)
 
 
 def _step(crckd: CRCKDLoss, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
           indices: torch.Tensor, rows: torch.Tensor, sample_indices: torch.Tensor
           ) -> CRCKDOutput:
-    """Steps 1-5 of :class:`CRCKDLoss` on checked inputs and drawn samples; what the fused
-    path compiles."""
-    # Both heads' normalisations in one computation (the same values as the heads' own).
-    g_s, g_t = normalize_row_pair(crckd.student_head.project(student_feat),
-                                  crckd.teacher_head.project(teacher_feat.detach()))
-    both = crckd.ccd._both(g_s, g_t, crckd.student_bank, crckd.teacher_bank, sample_indices)
+    """Steps 1-5 of :class:`CRCKDLoss` on checked inputs and drawn samples; what the
+    ``"compiled"`` backend compiles."""
+    g_s = crckd.student_head(student_feat)
+    g_t = crckd.teacher_head(teacher_feat.detach())
+    both = crckd.ccd._both(g_s, g_t, crckd.student_bank, crckd.teacher_bank, sample_indices,
+                           crckd.backend)
     banks = (crckd.student_bank, crckd.teacher_bank)
     if crckd.training:
         with torch.no_grad():

@@ -26,7 +26,13 @@ from ._checks import (
     reads_values,
     warn_at_caller,
 )
-from .sampling import SAMPLERS, ClassLayout, Sampler, class_guided_indices
+from .sampling import (
+    SAMPLERS,
+    ClassLayout,
+    Sampler,
+    class_anchor_indices,
+    class_guided_indices,
+)
 
 
 class MomentumMemoryBank(nn.Module):
@@ -421,12 +427,7 @@ class MomentumMemoryBank(nn.Module):
             ``[C * per_class]`` long row indices, class by class.
         """
         check_positive_int("per_class", per_class)
-        device = self.memory.device
-        keys = torch.rand(self.size, device=device, generator=generator) + self.labels
-        by_class = torch.argsort(keys)
-        step = torch.arange(per_class, device=device)
-        where = self._class_start[:, None] + step % self._class_count[:, None]
-        return by_class[where.flatten()]
+        return class_anchor_indices(self.layout, per_class, generator)
 
     @torch.no_grad()
     def class_anchors(

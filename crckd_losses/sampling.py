@@ -214,6 +214,43 @@ def _windows(
     return cyclic.unfold(1, width, 1)[y, start]
 
 
+def class_anchor_indices(
+    layout: ClassLayout,
+    per_class: int,
+    generator: torch.Generator | None = None,
+    pad: bool = True,
+) -> torch.Tensor:
+    """Rows for the CRP ablation (method §5): ``per_class`` random rows of each class, class
+    by class, drawn without replacement within a class.
+
+    Args:
+        layout: the bank's :class:`ClassLayout`.
+        per_class: rows per class.
+        generator: a ``torch.Generator`` on the labels' device.
+        pad: a class with fewer than ``per_class`` rows repeats them as evenly as possible
+            (``[C * per_class]`` rows in all); otherwise it gives the rows it has (the
+            released code's choice).
+
+    Returns:
+        Long row indices, class by class.
+
+    Examples:
+        >>> layout = ClassLayout.from_labels(torch.tensor([0, 1, 1, 1]), 2)
+        >>> class_anchor_indices(layout, 2).shape
+        torch.Size([4])
+        >>> class_anchor_indices(layout, 2, pad=False).shape
+        torch.Size([3])
+    """
+    labels = layout.labels
+    keys = torch.rand(labels.shape[0], device=labels.device, generator=generator) + labels
+    by_class = torch.argsort(keys)
+    if pad:
+        step = torch.arange(per_class, device=labels.device)
+        return by_class[(layout.starts[:, None] + step % layout.sizes[:, None]).flatten()]
+    rank = torch.arange(labels.shape[0], device=labels.device) - layout.starts[labels[by_class]]
+    return by_class[rank < per_class]
+
+
 def instance_indices(
     indices: torch.Tensor,
     bank_size: int,

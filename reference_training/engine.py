@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from crckd_losses import CRCKDLoss, EMATeacher, IndexedDataset, unwrap_model
 from crckd_losses.distributed import all_gather_varlen, world_size
 from crckd_losses.functional import categorical_relation_loss, consistency_kl
-from crckd_losses.sampling import instance_indices
+from crckd_losses.sampling import class_anchor_indices, instance_indices
 
 from . import checkpoint, runfiles
 from . import data as datamod
@@ -286,31 +286,14 @@ def sample_rows(run: Run, step: int) -> torch.Tensor:
                        run.generator, run.crckd.ccd.sampler)
 
 
-def anchor_rows(labels: torch.Tensor, per_class: int, pad: bool,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """The CRP ablation's rows: ``per_class`` random bank rows of each class, class by class.
-    ``pad``: a class with fewer rows repeats them (the library's
-    :meth:`~crckd_losses.MomentumMemoryBank.class_anchor_indices`); otherwise it gives the
-    rows it has (the released code)."""
-    keys = torch.rand(labels.shape[0], device=labels.device, generator=generator) + labels
-    by_class = torch.argsort(keys)
-    counts = torch.bincount(labels)
-    starts = torch.cumsum(counts, 0) - counts
-    if pad:
-        step = torch.arange(per_class, device=labels.device)
-        return by_class[(starts[:, None] + step % counts[:, None]).flatten()]
-    rank = torch.arange(labels.shape[0], device=labels.device) - starts[labels[by_class]]
-    return by_class[rank < per_class]
-
-
 def crp_to_rows(run: Run, feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
     """The CRP ablation (method §5): relations to ``crp_anchor_rows`` random rows of each class
     of the (just updated) banks instead of the class centroids, the same rows for the student
     and the teacher; L2-normalised when ``crp_anchor_norm`` is on (the released code)."""
     assert run.crckd is not None
     config, crckd = run.config, run.crckd
-    rows = anchor_rows(crckd.student_bank.labels, int(config["crp_anchor_rows"]),
-                       not config["crp_anchor_norm"], run.generator)
+    rows = class_anchor_indices(crckd.student_bank.layout, int(config["crp_anchor_rows"]),
+                                run.generator, pad=not config["crp_anchor_norm"])
     anchors = [bank.memory[rows] for bank in (crckd.student_bank, crckd.teacher_bank)]
     if config["crp_anchor_norm"]:
         anchors = [F.normalize(a, dim=1) for a in anchors]

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from crckd_losses import CRCKDLoss, EMATeacher, IndexedDataset, set_value_checks
+from crckd_losses import (
+    CRCKDLoss,
+    EMATeacher,
+    IndexedDataset,
+    MomentumMemoryBank,
+    set_value_checks,
+)
 from crckd_losses import functional as CF
 
 D64 = torch.float64
@@ -166,7 +172,6 @@ def test_functional_exports_only_its_public_names():
                  and getattr(getattr(CF, name), "__module__", None) == CF.__name__
                  and not name.startswith("_") and not isinstance(getattr(CF, name), type)}
     assert functions <= set(CF.__all__)
-    assert {"DENSE_PATH_FACTOR", "SCORE_PATHS", "ScorePath"} <= set(CF.__all__)
     assert not [name for name in CF.__all__ if name.startswith("_")]
     assert all(hasattr(CF, name) for name in CF.__all__)
     namespace: dict[str, object] = {}
@@ -300,7 +305,9 @@ def test_snapshot_banks_match_copy_on_write_and_keep_their_addresses():
     which is what a CUDA graph needs."""
     torch.manual_seed(0)
     labels, default = make(n=120)
-    _, snapshot = make(n=120, copy_on_write="snapshot")
+    _, snapshot = make(n=120)
+    for bank in (snapshot.student_bank, snapshot.teacher_bank):
+        bank.copy_on_write = "snapshot"
     snapshot.load_state_dict(default.state_dict())
     addresses = None
     for step in range(4):
@@ -326,48 +333,4 @@ def test_snapshot_banks_match_copy_on_write_and_keep_their_addresses():
         torch.testing.assert_close(getattr(snapshot, name).memory, getattr(default, name).memory,
                                    rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="copy_on_write must be True, False or 'snapshot'"):
-        make(copy_on_write="yes")
-
-
-@pytest.mark.parametrize("pair", [False, True])
-def test_head_normalisation_is_f_normalize(pair):
-    """The heads' written-out normalisation, alone and for both heads at once, against
-    F.normalize: values and gradients, with a row clamped at eps and with one output's
-    gradient unused (joined, its input's gradient is then zero)."""
-    from crckd_losses.heads import normalize_row_pair, normalize_rows
-
-    a = torch.randn(6, 8, dtype=D64)
-    a[2] = 0.0
-    b = torch.randn(6, 8, dtype=D64)
-    weights = torch.randn(6, 8, dtype=D64), torch.randn(6, 8, dtype=D64)
-    for used in ((True, True), (True, False)):
-        got = [t.clone().requires_grad_() for t in (a, b)]
-        want = [t.clone().requires_grad_() for t in (a, b)]
-        outs = normalize_row_pair(*got) if pair else [normalize_rows(t) for t in got]
-        refs = [F.normalize(t, dim=1) for t in want]
-        for o, r in zip(outs, refs):
-            torch.testing.assert_close(o, r, rtol=1e-14, atol=0)
-        for o, r, w, u in zip(outs, refs, weights, used):
-            if u:
-                (o * w).sum().backward(retain_graph=True)
-                (r * w).sum().backward(retain_graph=True)
-        for g, r in zip(got, want):
-            if r.grad is None and not pair:
-                assert g.grad is None
-                continue
-            expected = r.grad if r.grad is not None else torch.zeros_like(r)
-            assert g.grad is not None
-            torch.testing.assert_close(g.grad, expected, rtol=1e-12, atol=1e-14)
-
-
-def test_head_pair_falls_back_where_it_cannot_join():
-    from crckd_losses.heads import normalize_row_pair
-
-    a = torch.randn(3, 4, requires_grad=True)
-    b = torch.randn(3, 4, dtype=D64, requires_grad=True)  # another dtype: apart
-    x, y = normalize_row_pair(a, b)
-    assert x.dtype == torch.float32 and y.dtype == D64
-    assert x._base is None and y._base is None  # not views of one joined result
-    x, y = normalize_row_pair(a, b.float().detach())  # one side without a gradient: apart
-    assert y.grad_fn is None
-    torch.testing.assert_close(y, F.normalize(b.float(), dim=1))
+        MomentumMemoryBank(labels, 8, copy_on_write="yes")

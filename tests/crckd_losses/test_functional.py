@@ -38,13 +38,12 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("path", ["dense", "gather"])
-def test_ccd_matches_loop_reference(path):
+def test_ccd_matches_loop_reference():
     g_s, g_t, m_s, m_t, idx = make_case()
     log_z_s, log_z_t = 1.3, -0.4
     l_s, l_t = CF.class_guided_contrastive_loss(
         g_s, g_t, m_s, m_t, idx, num_positives=3, temperature=0.07,
-        student_log_normalizer=log_z_s, teacher_log_normalizer=log_z_t, path=path,
+        student_log_normalizer=log_z_s, teacher_log_normalizer=log_z_t,
     )
     ref_s = reference.nce_direction(g_s, m_t, idx, 3, 0.07, log_z_s, 40)
     ref_t = reference.nce_direction(g_t, m_s, idx, 3, 0.07, log_z_t, 40)
@@ -68,31 +67,12 @@ def test_ccd_without_normalizer_uses_batch_estimate():
                                        rel=1e-10)
 
 
-def test_dense_and_gather_paths_agree_with_grads():
-    g_s, _, _, m_t, idx = make_case(batch=8, bank=100, dim=16, positives=4, negatives=30)
-    grads = []
-    for path in ("dense", "gather"):
-        a = g_s.clone().requires_grad_()
-        loss = CF.nce_loss(CF.contrastive_scores(a, m_t, idx, 0.1, path), 0.5, 0.3, 4)
-        loss.backward()
-        grads.append((float(loss.detach()), a.grad))
-    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-12)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
-
-
-def test_choose_score_path_threshold():
-    width = 100
-    assert CF.choose_score_path(CF.DENSE_PATH_FACTOR * width, width) == "dense"
-    assert CF.choose_score_path(CF.DENSE_PATH_FACTOR * width + 1, width) == "gather"
-
-
-@pytest.mark.parametrize("path", ["dense", "gather"])
-def test_ccd_gradcheck(path):
+def test_ccd_gradcheck():
     _, _, _, m_t, idx = make_case(batch=3, bank=12, dim=4, positives=2, negatives=4)
     anchor = unit(3, 4).requires_grad_()
 
     def f(a):
-        return CF.nce_loss(CF.contrastive_scores(a, m_t, idx, 0.5, path), 0.2, 4 / 12, 2)
+        return CF.nce_loss(CF.contrastive_scores(a, m_t, idx, 0.5), 0.2, 4 / 12, 2)
 
     assert torch.autograd.gradcheck(f, (anchor,))
 
@@ -291,214 +271,3 @@ def test_labels_out_of_range_rejected():
 def test_too_few_columns_rejected():
     with pytest.raises(ValueError, match="at least one negative"):
         CF.nce_loss(torch.randn(2, 3), 0.0, 0.1, num_positives=3)
-
-
-def _ulps(got, want):
-    """|got - want| in float32 epsilons of |want| (want in float64)."""
-    scale = torch.finfo(torch.float32).eps * want.abs().clamp_min(torch.finfo(torch.float32).tiny)
-    return ((got.double() - want).abs() / scale).max().item()
-
-
-def test_cpu_logsigmoid_is_as_accurate_as_torchs():
-    """The CPU's vectorised log-sigmoid (torch's CPU log1p is a scalar loop) agrees with
-    float64 to torch's own float32 accuracy, in value and gradient, over the whole range."""
-    x = torch.cat([torch.linspace(-120, 120, 400_001), torch.logspace(-30, 2, 20_001),
-                   -torch.logspace(-30, 2, 20_001), torch.tensor([0.0, -0.0])])
-    want = F.logsigmoid(x.double().requires_grad_())
-    got = CF._CPULogSigmoid.apply(x.clone().requires_grad_())
-    torchs = F.logsigmoid(x)
-    assert _ulps(got, want) <= 2.0 and _ulps(torchs, want) <= 2.0
-    xg, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
-    CF._CPULogSigmoid.apply(xg).sum().backward()
-    F.logsigmoid(x64).sum().backward()
-    normal = x < 80  # beyond, the gradient is below 2e-35 and may be flushed to zero
-    assert _ulps(xg.grad[normal], x64.grad[normal]) <= 2.0
-    assert (xg.grad[~normal].double() - x64.grad[~normal]).abs().max() < 1e-34
-
-
-def test_cpu_logsigmoid_edges_and_double_backward():
-    x = torch.tensor([math.inf, -math.inf, math.nan, 0.0])
-    out = CF._CPULogSigmoid.apply(x)
-    assert out[0] == 0 and out[1] == -math.inf and math.isnan(out[2])
-    assert out[3] == pytest.approx(-math.log(2.0))
-    x64 = torch.randn(20, dtype=D64).mul_(10).requires_grad_()
-    assert torch.autograd.gradcheck(CF._CPULogSigmoid.apply, (x64,))
-    assert torch.autograd.gradgradcheck(CF._CPULogSigmoid.apply, (x64,))
-
-
-def test_ccd_on_cpu_takes_the_vectorised_logsigmoid_and_matches_torchs(monkeypatch):
-    """float32 CCD on a CPU runs the written-out dense pair with the vectorised log-sigmoid;
-    its losses and gradients match the F.logsigmoid path to float32 rounding."""
-    g_s, g_t, m_s, m_t, idx = (t.float() if t.is_floating_point() else t for t in make_case())
-
-    def run():
-        a, b = g_s.clone().requires_grad_(), g_t.clone().requires_grad_()
-        ls, lt = CF.class_guided_contrastive_loss(a, b, m_s, m_t, idx, 3, 0.07, 1.0, 1.0)
-        (ls + lt).backward()
-        return ls, lt, a.grad, b.grad
-
-    calls = []
-    original = CF._CPUDenseNCE.apply
-    monkeypatch.setattr(CF._CPUDenseNCE, "apply", lambda *a: calls.append(1) or original(*a))
-    fast = run()
-    assert calls
-    monkeypatch.setattr(CF, "_CPU_VECTORISED_LOGSIGMOID", False)
-    slow = run()
-    assert len(calls) == 1
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def _ccd_outputs(g_s, g_t, m_s, m_t, idx, reduction, log_z, create_graph=False,
-                 dtype=torch.float32):
-    """Losses, gradients and (with create_graph) second-order gradients of both directions."""
-    a = g_s.clone().to(dtype).requires_grad_()
-    b = g_t.clone().to(dtype).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        ls, lt = CF.class_guided_contrastive_loss(a, b, m_s, m_t, idx, 3, 0.07, log_z, log_z,
-                                                  reduction=reduction, path="dense")
-    total = (1.7 * ls + 0.3 * lt).sum()
-    grads = torch.autograd.grad(total, [a, b], create_graph=create_graph)
-    if create_graph:
-        grads = (*grads, *torch.autograd.grad((grads[0] ** 2).sum() + grads[1].sum(), [a, b]))
-    return (ls.detach(), lt.detach(), *(g.detach() for g in grads))
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("log_z", [None, 0.7])
-@pytest.mark.parametrize("create_graph", [False, True])
-def test_cpu_dense_pair_is_bitwise_the_general_path(monkeypatch, reduction, log_z,
-                                                     create_graph):
-    """With ``torch.mm`` products, the written-out CPU dense pair runs the general path's
-    operators in its order, so its losses, gradients and second-order gradients are the
-    general path's bit for bit."""
-    monkeypatch.setattr(CF, "_CPU_ONEDNN_GEMM", False)
-    case = [t.float() if t.is_floating_point() else t for t in make_case(8, 60, 16, 3, 30)]
-    calls = []
-    original = CF._CPUDenseNCE.apply
-    monkeypatch.setattr(CF._CPUDenseNCE, "apply", lambda *a: calls.append(1) or original(*a))
-    fast = _ccd_outputs(*case, reduction, log_z, create_graph)
-    assert len(calls) == 1
-    monkeypatch.setattr(CF, "_cpu_dense_pair", lambda *a: False)
-    general = _ccd_outputs(*case, reduction, log_z, create_graph)
-    assert len(calls) == 1
-    for got, want in zip(fast, general, strict=True):
-        assert torch.equal(got, want)
-
-
-needs_onednn = pytest.mark.skipif(not CF._onednn_works(),
-                                  reason="this torch build cannot run oneDNN matrix products")
-
-
-@needs_onednn
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("create_graph", [False, True])
-def test_cpu_dense_pair_with_onednn_products_matches_the_general_path(monkeypatch, reduction,
-                                                                       create_graph):
-    """Above the size threshold the pair's four products run through oneDNN (and no
-    ``torch.mm`` is left in it); losses, gradients and second-order gradients then agree with
-    the general path's to float32 rounding."""
-    monkeypatch.setattr(CF, "_ONEDNN_MIN_MACS", 1)
-    case = [t.float() if t.is_floating_point() else t for t in make_case(8, 60, 16, 3, 30)]
-    ops = _OpNames()
-    with ops:
-        fast = _ccd_outputs(*case, reduction, 0.7)
-    assert ops.names.count("mkldnn._linear_pointwise") == 4 and "aten.mm" not in ops.names
-    if create_graph:
-        fast = _ccd_outputs(*case, reduction, 0.7, create_graph=True)
-    monkeypatch.setattr(CF, "_cpu_dense_pair", lambda *a: False)
-    general = _ccd_outputs(*case, reduction, 0.7, create_graph)
-    for got, want in zip(fast, general, strict=True):
-        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
-
-
-def test_cpu_gemm_takes_onednn_only_above_its_threshold(monkeypatch):
-    """``_cpu_gemm`` is ``a @ b`` for a plain, a transposed and a strided right-hand side;
-    it takes ``torch.mm`` below the size threshold, when told not to use oneDNN, and where
-    oneDNN does not work (the probe's answer)."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(6, 10, generator=g)
-    rights = (torch.randn(10, 7, generator=g), torch.randn(7, 10, generator=g).t(),
-              torch.randn(10, 14, generator=g)[:, ::2])
-
-    def taken(min_macs, onednn=True):
-        monkeypatch.setattr(CF, "_ONEDNN_MIN_MACS", min_macs)
-        names = []
-        for b in rights:
-            ops = _OpNames()
-            with ops:
-                got = CF._cpu_gemm(a, b, onednn)
-            torch.testing.assert_close(got, a @ b, rtol=1e-6, atol=1e-6)
-            names.append("mkldnn._linear_pointwise" in ops.names)
-        return names
-
-    assert taken(6 * 10 * 7 + 1) == [False] * 3
-    if CF._onednn_works():
-        assert taken(6 * 10 * 7) == [True] * 3
-    assert taken(1, onednn=False) == [False] * 3
-    monkeypatch.setattr(CF, "_ONEDNN_WORKS", [False])
-    assert taken(1) == [False] * 3
-
-
-@needs_onednn
-def test_cpu_dense_pair_backward_takes_the_forwards_products(monkeypatch):
-    """The switch is read once, in forward: flipping it before backward changes nothing."""
-    monkeypatch.setattr(CF, "_ONEDNN_MIN_MACS", 1)
-    g_s, g_t, m_s, m_t, idx = (t.float() if t.is_floating_point() else t
-                               for t in make_case(8, 60, 16, 3, 30))
-    for first in (False, True):
-        monkeypatch.setattr(CF, "_CPU_ONEDNN_GEMM", first)
-        a = g_s.clone().requires_grad_()
-        ls, lt = CF.class_guided_contrastive_loss(a, g_t, m_s, m_t, idx, 3, path="dense")
-        monkeypatch.setattr(CF, "_CPU_ONEDNN_GEMM", not first)
-        ops = _OpNames()
-        with ops:
-            (ls + lt).backward()
-        assert ops.names.count("mkldnn._linear_pointwise") == (1 if first else 0)
-        assert ops.names.count("aten.mm") == (0 if first else 1)
-
-
-def test_onednn_probe_says_no_when_the_operator_fails(monkeypatch):
-    """A torch build whose oneDNN operator is missing or raises is detected once, and the
-    products fall back to ``torch.mm``."""
-
-    class Broken:
-        def __getattr__(self, name):
-            raise AttributeError(name)
-
-    monkeypatch.setattr(CF, "_ONEDNN_WORKS", [])
-    monkeypatch.setattr(torch.ops, "mkldnn", Broken())
-    assert CF._onednn_works() is False
-    a = torch.randn(64, 64)
-    monkeypatch.setattr(CF, "_ONEDNN_MIN_MACS", 1)
-    torch.testing.assert_close(CF._cpu_gemm(a, a), a @ a)
-
-
-def test_cpu_dense_pair_under_autocast_and_with_one_anchor_frozen(monkeypatch):
-    """bfloat16 anchors under CPU autocast are scored in float32 (the pair takes them), and an
-    anchor that needs no gradient gets none; both as on the general path."""
-    case = [t.float() if t.is_floating_point() else t for t in make_case(8, 60, 16, 3, 30)]
-    fast = _ccd_outputs(*case, "mean", 0.7, dtype=torch.bfloat16)
-    monkeypatch.setattr(CF, "_cpu_dense_pair", lambda *a: False)
-    general = _ccd_outputs(*case, "mean", 0.7, dtype=torch.bfloat16)
-    assert fast[0].dtype == torch.float32
-    for got, want in zip(fast, general, strict=True):
-        assert torch.equal(got, want)
-    monkeypatch.undo()
-    g_s, g_t, m_s, m_t, idx = case
-    a = g_s.clone().requires_grad_()
-    ls, lt = CF.class_guided_contrastive_loss(a, g_t, m_s, m_t, idx, 3, path="dense")
-    (ls + lt).backward()
-    assert a.grad is not None and g_t.grad is None
-
-
-def test_cpu_dense_pair_backward_can_run_twice():
-    """The pair's saved tensors are only read in backward (its workspace is rewritten), so a
-    graph kept with retain_graph gives the same gradients twice."""
-    g_s, g_t, m_s, m_t, idx = (t.float() if t.is_floating_point() else t
-                               for t in make_case(8, 60, 16, 3, 30))
-    a = g_s.clone().requires_grad_()
-    ls, lt = CF.class_guided_contrastive_loss(a, g_t, m_s, m_t, idx, 3, path="dense")
-    first = torch.autograd.grad(ls + lt, a, retain_graph=True)[0]
-    second = torch.autograd.grad(ls + lt, a)[0]
-    assert torch.equal(first, second) and first.abs().sum() > 0

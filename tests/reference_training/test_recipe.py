@@ -131,17 +131,6 @@ def test_released_code_recipe_killed_and_resumed_ends_like_an_uninterrupted_run(
     assert a == b
 
 
-def test_crp_ablation_rows_padded_or_as_many_as_a_class_has() -> None:
-    labels = torch.tensor([0, 1, 0, 2, 1, 0, 0, 1])  # classes of 4, 3 and 1 rows
-    gen = torch.Generator().manual_seed(0)
-    padded = engine.anchor_rows(labels, 3, True, gen)
-    assert labels[padded].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert len(set(padded[:3].tolist())) == 3 and set(padded[6:].tolist()) == {3}
-    released = engine.anchor_rows(labels, 3, False, gen)
-    assert labels[released].tolist() == [0, 0, 0, 1, 1, 1, 2]
-    assert len(set(released.tolist())) == 7
-
-
 @pytest.mark.parametrize("recipe", ["paper", "released-code"])
 def test_crp_ablation_runs_under_both_recipes(tmp_path: Path, ham: Path, tiny_config,
                                               recipe: str) -> None:

@@ -1,4 +1,4 @@
-"""Triton kernels of the CCD pair (``path="triton"``); imported only where Triton is installed.
+"""Triton kernels of the CCD pair (``backend="triton"``); imported only where Triton is installed.
 
 Three kernels compute both CCD directions, forward and backward, without forming the
 ``B x N`` product or the ``B x (P+K) x d`` block:

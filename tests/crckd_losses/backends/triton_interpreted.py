@@ -1,8 +1,8 @@
-"""The Triton kernels of ``path="triton"`` in Triton's interpreter: the same losses and
+"""The Triton kernels of ``backend="triton"`` in Triton's interpreter: the same losses and
 gradients as the general operators, and the benchmark rows that time them on CUDA.
 
 The interpreter runs the same kernel code with numpy on CPU tensors. It must be chosen before
-Triton is first imported (``TRITON_INTERPRET=1``), so ``tests/crckd_losses/test_triton.py``
+Triton is first imported (``TRITON_INTERPRET=1``), so ``tests/crckd_losses/backends/test_triton.py``
 runs this
 file in a process of its own; collected in a process without it, every test here is skipped.
 ``tests/crckd_losses/test_cuda.py`` runs the kernels compiled.
@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from crckd_losses import ClassGuidedContrastiveLoss, CRCKDLoss, MomentumMemoryBank
-from crckd_losses import functional as CF
-from crckd_losses.functional import class_guided_contrastive_loss
+from crckd_losses.backends import general
+from crckd_losses.backends import triton as triton_backend
+from tests.crckd_losses.backends.helpers import ccd_pair
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="run by tests/crckd_losses/test_triton.py"
+                                reason="run by tests/crckd_losses/backends/test_triton.py"
                                        " with TRITON_INTERPRET=1")
 
 
@@ -41,9 +42,9 @@ def close(got, want, rel=2e-6):
 
 
 def losses_and_grads(path, g_s, g_t, m_s, m_t, idx, reduction="mean", log_z=None, seed=5):
-    l_s, l_t = class_guided_contrastive_loss(
-        g_s, g_t, m_s, m_t, idx, num_positives=3, student_log_normalizer=log_z,
-        teacher_log_normalizer=log_z, reduction=reduction, path=path)
+    l_s, l_t = ccd_pair(
+        path, g_s, g_t, m_s, m_t, idx, num_positives=3, student_log_normalizer=log_z,
+        teacher_log_normalizer=log_z, reduction=reduction)
     weight = torch.randn(l_s.shape, generator=torch.Generator().manual_seed(seed))
     grads = torch.autograd.grad((l_s * weight).sum() + (0.7 * l_t * weight).sum(), [g_s, g_t])
     return l_s, l_t, *grads
@@ -64,8 +65,8 @@ def test_odd_sizes_and_masking(monkeypatch, chunk, dim):
     # d not a power of two, P + K spanning several blocks with a ragged last one, B = 1; the
     # gradient's columns in one chunk, in chunks of one block, in chunks of two blocks; a
     # large d (blocks of 8 columns).
-    monkeypatch.setattr(CF, "_TRITON_CHUNK", chunk)
-    assert CF._triton_blocks(dim)[0] == (8 if dim == 300 else 32)
+    monkeypatch.setattr(triton_backend, "CHUNK", chunk)
+    assert triton_backend.blocks(dim)[0] == (8 if dim == 300 else 32)
     args = inputs(batch=1, dim=dim, size=40, width=97)
     for a, b in zip(losses_and_grads("dense", *args), losses_and_grads("triton", *args)):
         close(b, a)
@@ -85,7 +86,8 @@ def test_half_scores_rounded_as_the_general_path(dtype):
 def test_float32_bank_rounded_under_autocast(monkeypatch):
     # CUDA autocast: float32 anchors and banks, bfloat16 scores. On a CPU the library keeps
     # float32 scores under autocast, so the score dtype is set here for both paths alike.
-    monkeypatch.setattr(CF, "_score_dtype", lambda anchor, memory: torch.bfloat16)
+    for module in (general, triton_backend):
+        monkeypatch.setattr(module, "score_dtype", lambda anchor, memory: torch.bfloat16)
     args = inputs()
     want = losses_and_grads("dense", *args)
     got = losses_and_grads("triton", *args)
@@ -98,7 +100,7 @@ def test_float32_bank_rounded_under_autocast(monkeypatch):
 def test_one_side_frozen_and_second_order():
     g_s, g_t, m_s, m_t, idx = inputs()
     for path in ("dense", "triton"):
-        l_s, l_t = class_guided_contrastive_loss(g_s, g_t.detach(), m_s, m_t, idx, 3, path=path)
+        l_s, l_t = ccd_pair(path, g_s, g_t.detach(), m_s, m_t, idx, 3)
         (grad,) = torch.autograd.grad(l_s + l_t, [g_s], create_graph=True)
         (second,) = torch.autograd.grad(grad.square().sum(), [g_s])
         if path == "dense":
@@ -113,7 +115,7 @@ def test_module_keeps_its_normaliser():
     banks = [MomentumMemoryBank(labels, dim=16) for _ in range(2)]
     losses = {}
     for path in ("dense", "triton"):
-        ccd = ClassGuidedContrastiveLoss(num_positives=4, num_negatives=32, path=path)
+        ccd = ClassGuidedContrastiveLoss(num_positives=4, num_negatives=32, backend=path)
         torch.manual_seed(1)
         steps = []
         for _ in range(3):  # the first call estimates Z; the next ones use it
@@ -137,7 +139,7 @@ def test_crckd_step_matches():
     for path in ("dense", "triton"):
         torch.manual_seed(0)
         crckd = CRCKDLoss(labels, 12, 10, embed_dim=8, num_positives=3, num_negatives=20,
-                          path=path)
+                          backend=path)
         f_s = torch.randn(5, 12, requires_grad=True)
         f_t = torch.randn(5, 10)
         result = crckd(f_s, f_t, torch.arange(5), generator=torch.Generator().manual_seed(3))
@@ -148,7 +150,7 @@ def test_crckd_step_matches():
 
 
 def test_ccd_section_checks_times_and_reports_the_triton_row(monkeypatch) -> None:
-    """The CUDA-only row of ``path="triton"``, run here in Triton's interpreter: its values
+    """The CUDA-only row of ``backend="triton"``, run here in Triton's interpreter: its values
     are checked against the dense path before timing, its step runs, and the section reports
     it (a target of its own, a sentence in the markdown)."""
     from benchmarks.sections import ccd, common
@@ -167,17 +169,17 @@ def test_ccd_section_checks_times_and_reports_the_triton_row(monkeypatch) -> Non
     meta = {"device": "cuda"}
     found = {t["name"]: t for t in ccd.SECTION.targets(result, meta)}
     assert found["ccd_speed_triton"]["value"] == 8.0 and found["ccd_speed_triton"]["met"]
-    assert "`triton kernels` is `path=\"triton\"`" in "\n".join(
+    assert "`triton kernels` is `backend=\"triton\"`" in "\n".join(
         ccd.SECTION.markdown(result, meta, "x"))
 
 
 def test_train_section_step_with_the_triton_path(monkeypatch) -> None:
     """The training step the CUDA-only row ``CRCKD, Triton kernels`` times, here in Triton's
-    interpreter on the quick grid: it trains with ``path="triton"``, eagerly."""
+    interpreter on the quick grid: it trains with ``backend="triton"``, eagerly."""
     from benchmarks.sections import train
 
     step, (_, _, crckd, _) = train.make_step(train.make_batch(torch.device("cpu"), quick=True),
-                                             "CRCKD", path="triton")
-    assert crckd.ccd.path == "triton"
+                                             "CRCKD", backend="triton")
+    assert crckd.backend == "triton"
     losses = [step() for _ in range(2)]
     assert all(bool(torch.isfinite(loss)) for loss in losses)

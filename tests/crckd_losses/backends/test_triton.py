@@ -1,5 +1,6 @@
-"""The Triton kernels of ``path="triton"``: checked against the general operators in Triton's
-interpreter (``tests/crckd_losses/triton_interpreted.py``, in a process of its own), and the
+"""The Triton kernels of ``backend="triton"``: checked against the general operators in Triton's
+interpreter (``tests/crckd_losses/backends/triton_interpreted.py``, in a process of its own),
+and the
 errors and fallbacks where they cannot run. ``tests/crckd_losses/test_cuda.py`` runs them
 compiled on a GPU."""
 
@@ -15,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crckd_losses.functional import class_guided_contrastive_loss
 from tests import ROOT
+from tests.crckd_losses.backends.helpers import ccd_pair
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="needs Triton")
@@ -97,21 +98,20 @@ def test_clear_errors_where_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = inputs()
     with pytest.raises(ValueError, match="CUDA tensors"):
-        class_guided_contrastive_loss(*args, num_positives=3, path="triton")
+        ccd_pair("triton", *args, num_positives=3)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="float64"):
-        class_guided_contrastive_loss(*inputs(dtype=torch.float64), num_positives=3,
-                                      path="triton")
+        ccd_pair("triton", *inputs(dtype=torch.float64), num_positives=3)
 
 
 def test_inside_torch_compile_the_general_path_runs(monkeypatch):
     # Inside a compiled function the Triton kernels are not called (inductor generates its
-    # own), so path="triton" there takes "auto"'s path: no error on a CPU, the same values.
+    # own), so backend="triton" there takes "auto"'s path: no error on a CPU, the same values.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = inputs()
 
     def both(path):
-        return torch.stack(class_guided_contrastive_loss(*args, num_positives=3, path=path))
+        return torch.stack(ccd_pair(path, *args, num_positives=3))
 
     compiled = torch.compile(both, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled("triton"), both("auto"), rtol=2e-6, atol=0)

@@ -1,5 +1,5 @@
-"""A host-side stand-in for the CUDA graphs of ``CRCKDLoss.capture_cuda_graphs``, for its CPU
-tests (tests/crckd_losses/test_graphs.py) and for the benchmark row that uses it
+"""A host-side stand-in for the CUDA graphs of ``graph_crckd_loss``, for its CPU tests
+(tests/crckd_losses/backends/test_cuda_graphs.py) and for the benchmark row that uses it
 (tests/benchmarks/test_benchmarks.py).
 
 It keeps what a CUDA graph does to the state and to static tensors: a capture runs the
@@ -12,7 +12,7 @@ replay runs the same function again and copies its results into the static outpu
 import pytest
 import torch
 
-from crckd_losses import _graphs
+from crckd_losses.backends import cuda_graphs
 
 
 def _banks(crckd):
@@ -38,7 +38,7 @@ def _refuse_cached_casts():
 
 
 class HostGraphs:
-    """Warm-up, capture and replay of one ``capture_cuda_graphs`` call, on the host."""
+    """Warm-up, capture and replay of one capture of ``graph_crckd_loss``, on the host."""
 
     #: Replays of captured functions, over every instance (forward and backward counted).
     replays = 0
@@ -67,20 +67,17 @@ class HostGraphs:
 
         def replay():
             # No Python runs in a replay: the bookkeeping is put back, with the version
-            # counters read as unchanged. The graphs are set aside while the work runs, or
-            # the module would replay them from inside, and the work runs marked as inside
-            # a capture, as it was captured (so that cuda_graphs=True does not capture).
+            # counters read as unchanged. The graphs are set aside while the work runs, so
+            # that the module's eager calls inside it do not count as calls between replays.
             host = [(b._class_sums_current(), set(b._sums_valid), set(b._requested_kinds))
                     for b in _banks(crckd)]
             graphs = crckd.__dict__.pop("_graphs", None)
-            crckd.__dict__["_capturing"] = True
             try:
                 # a replay runs the captured work whatever the grad mode of its caller (an
                 # autograd Function's forward and backward run without grad)
                 with torch.enable_grad():
                     fresh = fn()
             finally:
-                del crckd.__dict__["_capturing"]
                 if graphs is not None:
                     crckd.__dict__["_graphs"] = graphs
                 for b, (was, valid, requested) in zip(_banks(crckd), host):
@@ -93,7 +90,7 @@ class HostGraphs:
 
 
 def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch, graphs=HostGraphs) -> None:
-    """Let ``capture_cuda_graphs`` run on a CPU, through ``graphs``."""
-    monkeypatch.setattr(_graphs, "_DEVICE_TYPE", "cpu")
-    monkeypatch.setattr(_graphs, "make_graphs", graphs)
+    """Let ``graph_crckd_loss`` run on a CPU, through ``graphs``."""
+    monkeypatch.setattr(cuda_graphs, "_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "make_graphs", graphs)
     HostGraphs.replays = 0

@@ -1,12 +1,12 @@
-"""Compiles the Triton kernels of ``path="triton"`` ahead of time for NVIDIA GPUs, with no GPU:
+"""Compiles the Triton kernels of ``backend="triton"`` ahead of time for NVIDIA GPUs, with no GPU:
 Triton's own compiler and ``ptxas`` turn them into machine code for each target, so a kernel
 that the GPU backend rejects (a type it cannot lower, an operation it lacks) fails here, on
 any machine with Triton, and each kernel's registers and local memory (spills) are read from
 its machine code with the ``cuobjdump`` that Triton ships. Run by
-``tests/crckd_losses/test_triton.py`` in a process of its own (with a fresh cache);
+``tests/crckd_losses/backends/test_triton.py`` in a process of its own (with a fresh cache);
 prints one JSON line.
 
-    python tests/crckd_losses/triton_compile.py 75 80 90 100 120
+    python tests/crckd_losses/backends/triton_compile.py 75 80 90 100 120
 """
 
 import inspect
@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from crckd_losses import _triton_kernels as kernels
+from crckd_losses.backends import triton_kernels as kernels
 
 ROWS = {"memory_t": "*fp32", "memory_s": "*fp32", "index": "*i64"}
 SIZES = {"batch": "i32", "width": "i32", "dim": "i32"}

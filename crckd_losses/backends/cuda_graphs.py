@@ -1,5 +1,6 @@
 """CUDA graphs of a :class:`~crckd_losses.CRCKDLoss` training step, its forward and its
-backward (:meth:`~crckd_losses.CRCKDLoss.capture_cuda_graphs`).
+backward: :func:`graph_crckd_loss` wraps the module in a :class:`GraphedCRCKDLoss`, called
+as the module is.
 
 The capture follows ``torch.cuda.make_graphed_callables`` (warm-up calls on a side stream,
 then the forward and the backward captured into one memory pool), with what that function
@@ -39,11 +40,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from . import distributed
-from ._checks import check_positive_int, set_value_checks, value_checks, warn_at_caller
+from .. import distributed
+from .._checks import check_positive_int, set_value_checks, value_checks, warn_at_caller
 
 if TYPE_CHECKING:
-    from .crckd import CRCKDLoss
+    from ..crckd import CRCKDLoss, CRCKDOutput
 
 #: The device type the graphs need (the tests set ``"cpu"`` with their stand-in).
 _DEVICE_TYPE = "cuda"
@@ -166,7 +167,6 @@ class Graphs(NamedTuple):
         kinds: per bank, which running class sums the replays keep current.
         keep: tensors made outside the capture that the graphs read by address (the banks'
             snapshots, CCD's cached bias): held here so that they are never freed under them.
-        replays: ``[count]``, the calls that replayed (a list, to count in place).
         warned: the reason a call did not fit, once one has been warned about.
     """
 
@@ -176,7 +176,6 @@ class Graphs(NamedTuple):
     autocast: torch.dtype | None
     kinds: tuple[frozenset[int], ...]
     keep: tuple[Any, ...]
-    replays: list[int]
     warned: list[str]
 
 
@@ -212,36 +211,18 @@ def _capturing(device: torch.device) -> Iterator[None]:
         set_value_checks(mode)
 
 
-def _check_capturable(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int) -> None:
-    check_positive_int("batch_size", batch_size)
-    check_positive_int("num_warmup_iters", num_warmup_iters)
+def _check_capturable(crckd: CRCKDLoss) -> None:
+    """What no later call can change: refused when the wrapper is made."""
     device = crckd.student_bank.memory.device
-    if "_graphs" in crckd.__dict__:
-        raise RuntimeError("capture_cuda_graphs() was already called on this module")
     if device.type != _DEVICE_TYPE:
         raise ValueError(
-            f"capture_cuda_graphs() needs the module on a CUDA device, got {device}; move it "
+            f"graph_crckd_loss() needs the module on a CUDA device, got {device}; move it "
             "with .cuda() first")
-    if not crckd.training:
-        raise ValueError("capture_cuda_graphs() captures the training step: call it in "
-                         "training mode (eval-mode calls then run eagerly)")
-    if torch.is_inference_mode_enabled():
-        raise ValueError("capture_cuda_graphs() captures a training step, with gradients: "
-                         "call it outside torch.inference_mode()")
-    for name in ("student_bank", "teacher_bank"):
-        bank = getattr(crckd, name)
-        if bank.copy_on_write != "snapshot":
-            raise ValueError(
-                f"capture_cuda_graphs() needs banks written in place: build CRCKDLoss with "
-                f"copy_on_write='snapshot' ({name} has copy_on_write={bank.copy_on_write!r})")
     if distributed.world_size() > 1:
-        raise ValueError("capture_cuda_graphs() runs in one process only: the banks' "
+        raise ValueError("graph_crckd_loss() runs in one process only: the banks' "
                          "all-gathers under torch.distributed cannot be captured")
-    if not crckd.ccd._initialized:  # the host mirror of normalizer_initialized: no read
-        raise ValueError("capture_cuda_graphs() needs one eager training step first: the "
-                         "first step estimates the CCD normaliser Z")
     if not any(p.requires_grad for p in crckd.parameters()):
-        raise ValueError("capture_cuda_graphs() captures a training step, but no parameter "
+        raise ValueError("graph_crckd_loss() captures a training step, but no parameter "
                          "of the module requires a gradient")
 
 
@@ -283,24 +264,9 @@ def _capture_step(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
 
 
 def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
-            dtype: torch.dtype | None = None) -> Graphs:
-    """Capture ``crckd``'s training step for batches of ``batch_size`` features of ``dtype``
-    (default: the heads'); the state it trains is left as it was, whether or not the capture
-    succeeds. See :meth:`~crckd_losses.CRCKDLoss.capture_cuda_graphs`."""
-    _check_capturable(crckd, batch_size, num_warmup_iters)
-    crckd.__dict__["_capturing"] = True  # its own warm-up calls must not capture again
-    try:
-        return _capture(crckd, batch_size, num_warmup_iters, dtype)
-    finally:
-        del crckd.__dict__["_capturing"]
-
-
-def _capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
-             dtype: torch.dtype | None) -> Graphs:
-    if dtype is None:
-        dtype = crckd.student_head.linear.weight.dtype
-    elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+            dtype: torch.dtype) -> Graphs:
+    """Capture ``crckd``'s training step for batches of ``batch_size`` features of ``dtype``;
+    the state it trains is left as it was, whether or not the capture succeeds."""
     banks = (crckd.student_bank, crckd.teacher_bank)
     device = banks[0].memory.device
     with torch.no_grad():
@@ -333,9 +299,8 @@ def _capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
         for bank, kind in zip(banks, kinds):
             bank._sums_of = (bank.memory, bank.memory._version)
             bank._sums_valid = set(kind)
-    keep = (tuple(bank.__dict__.get("_snapshot") for bank in banks),
-            crckd.ccd.__dict__.get("_cached_bias"))
-    return Graphs(step, batch_size, dtype, _autocast_dtype(device), kinds, keep, [0], [])
+    keep = tuple(bank.__dict__.get("_snapshot") for bank in banks)
+    return Graphs(step, batch_size, dtype, _autocast_dtype(device), kinds, keep, [])
 
 
 def stream_capturing(device: torch.device) -> bool:
@@ -345,14 +310,12 @@ def stream_capturing(device: torch.device) -> bool:
 
 
 def may_capture(crckd: CRCKDLoss, student_feat: torch.Tensor) -> bool:
-    """Whether this (checked, training-mode) call can capture under ``cuda_graphs=True``:
-    on the graphs' device type, after the first training step, with gradients on, and
-    outside any capture (its own warm-up calls included). The needs that no later call can
-    meet either (one process, banks written in place) are left to the capture, which says
-    what is missing."""
+    """Whether this (checked, training-mode) call can be captured: on the graphs' device
+    type, after the first training step (which estimates :math:`Z`), with gradients on, and
+    outside any capture."""
     return (student_feat.device.type == _DEVICE_TYPE and crckd.ccd._initialized
             and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-            and "_capturing" not in crckd.__dict__ and not stream_capturing(student_feat.device))
+            and not stream_capturing(student_feat.device))
 
 
 def mismatch(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
@@ -368,7 +331,7 @@ def mismatch(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
                 f"{graphs.step.inputs[0].device}")
     if student_feat.dtype != graphs.dtype or teacher_feat.dtype != graphs.dtype:
         return (f"features of dtype {student_feat.dtype} and {teacher_feat.dtype}, captured "
-                f"for {graphs.dtype}: pass capture_cuda_graphs(dtype=...)")
+                f"for {graphs.dtype}: pass graph_crckd_loss(dtype=...)")
     autocast = _autocast_dtype(student_feat.device)
     if autocast != graphs.autocast:
         return (f"autocast {'off' if autocast is None else autocast} where the capture ran "
@@ -378,33 +341,13 @@ def mismatch(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
     return None
 
 
-def replay_if_captured(crckd: CRCKDLoss, student_feat: torch.Tensor,
-                       teacher_feat: torch.Tensor, indices: torch.Tensor,
-                       sampled_here: bool) -> torch.Tensor | None:
-    """The stacked outputs of this (checked) call replayed from the graphs, capturing them
-    first under ``cuda_graphs=True``; ``None`` where the call runs eagerly (``sampled_here``:
-    no ``sample_indices`` or ``generator`` given)."""
+def invalidate_replays(crckd: CRCKDLoss) -> None:
+    """Called by every eager call of ``crckd``: it rewrites the banks' snapshots in place,
+    which the backward of a replayed call still to come would read, so that backward now
+    raises (autograd's version check does not see into a graph's replay)."""
     graphs: Graphs | None = crckd.__dict__.get("_graphs")
-    replayable = crckd.training and sampled_here and not torch.compiler.is_compiling()
-    if graphs is None and replayable and crckd.cuda_graphs and may_capture(crckd, student_feat):
-        crckd.capture_cuda_graphs(student_feat.shape[0], dtype=student_feat.dtype)
-        graphs = crckd.__dict__["_graphs"]
-    if graphs is None:
-        return None
-    if replayable and not stream_capturing(student_feat.device):
-        why_not = mismatch(graphs, crckd, student_feat, teacher_feat)
-        if why_not is None:
-            return replay(graphs, crckd, student_feat, teacher_feat, indices)
-        if why_not and not graphs.warned:
-            graphs.warned.append(why_not)
-            warn_at_caller(f"this call does not fit the CUDA graphs of capture_cuda_graphs() "
-                           f"({why_not}); it runs eagerly, as will any such call (warned once)")
-    if not torch.compiler.is_compiling():
-        # This call runs eagerly and rewrites the banks' snapshots in place, which the
-        # backward of a replayed call still to come would read: that backward now raises
-        # (autograd's version check does not see into a graph's replay).
+    if graphs is not None and not torch.compiler.is_compiling():
         graphs.step.generation += 1
-    return None
 
 
 def replay(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
@@ -415,5 +358,179 @@ def replay(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
                                            indices, *graphs.step.params)
     for bank, kinds in zip((crckd.student_bank, crckd.teacher_bank), graphs.kinds):
         bank._sums_valid.intersection_update(kinds)  # in place: no Module.__setattr__
-    graphs.replays[0] += 1
     return packed
+
+
+class GraphedCRCKDLoss:
+    """A :class:`~crckd_losses.CRCKDLoss` whose training step runs as two CUDA graphs, its
+    forward and its backward; made by :func:`graph_crckd_loss`, called as the module is.
+
+    Train the module itself as before (its parameters in the optimiser, its ``state_dict``
+    in the checkpoint); call this object where the loop called the module.
+
+    Attributes:
+        crckd: the wrapped module.
+        batch_size: ``B`` of the calls that replay.
+        dtype: the feature dtype captured (``None`` until the capture: the first captured
+            call's).
+    """
+
+    def __init__(self, crckd: CRCKDLoss, batch_size: int, dtype: torch.dtype | None = None,
+                 num_warmup_iters: int = 3) -> None:
+        from ..crckd import CRCKDLoss
+
+        if not isinstance(crckd, CRCKDLoss):
+            raise TypeError(f"crckd must be a CRCKDLoss, got {type(crckd).__name__}")
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.num_warmup_iters = check_positive_int("num_warmup_iters", num_warmup_iters)
+        if dtype is not None and (not isinstance(dtype, torch.dtype)
+                                  or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        _check_capturable(crckd)
+        self.crckd, self.dtype = crckd, dtype
+        self._replays = 0
+        for bank in (crckd.student_bank, crckd.teacher_bank):
+            bank.copy_on_write = "snapshot"  # in place: the graphs hold the banks' addresses
+
+    @property
+    def replays(self) -> int:
+        """How many calls replayed the graphs, over every capture."""
+        return self._replays
+
+    def capture(self, dtype: torch.dtype | None = None) -> None:
+        """Capture the graphs now, instead of at the first call that can be captured.
+
+        Args:
+            dtype: the features' dtype (default: the wrapper's ``dtype``, else the heads').
+
+        Raises:
+            ValueError: the module not in training mode, inside ``torch.inference_mode()``,
+                or before its first training step (which estimates :math:`Z`).
+            RuntimeError: the graphs are captured already.
+        """
+        crckd = self.crckd
+        if "_graphs" in crckd.__dict__:
+            raise RuntimeError("the CUDA graphs are captured already")
+        if not crckd.training:
+            raise ValueError("graph_crckd_loss() captures the training step: capture in "
+                             "training mode (eval-mode calls then run eagerly)")
+        if torch.is_inference_mode_enabled():
+            raise ValueError("graph_crckd_loss() captures a training step, with gradients: "
+                             "capture outside torch.inference_mode()")
+        if not crckd.ccd._initialized:  # the host mirror of normalizer_initialized: no read
+            raise ValueError("graph_crckd_loss() needs one eager training step first: the "
+                             "first step estimates the CCD normaliser Z")
+        dtype = dtype or self.dtype or crckd.student_head.linear.weight.dtype
+        crckd.__dict__["_graphs"] = capture(crckd, self.batch_size, self.num_warmup_iters, dtype)
+
+    def __call__(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                 indices: torch.Tensor, sample_indices: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> CRCKDOutput:
+        """One CRCKD step, as :meth:`CRCKDLoss.forward <crckd_losses.CRCKDLoss.forward>`:
+        replayed where it fits the graphs (capturing them at the first call that can be
+        captured), eagerly otherwise."""
+        from ..crckd import CRCKDOutput
+
+        crckd = self.crckd
+        if crckd.training and sample_indices is None and generator is None and \
+                not torch.compiler.is_compiling():
+            student_feat, teacher_feat, indices = crckd.check_inputs(student_feat, teacher_feat,
+                                                                     indices)
+            packed = self._replay(student_feat, teacher_feat, indices)
+            if packed is not None:
+                # select, not unbind: an unbind's backward makes a zero gradient for every
+                # unused output, a select's only for its own
+                return CRCKDOutput(*(packed.select(0, i) for i in range(len(CRCKDOutput._fields))))
+        out: CRCKDOutput = crckd(student_feat, teacher_feat, indices, sample_indices, generator)
+        return out
+
+    def _replay(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                indices: torch.Tensor) -> torch.Tensor | None:
+        """The stacked outputs of this (checked, training) call replayed, capturing the graphs
+        first where they are missing and the call can be captured; ``None`` where the call
+        must run eagerly."""
+        crckd = self.crckd
+        graphs: Graphs | None = crckd.__dict__.get("_graphs")
+        if stream_capturing(student_feat.device):
+            return None  # inside a capture of the caller's own: recorded eagerly
+        if graphs is None and student_feat.shape[0] == self.batch_size and \
+                may_capture(crckd, student_feat):
+            self.capture(self.dtype or student_feat.dtype)
+            graphs = crckd.__dict__["_graphs"]
+        if graphs is None:
+            return None
+        why_not = mismatch(graphs, crckd, student_feat, teacher_feat)
+        if why_not is None:
+            self._replays += 1
+            return replay(graphs, crckd, student_feat, teacher_feat, indices)
+        if why_not and not graphs.warned:
+            graphs.warned.append(why_not)
+            warn_at_caller(f"this call does not fit the CUDA graphs of graph_crckd_loss() "
+                           f"({why_not}); it runs eagerly, as will any such call (warned once)")
+        return None
+
+
+def graph_crckd_loss(crckd: CRCKDLoss, batch_size: int, dtype: torch.dtype | None = None,
+                     num_warmup_iters: int = 3) -> GraphedCRCKDLoss:
+    """Run ``crckd``'s training step as two CUDA graphs, its forward and its backward.
+
+    An eager step launches each of its kernels from Python; on a GPU that launching, not the
+    arithmetic, is most of what CRCKD adds to a training step. The returned object is called
+    as ``crckd`` is. Its first training call that can be captured (after the module's first
+    training step, which estimates :math:`Z`; with gradients on; with ``batch_size``
+    features) captures the step; from then on a training call with a batch of
+    ``batch_size`` features of the captured dtype copies its three inputs into static
+    tensors and replays one graph, and ``backward`` replays a second; the rest of your loop
+    (model, optimiser, teacher) stays eager. The capture follows
+    ``torch.cuda.make_graphed_callables`` (warm-up calls on a side stream, both graphs in one
+    memory pool) and adds what this module needs:
+
+    - the banks are switched to in-place writes read through snapshots
+      (``copy_on_write="snapshot"`` of :class:`~crckd_losses.MomentumMemoryBank`): the graphs
+      hold their addresses;
+    - the warm-up calls write both banks (and move :math:`Z` under ``normalizer="ema"``)
+      from made-up features: the state is saved first and put back afterwards, in place, so
+      training continues exactly where it was; the random stream is put back too, so a
+      graphed run draws the rows an eager run from the same seed would. If the capture
+      fails, the state is put back all the same, and the error is raised;
+    - the outputs and the gradients leave the graphs in memory of their own: an output kept
+      past the next call keeps its value, and gradients accumulate over several calls
+      (micro-batches) as they do eagerly;
+    - a backward must run before the module's next call (it reads its own call's
+      activations and the banks' snapshots, which the next call overwrites, replayed or
+      eager); a late one raises;
+    - the input checks still run on every call (shapes, devices, and values where
+      :func:`~crckd_losses.set_value_checks` reads them; on a GPU it reads none by default,
+      and the banks refuse bad rows on the device as in an eager step);
+    - a call the graphs do not fit runs eagerly, on the same banks: another batch size (the
+      last partial batch of an epoch), eval mode, ``sample_indices`` or a ``generator``
+      given, a call inside a CUDA-graph capture of your own (a whole step); and, with a
+      warning the first time, features of another dtype or on another device, another
+      autocast state, or other parameters requiring gradients;
+    - loading a state dict into the module, or moving or casting it, releases the graphs:
+      the next call that can be captured captures them again. A copy or a pickle of the
+      module leaves them behind.
+
+    Call it where you run the loss: under the autocast you train with (the capture turns
+    autocast's cache of weight casts off for itself, so that each replay casts the heads'
+    current weights), outside ``torch.inference_mode()``. Do not write the banks yourself
+    between replays. It has never run on a GPU: see :data:`crckd_losses.backends.STATUS`
+    and :doc:`/howto/gpu`.
+
+    Args:
+        crckd: the module, on a CUDA device, in one process.
+        batch_size: ``B`` of the calls to replay.
+        dtype: the dtype of the features the calls pass; by default the first captured
+            call's. Under autocast a backbone's features are often of the autocast dtype.
+        num_warmup_iters: eager calls before the capture, on made-up features.
+
+    Returns:
+        A :class:`GraphedCRCKDLoss` (its :meth:`~GraphedCRCKDLoss.capture` captures at once).
+
+    Raises:
+        ValueError: the module not on a CUDA device, several processes, or no parameter
+            requiring a gradient.
+        TypeError: ``crckd`` not a :class:`~crckd_losses.CRCKDLoss`, a ``dtype`` that is not
+            floating point.
+    """
+    return GraphedCRCKDLoss(crckd, batch_size, dtype, num_warmup_iters)

@@ -1,5 +1,5 @@
-"""CRCKDLoss's fused path: the step compiled with inductor matches the eager step, "auto"
-chooses it only where it pays, and a failed compile under "auto" falls back."""
+"""The "compiled" backend: the step compiled with inductor matches the eager step, "auto"
+chooses it only where it pays and has run, and a failed compile under "auto" falls back."""
 
 import copy
 
@@ -7,16 +7,18 @@ import pytest
 import torch
 import torch._inductor.exc
 
-from crckd_losses import CRCKDLoss, _fused
+from crckd_losses import CRCKDLoss, backends
+from crckd_losses import crckd as crckd_module
+from crckd_losses.backends import compiled, compiles
 
 
-def _pair(fused_b, **kw):
+def _pair(backend_b, **kw):
     torch.manual_seed(0)
     labels = torch.arange(120) % 4
     kw = {"embed_dim": 8, "num_positives": 4, "num_negatives": 30, **kw}
-    a = CRCKDLoss(labels, student_dim=10, teacher_dim=12, fused=False, **kw)
+    a = CRCKDLoss(labels, student_dim=10, teacher_dim=12, backend="dense", **kw)
     b = copy.deepcopy(a)
-    b.fused = fused_b
+    b.ccd.backend = backend_b
     return a, b
 
 
@@ -32,7 +34,8 @@ def _step(crckd, seed, batch=6):
 
 
 # torch 2.10 and 2.11's CPU inductor generates C++ for this step that does not compile
-# ("'decltype' evaluates to 'float'"), so fused=True raises there; 2.12 and later compile it.
+# ("'decltype' evaluates to 'float'"), so backend="compiled" raises there; 2.12 and later
+# compile it.
 # On a GPU torch 2.11 compiles and runs the step (Triton, not C++).
 _CPU_CODEGEN_BUG = (2, 10) <= torch.__version__ < (2, 12)  # TorchVersion compares with tuples
 
@@ -45,7 +48,7 @@ def test_compiled_step_matches_eager_over_training_steps():
     batch), each sampling from its own generator: losses, input gradients, head gradients,
     both banks, centroids and Z agree to float32 rounding."""
     torch._dynamo.reset()
-    eager, fused = _pair(True)
+    eager, fused = _pair("compiled")
     for seed, batch in ((0, 6), (1, 6), (2, 6), (3, 4)):
         want, want_grad = _step(eager, seed, batch)
         got, got_grad = _step(fused, seed, batch)
@@ -67,7 +70,7 @@ def test_compiled_step_masks_a_non_finite_row_like_eager():
     from crckd_losses import set_value_checks
 
     torch._dynamo.reset()
-    eager, fused = _pair(True)
+    eager, fused = _pair("compiled")
     f_s, f_t = torch.randn(5, 10), torch.randn(5, 12)
     f_s[2, 0] = float("nan")
     idx = torch.tensor([3, 8, 9, 50, 77])
@@ -83,24 +86,28 @@ def test_compiled_step_masks_a_non_finite_row_like_eager():
     torch.testing.assert_close(fused.student_bank.memory, eager.student_bank.memory)
 
 
-def test_auto_is_eager_on_cpu_and_compiles_only_on_cuda_with_triton(monkeypatch):
-    cpu = torch.device("cpu")
-    cuda = torch.device("cuda")
-    assert not _fused.use_fused("auto", cpu)
-    assert _fused.use_fused(True, cpu)
-    assert not _fused.use_fused(False, cuda)
-    monkeypatch.setattr(_fused, "triton_available", lambda: True)
-    assert _fused.use_fused("auto", cuda)
-    monkeypatch.setattr(_fused, "triton_available", lambda: False)
-    assert not _fused.use_fused("auto", cuda)
+def test_auto_compiles_only_a_crckd_step_on_cuda_with_triton_where_it_has_run(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not compiles("auto", cpu, step=True)
+    assert compiles("compiled", cpu, step=False) and compiles("compiled", cuda, step=True)
+    assert not compiles("dense", cuda, step=True)
+    monkeypatch.setattr(backends.triton, "available", lambda: True)
+    assert compiles("auto", cuda, step=True)
+    assert not compiles("auto", cuda, step=False)  # CCD alone: never run compiled on a GPU
+    # "auto" reads the status table: without a recorded GPU run it does not compile there
+    monkeypatch.setitem(backends.STATUS, "compiled", {"cpu": backends.STATUS["compiled"]["cpu"]})
+    assert not compiles("auto", cuda, step=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(backends.triton, "available", lambda: False)
+    assert not compiles("auto", cuda, step=True)
 
     def refuse(fn):
         raise AssertionError("auto compiled on a CPU")
 
-    monkeypatch.setattr(_fused, "compiled", refuse)
+    monkeypatch.setattr(compiled, "compiled", refuse)
     crckd = CRCKDLoss(torch.arange(40) % 2, 6, 6, embed_dim=4, num_positives=2,
                       num_negatives=5)
-    assert crckd.fused == "auto"
+    assert crckd.backend == "auto"
     crckd(torch.randn(3, 6), torch.randn(3, 6), torch.arange(3)).loss.backward()
 
 
@@ -110,8 +117,8 @@ def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
             raise torch._dynamo.exc.TorchDynamoException("no compiler here")
         return call
 
-    monkeypatch.setattr(_fused, "compiled", broken)
-    monkeypatch.setattr(_fused, "use_fused", lambda setting, device: setting is not False)
+    monkeypatch.setattr(compiled, "compiled", broken)
+    monkeypatch.setattr(crckd_module, "compiles", lambda backend, device, step: True)
     eager, auto = _pair("auto")
     with pytest.warns(UserWarning, match="no compiler here"):
         got, _ = _step(auto, 0)
@@ -124,7 +131,7 @@ def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _step(auto, 1)
-    _, forced = _pair(True)
+    _, forced = _pair("compiled")
     with pytest.raises(torch._dynamo.exc.TorchDynamoException):
         _step(forced, 0)
 
@@ -141,36 +148,35 @@ def test_auto_falls_back_on_an_error_raised_while_tracing_but_not_on_the_steps_o
             return call
         return compile_
 
-    monkeypatch.setattr(_fused, "use_fused", lambda setting, device: setting is not False)
-    monkeypatch.setattr(_fused, "compiled", traced_error(AssertionError("internal")))
-    owner, cpu = type("Owner", (), {})(), torch.device("cpu")
+    monkeypatch.setattr(compiled, "compiled", traced_error(AssertionError("internal")))
+    owner = type("Owner", (), {})()
     with pytest.warns(UserWarning, match="AssertionError: internal"):
-        assert _fused.run(owner, "auto", cpu, lambda x: x + 1, 1) == 2
-    assert owner._fused_failed
+        assert compiled.run(owner, False, lambda x: x + 1, 1) == 2
+    assert owner._compile_failed
     with pytest.raises(AssertionError, match="internal"):
-        _fused.run(type("Owner", (), {})(), True, cpu, lambda x: x + 1, 1)
+        compiled.run(type("Owner", (), {})(), True, lambda x: x + 1, 1)
     # The eager call raises it too: the step's own error, raised; compiling is tried again.
-    monkeypatch.setattr(_fused, "compiled", traced_error(ValueError("bad input")))
+    monkeypatch.setattr(compiled, "compiled", traced_error(ValueError("bad input")))
     owner = type("Owner", (), {})()
 
     def step(x):
         raise ValueError("bad input")
 
     with pytest.raises(ValueError, match="bad input"):
-        _fused.run(owner, "auto", cpu, step, 1)
-    assert not owner.__dict__.get("_fused_failed")
-    assert not _fused.is_compile_error(ValueError("raised by a compiled kernel's caller"))
+        compiled.run(owner, False, step, 1)
+    assert not owner.__dict__.get("_compile_failed")
+    assert not compiled.is_compile_error(ValueError("raised by a compiled kernel's caller"))
 
 
-def test_fused_setting_is_checked():
-    with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
+def test_backend_is_checked():
+    with pytest.raises(ValueError, match="backend must be one of"):
         CRCKDLoss(torch.arange(10) % 2, 4, 4, embed_dim=4, num_positives=2,
-                  num_negatives=4, fused="yes")
+                  num_negatives=4, backend="fused")
 
 
 def test_a_dispatch_mode_runs_the_step_eagerly(monkeypatch):
     """Operator counters and memory trackers are TorchDispatchModes, which compiled code cannot
-    run under: there even fused=True runs the eager step."""
+    run under: there even backend="compiled" runs the eager step."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -183,8 +189,8 @@ def test_a_dispatch_mode_runs_the_step_eagerly(monkeypatch):
     def refuse(fn):
         raise AssertionError("compiled under a dispatch mode")
 
-    monkeypatch.setattr(_fused, "compiled", refuse)
-    _, fused = _pair(True)
+    monkeypatch.setattr(compiled, "compiled", refuse)
+    _, fused = _pair("compiled")
     with Count():
         _step(fused, 0)
     assert Count.calls > 0
