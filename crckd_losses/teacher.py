@@ -196,6 +196,12 @@ class EMATeacher(nn.Module):
                 f"student {kind} do not match the teacher's: update() needs the architecture "
                 "the teacher was copied from"
             )
+        for (name, t), (_, s) in zip(teacher, student):
+            if t.dtype != s.dtype:
+                raise ValueError(
+                    f"the student's {name} is {s.dtype} but the teacher's is {t.dtype}: cast "
+                    f"the teacher too (teacher.to({s.dtype})) or build it after the cast"
+                )
         return [(t, s) for (_, t), (_, s) in zip(teacher, student)]
 
 

@@ -92,13 +92,14 @@ def has_run_on(name: str, device_type: str) -> bool:
 
 
 def status_table() -> str:
-    """:data:`STATUS` as a Markdown table, one row per backend: its GPU runs (device, commit,
-    date, result) or "never run on a GPU"."""
-    lines = ["| backend | on a GPU |", "|---|---|"]
+    """:data:`STATUS` as an RST list-table (the one on the GPU how-to page), one row per
+    backend: its GPU runs (device, commit, date, result) or "never run on a GPU"."""
+    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 14 86", "",
+             "   * - backend", "     - on a GPU"]
     for name, runs in STATUS.items():
         gpu = "; ".join(f"{r.device}, commit {r.commit}, {r.date}: {r.result}"
                         for r in runs.get("cuda", ()))
-        lines.append(f"| {name} | {gpu or 'never run on a GPU'} |")
+        lines += [f"   * - ``{name}``", f"     - {gpu or 'never run on a GPU'}"]
     return "\n".join(lines)
 
 

@@ -235,3 +235,42 @@ def test_crp_module_matches_reference():
     assert float(got) == pytest.approx(reference.crp(g_s, g_t, c_s, c_t, 0.2), rel=1e-10)
     with pytest.raises(ValueError, match="centroids have size"):
         CategoricalRelationLoss()(g_s, g_t, c_s[:, :2], c_t[:, :2])
+
+
+def test_a_z_loaded_into_a_loss_that_has_run_is_the_one_used():
+    """Loading a state dict (another Z) into a loss that has already run: its next value is
+    that of a fresh loss loaded with the same state, not one computed from the old Z."""
+    _, (bank_s, bank_t), g_s, g_t, idx = setup()
+    sample = bank_s.sample(idx, 3, 10)
+    ran = ClassGuidedContrastiveLoss(3, 10)
+    ran(g_s, g_t, idx, bank_s, bank_t, sample_indices=sample)
+    other = ClassGuidedContrastiveLoss(3, 10)
+    other(F.normalize(g_s + 1.0, dim=1), g_t, idx, bank_s, bank_t, sample_indices=sample)
+    assert not torch.equal(other.log_normalizer, ran.log_normalizer)
+    ran.load_state_dict(other.state_dict())
+    fresh = ClassGuidedContrastiveLoss(3, 10)
+    fresh.load_state_dict(other.state_dict())
+    want = fresh(g_s, g_t, idx, bank_s, bank_t, sample_indices=sample)
+    got = ran(g_s, g_t, idx, bank_s, bank_t, sample_indices=sample)
+    assert float(got) == float(want)
+    with torch.no_grad():  # changed in place, as an optimiser or a user would
+        ran.log_normalizer.add_(0.5)
+    moved = ran(g_s, g_t, idx, bank_s, bank_t, sample_indices=sample)
+    assert float(moved) != float(want)
+
+
+def test_ema_normalizer_with_momentum_zero_follows_each_batch():
+    """normalizer="ema" with momentum 0: Z is each training batch's own estimate."""
+    _, (bank_s, bank_t), g_s, g_t, idx = setup()
+    ccd = ClassGuidedContrastiveLoss(3, 10, normalizer="ema", normalizer_momentum=0.0)
+    for shift in (0.0, 0.4):
+        a = F.normalize(g_s + shift, dim=1)
+        sample = bank_s.sample(idx, 3, 10)
+        ccd(a, g_t, idx, bank_s, bank_t, sample_indices=sample)
+        want = reference.first_batch_log_z(a, bank_t.memory, sample, 0.07, 120)
+        assert float(ccd.log_normalizer[0]) == pytest.approx(want, rel=1e-10)
+
+
+def test_crp_default_temperature():
+    assert CategoricalRelationLoss().temperature == 0.07
+    assert ClassGuidedContrastiveLoss().temperature == 0.07

@@ -334,3 +334,21 @@ def test_snapshot_banks_match_copy_on_write_and_keep_their_addresses():
                                    rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="copy_on_write must be True, False or 'snapshot'"):
         MomentumMemoryBank(labels, 8, copy_on_write="yes")
+
+
+def test_a_state_dict_saved_by_version_0_2_loads_and_continues():
+    """``data/crckd_state_v0.2.pt`` was saved by version 0.2 (commit 915dc3f) after two
+    training steps, with a third step's inputs and outputs. Loaded into today's module (the
+    class sums' ``[2, C, d]`` format included), the third step gives the same losses and the
+    same bank to float32 rounding."""
+    from pathlib import Path
+
+    saved = torch.load(Path(__file__).parent / "data" / "crckd_state_v0.2.pt")
+    crckd = CRCKDLoss(torch.arange(30) % 3, 6, 5, embed_dim=4, num_positives=3,
+                      num_negatives=8)
+    crckd.load_state_dict(saved["state_dict"])
+    assert crckd.student_bank.class_sums.shape == (2, 3, 4)
+    out = crckd(*saved["inputs"][:3], sample_indices=saved["inputs"][3])
+    for got, want in zip(out, saved["outputs"], strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(crckd.student_bank.memory, saved["memory_after"])

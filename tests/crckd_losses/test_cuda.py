@@ -5,30 +5,28 @@ import importlib.util
 import pytest
 import torch
 
-from crckd_losses import CRCKDLoss, EMATeacher, MomentumMemoryBank
+from crckd_losses import CRCKDLoss, EMATeacher, MomentumMemoryBank, backends, graph_crckd_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="needs Triton")
 
 
-def paper_sized(device, dtype=torch.float32, fused=False):
+def paper_sized(device, dtype=torch.float32, backend="dense"):
     torch.manual_seed(0)
     labels = torch.randint(0, 7, (7012,))
     labels[:7] = torch.arange(7)
-    crckd = CRCKDLoss(labels, 128, 128, fused=fused).to(device=device, dtype=dtype)
+    crckd = CRCKDLoss(labels, 128, 128, backend=backend).to(device=device, dtype=dtype)
     f_s = torch.randn(64, 128, dtype=dtype)
     f_t = torch.randn(64, 128, dtype=dtype)
     idx = torch.randperm(7012)[:64]
     return crckd, f_s.to(device), f_t.to(device), idx.to(device)
 
 
-@pytest.mark.parametrize("path", ["dense", "gather"])
-def test_step_matches_cpu(path):
-    cpu, f_s, f_t, idx = paper_sized("cpu", torch.float64)
-    gpu, *_ = paper_sized("cuda", torch.float64)
-    for module in (cpu, gpu):
-        module.ccd.path = path
+@pytest.mark.parametrize("backend", ["reference", "dense", "gather"])
+def test_step_matches_cpu(backend):
+    cpu, f_s, f_t, idx = paper_sized("cpu", torch.float64, "reference")
+    gpu, *_ = paper_sized("cuda", torch.float64, backend)
     sample = cpu.student_bank.sample(idx, 20, 4096)
     want = cpu(f_s, f_t, idx, sample_indices=sample)
     got = gpu(f_s.cuda(), f_t.cuda(), idx.cuda(), sample_indices=sample.cuda())
@@ -67,7 +65,7 @@ def test_autocast_close_to_float32(dtype):
 @needs_triton
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16])
 def test_triton_path_matches_dense(autocast):
-    """path="triton" (compiled kernels) against the dense path: the same losses, the same
+    """backend="triton" (compiled kernels) against the dense path: the same losses, the same
     gradients of both heads, at the paper's sizes, in float32 and under autocast."""
     crckd, f_s, f_t, idx = paper_sized("cuda")
     sample = crckd.student_bank.sample(idx, 20, 4096)
@@ -76,7 +74,7 @@ def test_triton_path_matches_dense(autocast):
     crckd(f_s, f_t, idx, sample_indices=sample)  # Z estimated once, then frozen for both
     results = {}
     for path in ("dense", "triton"):
-        crckd.ccd.path = path
+        crckd.ccd.backend = path
         crckd.zero_grad()
         f = f_s.clone().requires_grad_()
         with torch.autocast("cuda", dtype=autocast or torch.float32,
@@ -92,20 +90,16 @@ def test_triton_path_matches_dense(autocast):
 
 
 @pytest.mark.parametrize("sampler", ["independent", "shuffle"])
-@pytest.mark.parametrize("fused", [False, "auto", "triton"])
-def test_default_training_step_has_no_host_sync(sampler, fused):
+@pytest.mark.parametrize("backend", ["dense", "auto", "compiled", "triton"])
+def test_default_training_step_has_no_host_sync(sampler, backend):
     """A whole default step: CRCKDLoss forward and backward (sampling, both bank updates,
     centroids, the first call's Z too) and the EMA update, with the default value checks;
-    eager, and on the fused path that "auto" selects on CUDA (compiled by two warm-up steps
-    first, since compiling is not a training step)."""
-    if fused == "triton":  # the step with path="triton": eager, the CCD in Triton kernels
-        if importlib.util.find_spec("triton") is None:
-            pytest.skip("needs Triton")
-        fused = "auto"
-        crckd, f_s, f_t, idx = paper_sized("cuda", fused=fused)
-        crckd.ccd.path = "triton"
-    else:
-        crckd, f_s, f_t, idx = paper_sized("cuda", fused=fused)
+    eager, and compiled (by two warm-up steps first, since compiling is not a training
+    step)."""
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("needs Triton")
+    crckd, f_s, f_t, idx = paper_sized("cuda", backend=backend)
+    fused = backends.compiles(backend, f_s.device, step=True)
     crckd.ccd.sampler = sampler
     student = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.BatchNorm1d(128)).cuda()
     teacher = EMATeacher(student)
@@ -158,10 +152,9 @@ def test_ema_teacher_on_device():
         torch.testing.assert_close(t, 0.5 * b + 0.5 * s)
 
 
-def test_auto_takes_the_fused_path_on_cuda():
-    from crckd_losses import _fused
-
-    assert _fused.use_fused("auto", torch.device("cuda")) == _fused.triton_available()
+def test_auto_compiles_the_step_on_cuda():
+    assert backends.compiles("auto", torch.device("cuda"), step=True) == \
+        backends.triton.available()
 
 
 def test_compile_inductor_matches_eager():
@@ -176,15 +169,14 @@ def test_compile_inductor_matches_eager():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-def _graph_setup(seed=0, fused=False):
+def _graph_setup(seed=0, backend="dense"):
     torch.manual_seed(seed)
     labels = torch.randint(0, 7, (7012,))
     labels[:7] = torch.arange(7)
     student = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.BatchNorm1d(128)).cuda()
-    path = "triton" if fused == "triton" else "auto"
-    fused = "auto" if fused == "triton" else fused
-    crckd = CRCKDLoss(labels.cuda(), 128, 128, copy_on_write="snapshot", fused=fused,
-                      path=path).cuda()
+    crckd = CRCKDLoss(labels.cuda(), 128, 128, backend=backend).cuda()
+    for bank in (crckd.student_bank, crckd.teacher_bank):
+        bank.copy_on_write = "snapshot"  # in place: the whole step is captured
     teacher = EMATeacher(student, warmup=False)
     optimizer = torch.optim.Adam([*student.parameters(), *crckd.parameters()], lr=1e-3,
                                  capturable=True)
@@ -201,15 +193,16 @@ def _step(student, crckd, teacher, optimizer, x, f_t, idx, sample=None):
 
 
 @pytest.mark.parametrize("sampled", [False, True])
-@pytest.mark.parametrize("fused", [False, "auto", pytest.param("triton", marks=needs_triton)])
-def test_cuda_graph_replays_a_whole_step(sampled, fused):
+@pytest.mark.parametrize("backend",
+                         ["dense", "auto", pytest.param("triton", marks=needs_triton)])
+def test_cuda_graph_replays_a_whole_step(sampled, backend):
     """The whole default step (forward, backward, both bank updates, centroids, the optimiser
     and the EMA update) captured once and replayed: every replay matches eager execution of
     the same step, with the rows given and with the library's sampler drawing from the same
     seed; the banks, the teacher and the loss agree after four steps."""
     import copy
 
-    parts = _graph_setup(fused=fused)
+    parts = _graph_setup(backend=backend)
     x = torch.randn(64, 64, device="cuda")
     f_t = torch.randn(64, 128, device="cuda")
     idx = torch.randperm(7012, device="cuda")[:64]
@@ -255,12 +248,11 @@ def test_cuda_graph_replays_a_whole_step(sampled, fused):
     assert not torch.equal(rows_seen[0], rows_seen[-1])
 
 
-def _trained_once(fused, path="auto"):
+def _trained_once(backend="dense"):
     torch.manual_seed(0)
     labels = torch.randint(0, 7, (7012,))
     labels[:7] = torch.arange(7)
-    crckd = CRCKDLoss(labels.cuda(), 128, 128, copy_on_write="snapshot", fused=fused,
-                      path=path).cuda()
+    crckd = CRCKDLoss(labels.cuda(), 128, 128, backend=backend).cuda()
     torch.cuda.manual_seed(1)
     f_s = torch.randn(64, 128, device="cuda", requires_grad=True)
     crckd(f_s, torch.randn(64, 128, device="cuda"), torch.arange(64, device="cuda")
@@ -268,25 +260,26 @@ def _trained_once(fused, path="auto"):
     return crckd
 
 
-@pytest.mark.parametrize("fused", [False, "auto", pytest.param("triton", marks=needs_triton)])
-def test_capture_cuda_graphs_matches_eager(fused):
-    """CRCKDLoss.capture_cuda_graphs on a GPU: after the capture the state is as before;
+@pytest.mark.parametrize("backend",
+                         ["dense", "auto", pytest.param("triton", marks=needs_triton)])
+def test_graph_crckd_loss_matches_eager(backend):
+    """graph_crckd_loss on a GPU: after the capture the state is as before;
     training steps replay the graphs (a partial batch runs eagerly in between, uncompiled)
     and match the same steps on an eager twin (losses, input gradients, banks, centroids,
     head gradients; outputs and gradients kept from one replay keep their values after the
     next); a replayed step, forward and backward, needs no host sync."""
-    path = "triton" if fused == "triton" else "auto"
-    fused = "auto" if fused == "triton" else fused
-    graphed, eager = _trained_once(fused, path), _trained_once(fused, path)
+    graphed, eager = _trained_once(backend), _trained_once(backend)
     before = graphed.student_bank.memory.clone()
-    graphed.capture_cuda_graphs(64)
+    wrapper = graph_crckd_loss(graphed, 64)
+    wrapper.capture()
     torch.testing.assert_close(graphed.student_bank.memory, before, rtol=0, atol=0)
     # the partial batch only where nothing compiles (a new size compiles the step again)
-    sizes = [64, 64, 40, 64, 64] if fused is False else [64, 64, 64, 64]
+    compiled = backends.compiles(backend, before.device, step=True)
+    sizes = [64, 64, 64, 64] if compiled else [64, 64, 40, 64, 64]
     kept = []
     for i, size in enumerate(sizes):
         got = []
-        for module in (graphed, eager):
+        for module, call in ((graphed, wrapper), (eager, eager)):
             g = torch.Generator(device="cuda").manual_seed(10 + i)
             f_s = torch.randn(size, 128, device="cuda", generator=g, requires_grad=True)
             f_t = torch.randn(size, 128, device="cuda", generator=g)
@@ -295,7 +288,7 @@ def test_capture_cuda_graphs_matches_eager(fused):
             if module is graphed and size == 64:
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                out = module(f_s, f_t, idx)
+                out = call(f_s, f_t, idx)
                 out.loss.backward()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
@@ -303,7 +296,7 @@ def test_capture_cuda_graphs_matches_eager(fused):
         for a, b in zip(*got):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         kept.append(got)
-    assert graphed.cuda_graph_replays == 4
+    assert wrapper.replays == 4
     # outputs and input gradients kept from earlier replays were not overwritten by later ones
     for g, e in kept:
         for a, b in zip(g, e):
@@ -324,15 +317,16 @@ def _bf16_batch(seed):
     return f_s, f_t, torch.randperm(7012, device="cuda", generator=g)[:64]
 
 
-def test_capture_cuda_graphs_under_autocast():
+def test_graph_crckd_loss_under_autocast():
     """Captured under bfloat16 autocast for bfloat16 features (as a backbone under autocast
     gives them). The autocast is the default one, its weight-cast cache on, and an eager step
     runs first in the same block, so the cache holds casts of the heads' weights; each later
     step runs in a block of its own and SGD moves the heads between steps. The replayed
     steps match the eager twin's: a capture that reused the cached casts would replay the
     heads as they were before it, from memory freed when its block ended."""
-    graphed, eager = _trained_once(False), _trained_once(False)
+    graphed, eager = _trained_once(), _trained_once()
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (graphed, eager)]
+    wrapper = graph_crckd_loss(graphed, 64, dtype=torch.bfloat16)
 
     def step(module, opt, seed):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -347,47 +341,49 @@ def test_capture_cuda_graphs_under_autocast():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         for module, opt in zip((graphed, eager), opts):
             step(module, opt, 39)
-        graphed.capture_cuda_graphs(64, dtype=torch.bfloat16)
+        wrapper.capture()
     for i in range(3):
-        got = [step(module, opt, 40 + i) for module, opt in zip((graphed, eager), opts)]
+        got = [step(module, opt, 40 + i) for module, opt in zip((wrapper, eager), opts)]
         for a, b in zip(*got):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
-    assert graphed.cuda_graph_replays == 3
+    assert wrapper.replays == 3
     for a, b in zip(graphed.parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_capture_cuda_graphs_beside_a_pinning_data_loader():
-    """capture_cuda_graphs mid-loop, while a DataLoader(pin_memory=True) pins the prefetched
+def test_graph_crckd_loss_beside_a_pinning_data_loader():
+    """A capture mid-loop, while a DataLoader(pin_memory=True) pins the prefetched
     batches in its own thread: the capture succeeds, the loader delivers every batch, and
     the next call replays. (Under torch's default "global" capture mode the pinning thread's
     CUDA calls would invalidate the capture and then fail in the thread.)"""
-    crckd = _trained_once(False)
+    crckd = _trained_once()
+    wrapper = graph_crckd_loss(crckd, 64)
     images = torch.utils.data.TensorDataset(torch.randn(64 * 12, 3, 128, 128))
     loader = torch.utils.data.DataLoader(images, batch_size=64, pin_memory=True,
                                          num_workers=2, prefetch_factor=4)
     batches = iter(loader)
     first = next(batches)[0]  # from here the pin-memory thread pins the next batches
-    crckd.capture_cuda_graphs(64)
+    wrapper.capture()
     rest = [b[0] for b in batches]
     assert first.is_pinned() and len(rest) == 11 and all(b.is_pinned() for b in rest)
     f_s = torch.randn(64, 128, device="cuda", requires_grad=True)
-    crckd(f_s, torch.randn(64, 128, device="cuda"), torch.arange(64, device="cuda")
-          ).loss.backward()
-    assert crckd.cuda_graph_replays == 1 and torch.isfinite(f_s.grad).all()
+    wrapper(f_s, torch.randn(64, 128, device="cuda"), torch.arange(64, device="cuda")
+            ).loss.backward()
+    assert wrapper.replays == 1 and torch.isfinite(f_s.grad).all()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-@pytest.mark.parametrize("path", ["auto", pytest.param("triton", marks=needs_triton)])
-def test_capture_cuda_graphs_on_a_device_that_is_not_current(path):
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=needs_triton)])
+def test_graph_crckd_loss_on_a_device_that_is_not_current(backend):
     """A module on cuda:1 while cuda:0 is the current device: the side stream, the
     synchronisations, the captures and the Triton kernels' launches are on the module's
     device, and replays match an eager twin."""
-    graphed, eager = (_trained_once(False, path).to("cuda:1") for _ in range(2))
-    graphed.capture_cuda_graphs(64)
+    graphed, eager = (_trained_once(backend).to("cuda:1") for _ in range(2))
+    wrapper = graph_crckd_loss(graphed, 64)
+    wrapper.capture()
     for i in range(2):
         got = []
-        for module in (graphed, eager):
+        for module in (wrapper, eager):
             g = torch.Generator(device="cuda:1").manual_seed(60 + i)
             f_s = torch.randn(64, 128, device="cuda:1", generator=g, requires_grad=True)
             f_t = torch.randn(64, 128, device="cuda:1", generator=g)
@@ -398,4 +394,4 @@ def test_capture_cuda_graphs_on_a_device_that_is_not_current(path):
             got.append((out.loss.detach(), f_s.grad))
         for a, b in zip(*got):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert torch.cuda.current_device() == 0 and graphed.cuda_graph_replays == 2
+    assert torch.cuda.current_device() == 0 and wrapper.replays == 2

@@ -59,11 +59,15 @@ def test_buffer_modes(mode):
     teacher = EMATeacher(student, decay=0.5, warmup=False, buffers=mode)
     t_mean = teacher.module[1].running_mean.clone()
     perturb(student)
+    s_buffers = [b.clone() for b in student.buffers()]
     teacher.update(student)
-    s_mean = student[1].running_mean
+    s_mean = s_buffers[0]
     got = teacher.module[1].running_mean
     expected = {"copy": s_mean, "average": 0.5 * t_mean + 0.5 * s_mean, "leave": t_mean}[mode]
     torch.testing.assert_close(got, expected)
+    # the update reads the student and never writes it
+    for before, after in zip(s_buffers, student.buffers()):
+        assert torch.equal(before, after)
     # integer buffers are copied in copy/average, kept in leave
     count = teacher.module[1].num_batches_tracked
     assert int(count) == (0 if mode == "leave" else int(student[1].num_batches_tracked))
@@ -164,3 +168,30 @@ def test_copied_buffers_of_several_dtypes_take_one_bitwise_copy():
     a, b = torch.zeros(4, 2).t(), torch.zeros(4, 2).t()
     groups = [([a], [b]), ([torch.zeros((), dtype=torch.long)], [torch.ones((), dtype=torch.long)])]
     assert _as_one_copy_group(groups) is groups
+
+
+def test_defaults():
+    """The documented defaults: decay 0.99 with warm-up, buffers averaged, eval mode."""
+    teacher = EMATeacher(net())
+    assert (teacher.decay, teacher.warmup, teacher.buffers_mode, teacher.train_mode) == \
+        (0.99, True, "average", False)
+    assert not teacher.module.training
+
+
+@pytest.mark.parametrize("buffers", ["copy", "average"])
+def test_a_student_cast_after_the_teacher_was_built_is_refused(buffers):
+    """One copy group (float buffers averaged, the long counter copied) or two (all buffers
+    copied, float and long): a student cast to float64 after the teacher was built raises the
+    same error, naming the tensor and both dtypes, and changes nothing."""
+    student = net()
+    teacher = EMATeacher(student, buffers=buffers)
+    before = [t.clone() for t in teacher.state_dict().values()]
+    student.double()
+    with pytest.raises(ValueError, match=r"student's 0\.weight is torch\.float64 but the "
+                                         r"teacher's is torch\.float32"):
+        teacher.update(student)
+    for a, b in zip(before, teacher.state_dict().values()):
+        assert torch.equal(a, b)
+    teacher.double()
+    teacher.update(student)
+    assert int(teacher.num_updates) == 1

@@ -94,17 +94,18 @@ def test_html_builds_without_warnings(build_dir: Path) -> None:
     import crckd_losses
 
     for name in crckd_losses.__all__:
-        if name not in {"functional", "sampling", "__version__"}:
+        if name not in {"backends", "functional", "sampling", "__version__"}:
             assert f'id="crckd_losses.{name}"' in api, f"{name} is missing from the API page"
-    functional = [
-        "contrastive_scores", "estimate_log_normalizer", "nce_loss",
-        "class_guided_contrastive_loss", "class_centroids", "categorical_relation_loss",
-        "consistency_kl", "sigmoid_rampup", "choose_score_path", "DENSE_PATH_FACTOR",
-    ]
-    for name in ["ClassLayout", "class_guided_indices", "instance_indices"]:
+    import crckd_losses.functional as functional
+
+    for name in ["ClassLayout", "class_guided_indices", "class_anchor_indices",
+                 "instance_indices"]:
         assert f'id="crckd_losses.sampling.{name}"' in api, f"sampling.{name} is missing"
-    for name in functional:
+    for name in functional.__all__:
         assert f'id="crckd_losses.functional.{name}"' in api, f"functional.{name} is missing"
+    for name in crckd_losses.backends.__all__:
+        if name != "Backend":  # a type alias
+            assert f'id="crckd_losses.backends.{name}"' in api, f"backends.{name} is missing"
     for name in ["world_size", "all_gather_varlen", "gather_for_update", "global_log_mean_exp"]:
         assert f'id="crckd_losses.distributed.{name}"' in api, f"distributed.{name} is missing"
 
