@@ -21,6 +21,7 @@ from benchmarks import references, sections
 from benchmarks.sections import common, ema, ops, sampling
 from crckd_losses import EMATeacher, functional
 from tests import ROOT
+from tests.crckd_losses.backends.helpers import ccd_pair
 
 pytest.importorskip("matplotlib")
 
@@ -90,10 +91,12 @@ def test_naive_ccd_matches_library() -> None:
     m_s, m_t = _unit(n, d), _unit(n, d)
     idx = torch.randint(0, n, (b, p + k))
     log_z = (1.3, -0.4)
-    for path in ("dense", "gather"):
-        lib = functional.class_guided_contrastive_loss(
-            g_s, g_t, m_s, m_t, idx, p, 0.07, log_z[0], log_z[1], path=path
-        )
+    for backend in ("functional", "dense", "gather"):
+        if backend == "functional":
+            lib = functional.class_guided_contrastive_loss(g_s, g_t, m_s, m_t, idx, p, 0.07,
+                                                           *log_z)
+        else:
+            lib = ccd_pair(backend, g_s, g_t, m_s, m_t, idx, p, 0.07, *log_z)
         ref = references.naive_ccd(g_s, g_t, m_s, m_t, idx, p, 0.07, *log_z)
         for a, r in zip(lib, ref):
             torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
@@ -336,10 +339,10 @@ def test_a_failing_triton_path_is_recorded_not_fatal(monkeypatch) -> None:
     monkeypatch.setattr(ccd, "triton_row", lambda device: not ccd.TRITON_FAILURE)
     library = ccd.ccd_library
 
-    def broken(x, path):
-        if path == "triton":
+    def broken(x, backend):
+        if backend == "triton":
             raise RuntimeError("no kernel image for this device")
-        return library(x, path)
+        return library(x, backend)
 
     monkeypatch.setattr(ccd, "ccd_library", broken)
     bench = common.Bench(torch.device("cpu"), [torch.float32], quick=True)
@@ -347,7 +350,7 @@ def test_a_failing_triton_path_is_recorded_not_fatal(monkeypatch) -> None:
     diffs = ccd.check_ccd(x, torch.float32, torch.device("cpu"), bench)
     assert "gather/L_S" in diffs and not any(k.startswith("triton") for k in diffs)
     assert ccd.TRITON_FAILURE == ["RuntimeError: no kernel image for this device"]
-    assert any("path='triton' failed" in note for note in bench.skipped)
+    assert any("backend='triton' failed" in note for note in bench.skipped)
     assert not ccd.triton_row(torch.device("cuda"))
 
 
