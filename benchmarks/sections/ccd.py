@@ -340,10 +340,15 @@ def run_autocast(bench: Bench, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def speed_bound(meta: dict[str, Any]) -> tuple[float, str]:
-    """The CCD speed-up target and where it holds: 25x on a CPU, 5x on an accelerator (whose
-    gathers are cheap next to its arithmetic)."""
+    """The CCD speed-up target and where it holds: 10x on a CPU, 5x on an accelerator (whose
+    gathers are cheap next to its arithmetic).
+
+    The CPU bound was 25x while the library had CPU-only fast paths (a written-out dense
+    pair, a vectorised log-sigmoid, oneDNN products); they went because their gain was under
+    1 % of a training step, and issue 29 ("What must not move") sets the bar the library's
+    general operators must keep: at least 10x the authors' code."""
     if str(meta.get("device", "cpu")).startswith("cpu"):
-        return 25.0, "CPU"
+        return 10.0, "CPU"
     return 5.0, "an accelerator"
 
 
