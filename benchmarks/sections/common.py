@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 import crckd_losses
-from crckd_losses import functional
 
 from ..measure import peak_extra_bytes, synchronize, time_group
 
@@ -159,38 +158,6 @@ class Section:
 def bar(label: str, value: float | None, bound: float | None) -> list[Bar]:
     """One overview bar, or none where the value is missing."""
     return [] if value is None else [(label, value, bound)]
-
-
-@contextmanager
-def _switch(name: str, on: bool) -> Iterator[None]:
-    """The library's module switch ``functional.<name>`` set to ``on`` inside the block (where
-    the library has it)."""
-    before = getattr(functional, name, None)
-    if before is not None:
-        setattr(functional, name, on)
-    try:
-        yield
-    finally:
-        if before is not None:
-            setattr(functional, name, before)
-
-
-def cpu_logsigmoid(on: bool) -> AbstractContextManager[None]:
-    """The CPU's vectorised log-sigmoid on or off inside the block (where the library has it);
-    off, the written-out CPU dense pair, which computes it, is off too."""
-    return _switch("_CPU_VECTORISED_LOGSIGMOID", on)
-
-
-def cpu_dense_pair(on: bool) -> AbstractContextManager[None]:
-    """The written-out CPU dense CCD pair on or off inside the block (where the library has
-    it); off, dense CCD takes the general operators."""
-    return _switch("_CPU_DENSE_PAIR", on)
-
-
-def cpu_onednn_gemm(on: bool) -> AbstractContextManager[None]:
-    """oneDNN for the CPU dense pair's matrix products on or off inside the block (where the
-    library has the switch); off, they are ``torch.mm``'s."""
-    return _switch("_CPU_ONEDNN_GEMM", on)
 
 
 def target(

@@ -1,5 +1,5 @@
 """Dense against gather path of the CCD scores as the bank grows past ``P+K``: where gather
-starts to win, against the library's :data:`~crckd_losses.functional.DENSE_PATH_FACTOR`.
+starts to win, against the library's :data:`~crckd_losses.backends.DENSE_PATH_FACTOR`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from crckd_losses import functional
+from crckd_losses import backends
 
 from .ccd import ccd_fns, make_ccd_inputs
 from .common import PAPER, Bench, Section, dtype_name, fmt
@@ -29,7 +29,7 @@ def run_crossover(bench: Bench) -> dict[str, Any]:
         "dtype": dtype_name(dtype),
         "B": batch,
         "d": PAPER["d"],
-        "library_factor": functional.DENSE_PATH_FACTOR,
+        "library_factor": backends.DENSE_PATH_FACTOR,
         "curves": [],
     }
     for width in widths:

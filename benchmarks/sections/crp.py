@@ -51,20 +51,7 @@ def run_crp(bench: Bench) -> dict[str, Any]:
 def _crp_case(bench: Bench, q: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     dev = bench.device
     g = torch.Generator().manual_seed(1)
-    labels = torch.cat([torch.arange(q["C"]), torch.randint(0, q["C"], (q["N"] - q["C"],),
-                                                           generator=g)]).to(dev)
-    # Banks with class structure (a direction per class plus noise), as after some training:
-    # with i.i.d. random rows all centroids nearly coincide and CRP's gradient is all rounding.
-    directions = torch.randn(q["C"], q["d"], generator=g)
-
-    def clustered(lab: torch.Tensor) -> torch.Tensor:
-        rows = directions[lab.cpu()] + 1.5 * torch.randn(len(lab), q["d"], generator=g)
-        return F.normalize(rows, dim=1).to(dev)
-
-    m_s, m_t = clustered(labels), clustered(labels)
-    batch_labels = torch.randint(0, q["C"], (q["B"],), generator=g)
-    g_s = clustered(batch_labels).requires_grad_()
-    g_t = clustered(batch_labels)
+    labels, m_s, m_t, g_s, g_t = _crp_inputs(q, dev, g)
     tau = q["tau"]
 
     def library() -> torch.Tensor:
@@ -77,15 +64,64 @@ def _crp_case(bench: Bench, q: dict[str, Any], dtype: torch.dtype) -> dict[str, 
         c_t = references.loop_centroids(m_t, labels, q["C"])
         return references.naive_crp(g_s, g_t, c_s, c_t, tau)
 
+    diffs = _check_crp(q, dtype, dev, (labels, m_s, m_t, g_s, g_t),
+                       (("library", library), ("reference", reference)))
+    library_step, reference_step = _per_step(q, dev, g, (labels, m_s, m_t, g_s, g_t))
+    with torch.no_grad():  # the first step of each, from the same banks, agrees
+        diffs["per-step library vs reference"] = assert_close(
+            "CRP per step", library_step(), reference_step(), tolerance(torch.float32))
+
+    def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            with autocast(dev, dtype):
+                loss = fn()
+            loss.backward()
+            g_s.grad = None
+
+        return run
+
+    rows = bench.compare({"library": step(library), "reference": step(reference),
+                          "library, per step (bank update + running sums)": step(library_step),
+                          "reference, per step (row write + class loop)": step(reference_step)},
+                         samples=q["B"])
+    return {"params": q, "dtype": dtype_name(dtype), "rows": rows,
+            "max_rel_diff": diffs}
+
+
+_Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _crp_inputs(q: dict[str, Any], dev: torch.device, g: torch.Generator) -> _Inputs:
+    """``(labels, m_s, m_t, g_s, g_t)``: banks with class structure (a direction per class plus
+    noise), as after some training: with i.i.d. random rows all centroids nearly coincide and
+    CRP's gradient is all rounding. ``g_s`` requires a gradient."""
+    labels = torch.cat([torch.arange(q["C"]), torch.randint(0, q["C"], (q["N"] - q["C"],),
+                                                           generator=g)]).to(dev)
+    directions = torch.randn(q["C"], q["d"], generator=g)
+
+    def clustered(lab: torch.Tensor) -> torch.Tensor:
+        rows = directions[lab.cpu()] + 1.5 * torch.randn(len(lab), q["d"], generator=g)
+        return F.normalize(rows, dim=1).to(dev)
+
+    m_s, m_t = clustered(labels), clustered(labels)
+    batch_labels = torch.randint(0, q["C"], (q["B"],), generator=g)
+    return labels, m_s, m_t, clustered(batch_labels).requires_grad_(), clustered(batch_labels)
+
+
+def _check_crp(q: dict[str, Any], dtype: torch.dtype, dev: torch.device, x: _Inputs,
+               fns: tuple[tuple[str, Callable[[], torch.Tensor]], ...]) -> dict[str, float]:
+    """Asserts that each of ``fns`` gives the float64 loss and gradient in ``dtype`` (the
+    reference's only recorded under low precision), and that the centroids agree."""
+    labels, m_s, m_t, g_s, g_t = x
     diffs = {}
     with torch.no_grad():  # float64 truth
         c_s64, c_t64 = (functional.class_centroids(m.double(), labels, q["C"])
                         for m in (m_s, m_t))
     g64 = g_s.detach().double().requires_grad_()
-    true_loss = functional.categorical_relation_loss(g64, g_t.double(), c_s64, c_t64, tau)
+    true_loss = functional.categorical_relation_loss(g64, g_t.double(), c_s64, c_t64, q["tau"])
     true_grad = torch.autograd.grad(true_loss, g64)[0]
     low_precision = dtype not in (torch.float32, torch.float64)
-    for name, fn in (("library", library), ("reference", reference)):
+    for name, fn in fns:
         with autocast(dev, dtype):
             loss = fn()
         grad = torch.autograd.grad(loss, g_s)[0]
@@ -101,19 +137,15 @@ def _crp_case(bench: Bench, q: dict[str, Any], dtype: torch.dtype) -> dict[str, 
         references.loop_centroids(m_s, labels, q["C"]),
         tolerance(torch.float32),
     )
+    return diffs
 
-    def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            with autocast(dev, dtype):
-                loss = fn()
-            loss.backward()
-            g_s.grad = None
 
-        return run
-
-    # Per training step, as CRCKDLoss runs it: write the batch's B rows into both banks, then
-    # read the centroids (the library from its running class sums) and take CRP. The
-    # reference writes the same rows into plain tensors and loops over classes.
+def _per_step(q: dict[str, Any], dev: torch.device, g: torch.Generator,
+              x: _Inputs) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """Per training step, as CRCKDLoss runs it: write the batch's B rows into both banks, then
+    read the centroids (the library from its running class sums) and take CRP. The reference
+    writes the same rows into plain tensors and loops over classes."""
+    labels, m_s, m_t, g_s, g_t = x
     row_idx = torch.randperm(q["N"], generator=g)[: q["B"]].to(dev)
     feats = g_t.detach()
     banks = []
@@ -128,7 +160,7 @@ def _crp_case(bench: Bench, q: dict[str, Any], dtype: torch.dtype) -> dict[str, 
         for bank in banks:
             bank.update(row_idx, feats)
         return functional.categorical_relation_loss(
-            g_s, g_t, banks[0].centroids(), banks[1].centroids(), tau)
+            g_s, g_t, banks[0].centroids(), banks[1].centroids(), q["tau"])
 
     def reference_step() -> torch.Tensor:
         with torch.no_grad():
@@ -136,18 +168,9 @@ def _crp_case(bench: Bench, q: dict[str, Any], dtype: torch.dtype) -> dict[str, 
                 m[row_idx] = F.normalize(0.5 * m[row_idx] + 0.5 * feats, dim=1)
         c_s = references.loop_centroids(plain[0], labels, q["C"])
         c_t = references.loop_centroids(plain[1], labels, q["C"])
-        return references.naive_crp(g_s, g_t, c_s, c_t, tau)
+        return references.naive_crp(g_s, g_t, c_s, c_t, q["tau"])
 
-    with torch.no_grad():  # the first step of each, from the same banks, agrees
-        diffs["per-step library vs reference"] = assert_close(
-            "CRP per step", library_step(), reference_step(), tolerance(torch.float32))
-
-    rows = bench.compare({"library": step(library), "reference": step(reference),
-                          "library, per step (bank update + running sums)": step(library_step),
-                          "reference, per step (row write + class loop)": step(reference_step)},
-                         samples=q["B"])
-    return {"params": q, "dtype": dtype_name(dtype), "rows": rows,
-            "max_rel_diff": diffs}
+    return library_step, reference_step
 
 
 CRP_SPEED = "Centroids + CRP: per-class-loop reference / library >= 10"

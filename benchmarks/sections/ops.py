@@ -1,25 +1,23 @@
 """Operator counts: how many aten operators (views left out) one default ``CRCKDLoss`` step and
 one ``EMATeacher.update`` execute, and how many of them read a tensor value on the host.
 
-Counted on CPU with :class:`~benchmarks.measure.OpCounter`, whatever the run's device. Two
-things differ between a CPU's step and an accelerator's: the value checks, which each policy
+Counted on CPU with :class:`~benchmarks.measure.OpCounter`, whatever the run's device. What
+differs between a CPU's eager step and an accelerator's is the value checks, which each policy
 of ``crckd_losses.set_value_checks`` decides (``"auto"``, the default, reads values and
-raises early on a CPU and reads none on an accelerator; ``"mask"`` reads none anywhere), and
-the NCE log-sigmoid, which a CPU computes from vectorised operators
-(a private switch of ``crckd_losses.functional``). The ``"auto"`` row is a CPU's default step as it
-runs; the ``"mask"`` row counts with the CPU log-sigmoid off, so it is the operator list an
-accelerator runs. Each count is of the third call, after two warm-up calls.
+raises early on a CPU and reads none on an accelerator; ``"mask"`` reads none anywhere). The
+``"auto"`` row is a CPU's default step as it runs; the ``"mask"`` row is the operator list an
+accelerator runs eagerly. Each count is of the third call, after two warm-up calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from crckd_losses import CRCKDLoss, EMATeacher
+from crckd_losses import CRCKDLoss, EMATeacher, graph_crckd_loss
 
 from ..measure import HOST_SYNC_OP, count_ops
 from .ccd import ccd_fns, make_ccd_inputs, triton_row
@@ -29,15 +27,14 @@ from .common import (
     Section,
     Target,
     ValueChecksUnsupported,
-    cpu_logsigmoid,
     params,
     target,
     value_checks,
 )
 
-#: The GPU kernel count's key for the step with ``path="triton"``.
-TRITON_KERNELS = 'path="triton"'
-#: The row of the GPU kernel table whose step replays its graphs (``cuda_graphs=True``).
+#: The GPU kernel count's key for the step with ``backend="triton"``.
+TRITON_KERNELS = 'backend="triton"'
+#: The row of the GPU kernel table whose step replays its graphs (``graph_crckd_loss``).
 LOSS_GRAPHED = "auto, loss graphed"
 #: The value-check policies counted; the targets hold under ``"mask"``.
 POLICIES = ("auto", "mask")
@@ -66,21 +63,19 @@ def _summary(counts: dict[str, int]) -> dict[str, Any]:
 
 
 def crckd_step(p: dict[str, Any], seed: int = 0, device: torch.device | None = None,
-               fused: bool | Literal["auto"] = "auto", path: str = "auto",
-               cuda_graphs: bool = False) -> Callable[[], None]:
-    """One default ``CRCKDLoss`` step (forward and ``loss.backward()``) at sizes ``p`` (with
-    CCD's score ``path``); every call takes the next batch of a fixed random order.
-    ``cuda_graphs``: the module built with ``cuda_graphs=True`` (and snapshot banks), so that
-    its second call captures its graphs and later calls replay them."""
+               backend: str = "auto", graphed: bool = False) -> Callable[[], None]:
+    """One default ``CRCKDLoss`` step (forward and ``loss.backward()``) at sizes ``p`` on
+    ``backend``; every call takes the next batch of a fixed random order. ``graphed``: the
+    module called through ``graph_crckd_loss``, so that its second call captures its graphs
+    and later calls replay them."""
     device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
     labels = torch.cat([torch.arange(p["C"]),
                         torch.randint(0, p["C"], (p["N"] - p["C"],), generator=g)])
     loss_fn = CRCKDLoss(labels, p["d"], p["d"], embed_dim=p["d"], num_positives=p["P"],
-                        num_negatives=p["K"], temperature=p["tau"], fused=fused,
-                        path=path,  # type: ignore[arg-type]
-                        copy_on_write="snapshot" if cuda_graphs else True,
-                        cuda_graphs=cuda_graphs).to(device)
+                        num_negatives=p["K"], temperature=p["tau"],
+                        backend=backend).to(device)  # type: ignore[arg-type]
+    call = graph_crckd_loss(loss_fn, p["B"]) if graphed else loss_fn
     order = torch.randperm(p["N"], generator=g).to(device)
     student = torch.randn(p["B"], p["d"], generator=g).to(device).requires_grad_()
     teacher = torch.randn(p["B"], p["d"], generator=g).to(device)
@@ -89,7 +84,7 @@ def crckd_step(p: dict[str, Any], seed: int = 0, device: torch.device | None = N
     def step() -> None:
         start = (calls[0] * p["B"]) % (p["N"] - p["B"])
         calls[0] += 1
-        out = loss_fn(student, teacher, order[start : start + p["B"]])
+        out = call(student, teacher, order[start : start + p["B"]])
         out.loss.backward()
 
     def fresh_step() -> None:
@@ -128,7 +123,7 @@ def count_crckd(p: dict[str, Any], policy: str) -> dict[str, Any]:
     """The operator count of a default ``CRCKDLoss`` step under a value-check policy: as a CPU
     runs it under ``"auto"``, as an accelerator runs it under ``"mask"``."""
     try:
-        with value_checks(policy), cpu_logsigmoid(policy != "mask"):
+        with value_checks(policy):
             counts = _counted(crckd_step(p))
     except ValueChecksUnsupported as e:
         return {"skipped": str(e)}
@@ -136,12 +131,12 @@ def count_crckd(p: dict[str, Any], policy: str) -> dict[str, Any]:
 
 
 def count_ccd(p: dict[str, Any]) -> dict[str, Any]:
-    """The operator count of one functional CCD call on the dense path (both directions,
-    ``L_S + L_T`` forward and backward) as an accelerator runs it: value checks ``"mask"``,
-    ``F.logsigmoid``. ``path="triton"`` replaces these operators with its kernels."""
+    """The operator count of one CCD call on the dense backend (both directions, ``L_S +
+    L_T`` forward and backward) as an accelerator runs it eagerly: value checks ``"mask"``.
+    ``backend="triton"`` replaces these operators with its kernels."""
     x = make_ccd_inputs(p["B"], p["d"], p["P"], p["K"], p["N"], torch.device("cpu"), p["C"])
     try:
-        with value_checks("mask"), cpu_logsigmoid(False):
+        with value_checks("mask"):
             counts = _counted(ccd_fns(x, torch.float32, torch.device("cpu"), ("dense",))["dense"])
     except ValueChecksUnsupported as e:
         return {"skipped": str(e)}
@@ -174,33 +169,32 @@ def run_ops(bench: Bench) -> dict[str, Any]:
         out["ema_update"][buffers] = count_ema(buffers)
     if bench.device.type == "cuda":
         out["gpu_kernels"] = {}
-        # (row, fused, CCD path, whether the step replays its graphs: cuda_graphs=True)
-        variants: list[tuple[str, bool | Literal["auto"], str, bool]] = [
-            ("False", False, "auto", False), ("auto", "auto", "auto", False)]
+        # (row, backend, whether the step replays its graphs: graph_crckd_loss)
+        variants = [("dense", "dense", False), ("auto", "auto", False)]
         if triton_row(bench.device):
-            variants.append((TRITON_KERNELS, "auto", "triton", False))
-        variants.append((LOSS_GRAPHED, "auto", "auto", True))
-        for key, fused, path, graphed in variants:
+            variants.append((TRITON_KERNELS, "triton", False))
+        variants.append((LOSS_GRAPHED, "auto", True))
+        for key, backend, graphed in variants:
             try:
-                out["gpu_kernels"][key] = count_kernels(p, bench.device, fused, path=path,
+                out["gpu_kernels"][key] = count_kernels(p, bench.device, backend,
                                                         graphed=graphed)
             except Exception as exc:  # noqa: BLE001 - recorded in the results, not hidden
                 bench.skipped.append(f"ops: GPU kernel count, {key}: {exc!r}")
     return out
 
 
-def count_kernels(p: dict[str, Any], device: torch.device,
-                  fused: bool | Literal["auto"], calls: int = 5, path: str = "auto",
+def count_kernels(p: dict[str, Any], device: torch.device, backend: str, calls: int = 5,
                   graphed: bool = False) -> dict[str, float]:
-    """GPU kernels (and copies and fills) one default ``CRCKDLoss`` step launches, and their
-    summed GPU time, from ``torch.profiler`` over ``calls`` steps after three warm-up steps
-    (which compile on the fused path); the profiler sees Triton's kernels too. ``graphed``
-    builds the module with ``cuda_graphs=True``, which captures at the second warm-up step:
+    """GPU kernels (and copies and fills) one ``CRCKDLoss`` step on ``backend`` launches, and
+    their summed GPU time, from ``torch.profiler`` over ``calls`` steps after three warm-up
+    steps (which compile where the step is compiled); the profiler sees Triton's kernels too.
+    ``graphed`` calls the module through ``graph_crckd_loss``, which captures at the second
+    warm-up step:
     the kernels are then those the profiler reports inside the replayed graphs and around
     them, and the host's side shows what replaying costs."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = crckd_step(p, device=device, fused=fused, path=path, cuda_graphs=graphed)
+    step = crckd_step(p, device=device, backend=backend, graphed=graphed)
     for _ in range(3):
         step()
     torch.cuda.synchronize(device)
@@ -283,9 +277,8 @@ class Ops(Section):
               f"after {result['warmup']} warm-up calls; views (`OpOverload.is_view`) and "
               "`detach` left out. Host syncs are `aten._local_scalar_dense` calls (a value "
               "read on the host). `auto` is a CPU's default step as it runs (its value checks "
-              "read values; the NCE log-sigmoid is computed from vectorised operators, "
-              "torch's CPU `log1p` being a scalar loop); `mask` reads no values and uses "
-              "`F.logsigmoid`: its count is an accelerator's step.", "",
+              "read values); `mask` reads no values: its count is an accelerator's eager "
+              "step.", "",
               f"Default `CRCKDLoss` step, forward + `loss.backward()`, "
               f"`{params(result['params'])}`:", "",
               "| value checks | non-view ops | host syncs | distinct ops | top ops |",
@@ -299,11 +292,11 @@ class Ops(Section):
                       + " |")
         c = result.get("ccd_pair", {})
         if "total" in c:
-            md += ["", "CCD alone: one call of `functional.class_guided_contrastive_loss` on "
-                   "the dense path, both directions, `L_S + L_T` forward and backward, value "
+            md += ["", "CCD alone: one call of the dense backend's CCD pair, both directions, "
+                   "`L_S + L_T` forward and backward, value "
                    f"checks `mask`: {c['total']} ops, {c['host_syncs']} host syncs ("
                    + ", ".join(f"{name.removeprefix('aten.')} {n}" for name, n in c["top"])
-                   + "). `path=\"triton\"` computes the same in five kernel launches (on a "
+                   + "). `backend=\"triton\"` computes the same in five kernel launches (on a "
                    "GPU the kernel table below counts a whole step with it)."]
         md += ["", "`EMATeacher.update` of a small CNN (two conv-BN-ReLU blocks and a linear "
                "head):", "",
@@ -317,30 +310,30 @@ class Ops(Section):
         if result.get("gpu_kernels"):
             md += ["", "GPU kernels (with copies and fills) one default `CRCKDLoss` step "
                    "launches on this device, counted with `torch.profiler`, and their summed "
-                   "GPU time (`fused` the setting; `path=\"triton\"`, where present, runs "
-                   "its step eagerly; `auto, loss graphed` replays the step from the graphs "
-                   "of `capture_cuda_graphs`, its kernels counted as the profiler reports "
+                   "GPU time (`backend=` the setting; `dense` and `triton` run the step "
+                   "eagerly, `auto` compiles it; `auto, loss graphed` replays the step from the "
+                   "graphs of `graph_crckd_loss`, its kernels counted as the profiler reports "
                    "them inside the graphs, its launches being fewer):", "",
-                   "| fused | kernels per step | GPU time per step (us) |", "|---|---:|---:|"]
-            for fused, k in result["gpu_kernels"].items():
-                md.append(f"| {fused} | {k['kernels']:.0f} | {k['gpu_us']:.0f} |")
+                   "| backend | kernels per step | GPU time per step (us) |", "|---|---:|---:|"]
+            for backend, k in result["gpu_kernels"].items():
+                md.append(f"| {backend} | {k['kernels']:.0f} | {k['gpu_us']:.0f} |")
             tops = {f: k["top"] for f, k in result["gpu_kernels"].items() if k.get("top")}
             if tops:
                 md += ["", "Where each step's GPU time goes: its most expensive kernels by "
                        "summed GPU time (launches and microseconds per step):", "",
-                       "| fused | kernel | launches | GPU us |", "|---|---|---:|---:|"]
-                for fused, rows in tops.items():
-                    md += [f"| {fused} | `{_short(name)}` | {n:g} | {us:.1f} |"
+                       "| backend | kernel | launches | GPU us |", "|---|---|---:|---:|"]
+                for backend, rows in tops.items():
+                    md += [f"| {backend} | `{_short(name)}` | {n:g} | {us:.1f} |"
                            for name, n, us in rows]
             hosts = {f: k for f, k in result["gpu_kernels"].items() if k.get("host_top")}
             if hosts:
                 md += ["", "The host's side of the same steps under the profiler (which adds "
                        "its own overhead): self CPU time per step of all recorded events, and "
                        "the most expensive by name (calls and microseconds per step):", "",
-                       "| fused | host us per step | event | calls | self CPU us |",
+                       "| backend | host us per step | event | calls | self CPU us |",
                        "|---|---:|---|---:|---:|"]
-                for fused, k in hosts.items():
-                    md += [f"| {fused} | {k['host_us']:.0f} | `{_short(name)}` | {n:g} | "
+                for backend, k in hosts.items():
+                    md += [f"| {backend} | {k['host_us']:.0f} | `{_short(name)}` | {n:g} | "
                            f"{us:.1f} |" for name, n, us in k["host_top"]]
         return md + [""]
 

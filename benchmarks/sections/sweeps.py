@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crckd_losses import functional
+from crckd_losses import backends
 
 from .ccd import TRITON, ccd_fns, make_ccd_inputs, triton_row
 from .common import (
@@ -77,10 +77,10 @@ def run_sweeps(bench: Bench) -> dict[str, Any]:
                     fns[TRITON]()
                 except Exception as exc:  # noqa: BLE001 - recorded in the results
                     del fns[TRITON]
-                    bench.skipped.append(f"sweep {axis}={q[axis]}: path='triton' failed: "
+                    bench.skipped.append(f"sweep {axis}={q[axis]}: backend='triton' failed: "
                                          f"{type(exc).__name__}: {exc}")
             timed = bench.compare(fns, samples=q["B"], min_rounds=3)
-            auto = functional.choose_score_path(q["N"], width)
+            auto = backends.choose_score_path(q["N"], width)
             timed["auto"] = dict(timed[auto]) if auto in timed else {}
             rows.append({"params": q, "auto_path": auto, "rows": timed})
             del x, fns
@@ -167,7 +167,7 @@ class Sweeps(Section):
               "(its figures are that path's). Plot: "
               f"![sweeps]({stem}-sweeps.png)", ""]
         for axis, points in s["sweeps"].items():
-            # path="triton" (timed on CUDA only) gets its columns where it was timed
+            # backend="triton" (timed on CUDA only) gets its columns where it was timed
             cols = ("auto", "dense", "gather", "reference") + (
                 (TRITON,) if any(TRITON in p["rows"] for p in points) else ())
             md += [f"### over {axis}", "",

@@ -7,14 +7,14 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crckd_losses import CRCKDLoss, EMATeacher, functional
-from crckd_losses._fused import use_fused
+from crckd_losses import CRCKDLoss, EMATeacher, GraphedCRCKDLoss, functional, graph_crckd_loss
+from crckd_losses.backends import choose_score_path, compiles
 
 from .ccd import triton_failed, triton_row
 from .common import PAPER, Bench, Section, Target, params, table, target
@@ -65,35 +65,35 @@ def make_batch(device: torch.device, quick: bool = False) -> Batch:
                  labels[index].to(device), views[0].to(device), views[1].to(device))
 
 
-def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
-              graph: bool = False, path: str = "auto", cuda_graphs: bool = False,
-              ) -> tuple[Callable[[], torch.Tensor], tuple[Any, ...]]:
+def make_step(b: Batch, kind: str, backend: str = "auto", graph: bool = False,
+              graphed_loss: bool = False) -> tuple[Callable[[], torch.Tensor], tuple[Any, ...]]:
     """One training step of ``kind`` ("baseline", "MT" or "CRCKD") and the state it trains.
 
-    ``path`` is CRCKD's score path (``"triton"`` for its Triton kernels). With ``graph`` the
-    step is written for CUDA-graph capture (the recipe of the GPU how-to):
-    banks with ``copy_on_write="snapshot"``, a capturable Adam whose gradients are zeroed in
-    place after the step, and a teacher whose decay does not change (``warmup=False``).
-    ``cuda_graphs`` passes ``cuda_graphs=True`` to ``CRCKDLoss``, with the banks it needs
-    (``copy_on_write="snapshot"``), in an otherwise eager step.
+    ``backend`` is CRCKD's (``"triton"`` for its Triton kernels). With ``graph`` the step is
+    written for CUDA-graph capture (the recipe of the GPU how-to): banks with
+    ``copy_on_write="snapshot"``, a capturable Adam whose gradients are zeroed in place after
+    the step, and a teacher whose decay does not change (``warmup=False``). ``graphed_loss``
+    calls CRCKD through ``graph_crckd_loss`` in an otherwise eager step.
 
     Returns:
-        ``(step, (student, teacher, crckd, optimizer))``; ``step()`` returns the loss.
+        ``(step, (student, teacher, crckd, optimizer))``; ``step()`` returns the loss;
+        ``crckd`` is the ``GraphedCRCKDLoss`` with ``graphed_loss``.
     """
     p = b.p
     torch.manual_seed(0)
     student = _Net(p["C"]).to(b.view1.device)
     params = list(student.parameters())
     teacher = EMATeacher(student, decay=0.99, warmup=not graph) if kind != "baseline" else None
-    crckd = None
+    crckd: CRCKDLoss | GraphedCRCKDLoss | None = None
     if kind == "CRCKD":
-        crckd = CRCKDLoss(b.labels, 128, 128, embed_dim=p["d"], num_positives=p["P"],
-                          num_negatives=p["K"], temperature=p["tau"], fused=fused,
-                          path=path,  # type: ignore[arg-type]
-                          copy_on_write="snapshot" if graph or cuda_graphs else True,
-                          cuda_graphs=cuda_graphs,
-                          ).to(b.view1.device)
-        params += list(crckd.parameters())
+        module = CRCKDLoss(b.labels, 128, 128, embed_dim=p["d"], num_positives=p["P"],
+                           num_negatives=p["K"], temperature=p["tau"],
+                           backend=backend).to(b.view1.device)  # type: ignore[arg-type]
+        params += list(module.parameters())
+        if graph:  # the graphs hold the banks' addresses: written in place, read by snapshots
+            for bank in (module.student_bank, module.teacher_bank):
+                bank.copy_on_write = "snapshot"
+        crckd = graph_crckd_loss(module, p["B"]) if graphed_loss else module
     opt = torch.optim.Adam(params, lr=3e-4, weight_decay=5e-4, capturable=graph)
 
     def step() -> torch.Tensor:
@@ -112,7 +112,7 @@ def make_step(b: Batch, kind: str, fused: bool | Literal["auto"] = "auto",
 
 
 def step_loss(b: Batch, student: nn.Module, teacher: EMATeacher | None,
-              crckd: CRCKDLoss | None) -> torch.Tensor:
+              crckd: CRCKDLoss | GraphedCRCKDLoss | None) -> torch.Tensor:
     """The loss of one step on ``b``: weighted cross-entropy, plus the consistency term with a
     teacher, plus CRCKD's with ``crckd``."""
     f_s, logits = student(b.view1)
@@ -135,8 +135,8 @@ def matches_eager(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
     return diff
 
 
-def capture(b: Batch, kind: str, path: str = "auto") -> tuple[Callable[[], None], float]:
-    """The step of ``kind`` (CRCKD's score path ``path``) captured in a CUDA graph, checked
+def capture(b: Batch, kind: str, backend: str = "auto") -> tuple[Callable[[], None], float]:
+    """The step of ``kind`` (CRCKD on ``backend``) captured in a CUDA graph, checked
     against eager execution.
 
     Three eager steps run first on a side stream (compilation, :math:`Z`, gradients). The
@@ -147,7 +147,7 @@ def capture(b: Batch, kind: str, path: str = "auto") -> tuple[Callable[[], None]
         ``(graph.replay, relative difference of the two losses)``.
     """
     dev = b.view1.device
-    step, state = make_step(b, kind, graph=True, path=path)
+    step, state = make_step(b, kind, backend, graph=True)
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
@@ -177,30 +177,29 @@ def capture(b: Batch, kind: str, path: str = "auto") -> tuple[Callable[[], None]
 
 def graphed_loss(b: Batch) -> tuple[Callable[[], torch.Tensor], float]:
     """A CRCKD step whose loss module alone runs as CUDA graphs, forward and backward
-    (``CRCKDLoss(cuda_graphs=True)``, which captures at its second training call), while
-    the model, the optimiser and the teacher run eagerly: what graphing only the library's
-    part of an eager loop saves. Checked against the same step run eagerly on a copy of the
-    state (a copy leaves the graphs behind; its option is turned off).
+    (``graph_crckd_loss``, which captures at its second training call), while the model, the
+    optimiser and the teacher run eagerly: what graphing only the library's part of an eager
+    loop saves. Checked against the same step run eagerly on a copy of the state (a copy of
+    the module leaves the graphs behind), through the copied module itself.
 
     Returns:
         ``(step, relative difference of the graphed and the eager loss)``.
     """
-    step, state = make_step(b, "CRCKD", cuda_graphs=True)
-    crckd = state[2]
+    step, state = make_step(b, "CRCKD", graphed_loss=True)
+    wrapper = state[2]
     for _ in range(3):  # Z, then the capture (which compiles), then a replay
         step()
-    if crckd.cuda_graph_replays != 2:
-        raise AssertionError(f"cuda_graphs=True replayed {crckd.cuda_graph_replays} of the "
-                             "2 training calls after the first")
+    if wrapper.replays != 2:
+        raise AssertionError(f"graph_crckd_loss replayed {wrapper.replays} of the 2 training "
+                             "calls after the first")
     twin = copy.deepcopy(state)
-    twin[2].cuda_graphs = False
     torch.manual_seed(1234)
     got = step()
     torch.manual_seed(1234)
-    want = step_loss(b, *twin[:3]).detach()  # the same step, eagerly, on the copy
+    want = step_loss(b, twin[0], twin[1], twin[2].crckd).detach()  # eagerly, on the copy
     diff = matches_eager(got, want, "the graphed loss")
-    if crckd.cuda_graph_replays != 3 or twin[2].cuda_graph_replays != 0:
-        raise AssertionError("the graphed step did not replay once, or its twin replayed")
+    if wrapper.replays != 3:
+        raise AssertionError("the graphed step did not replay once")
     return step, diff
 
 
@@ -208,20 +207,22 @@ def run_train(bench: Bench) -> dict[str, Any]:
     """One optimiser step of baseline (WCE), mean teacher (MT) and CRCKD on ResNet-18."""
     dev = bench.device
     b = make_batch(dev, bench.quick)
-    # The library's default takes the fused (compiled) path only where "auto" selects it; the
-    # other path is timed beside it (not in the quick grid: compiling takes a minute).
-    default_fused = use_fused("auto", dev)
-    other = "CRCKD, eager" if default_fused else "CRCKD, fused"
+    # The library's default compiles the step only where "auto" selects it; the other way is
+    # timed beside it (not in the quick grid: compiling takes a minute).
+    default_compiled = compiles("auto", dev, step=True)
+    other = "CRCKD, eager" if default_compiled else "CRCKD, compiled"
+    other_backend = choose_score_path(b.p["N"], b.p["P"] + b.p["K"]) if default_compiled \
+        else "compiled"
+    backend_of = {other: other_backend, TRITON_ROW: "triton"}
     kinds = ["baseline", "MT", "CRCKD"] + ([] if bench.quick else [other])
     if triton_row(dev) and not bench.quick:
         kinds.append(TRITON_ROW)
     fns: dict[str, Callable[[], Any]] = {}
     for kind in kinds:
-        fused: bool | Literal["auto"] = "auto" if kind != other else not default_fused
+        backend = backend_of.get(kind, "auto")
         try:
-            fns[kind], state = make_step(b, kind.split(",")[0], fused,
-                                         path="triton" if kind == TRITON_ROW else "auto")
-            if state[2] is not None and state[2].fused is not False:
+            fns[kind], state = make_step(b, kind.split(",")[0], backend)
+            if state[2] is not None and compiles(state[2].backend, dev, step=True):
                 for _ in range(2):  # both compilations (the first step's Z, then steady state)
                     fns[kind]()
         except Exception as exc:
@@ -253,16 +254,16 @@ def run_train(bench: Bench) -> dict[str, Any]:
                                  f"({type(exc).__name__}: {exc})")
     elif dev.type == "cuda" and not bench.quick:
         bench.skipped.append("train: CUDA-graph rows not run (--no-cuda-graphs)")
-    # A CPU's memory tracker is a dispatch mode, under which the fused step runs eagerly.
-    fused_row = ("CRCKD" if default_fused else other,) if bench.device.type == "cpu" else ()
+    # A CPU's memory tracker is a dispatch mode, under which the compiled step runs eagerly.
+    compiled_row = ("CRCKD" if default_compiled else other,) if dev.type == "cpu" else ()
     rows = bench.compare(fns, samples=b.p["B"], budget_s=3 * bench.budget_s,
-                         no_memory=fused_row)
+                         no_memory=compiled_row)
     mt = rows["MT"]["median_s"]
-    out: dict[str, Any] = {"params": b.p, "rows": rows, "default_fused": default_fused,
+    out: dict[str, Any] = {"params": b.p, "rows": rows, "default_compiled": default_compiled,
                            "crckd_over_mt": rows["CRCKD"]["median_s"] / mt - 1.0,
                            "host_ms": host_ms(fns, dev)}
     if other in rows:
-        out["other_path"] = other
+        out["other_path"], out["other_backend"] = other, other_backend
         out["other_over_mt"] = rows[other]["median_s"] / mt - 1.0
     if TRITON_ROW in rows:
         out["triton_over_mt"] = rows[TRITON_ROW]["median_s"] / mt - 1.0
@@ -303,7 +304,7 @@ def host_ms(fns: dict[str, Callable[[], Any]], dev: torch.device,
     return out
 
 
-#: The row of CRCKD with ``path="triton"`` (eager, its CCD in the Triton kernels).
+#: The row of CRCKD with ``backend="triton"`` (eager, its CCD in the Triton kernels).
 TRITON_ROW = "CRCKD, Triton kernels"
 #: The same step captured in a CUDA graph.
 TRITON_GRAPH_ROW = f"{TRITON_ROW}, CUDA graph"
@@ -343,13 +344,15 @@ class Train(Section):
         md = ["## Whole training step", "",
               f"ResNet-18 + 128-d feature + classifier, Adam, random {s['params']['image']}px "
               f"images, `{params(s['params'])}`. CRCKD over MT: "
-              f"{100 * s['crckd_over_mt']:.1f} % with the library's default path ("
-              f"{'fused' if s.get('default_fused') else 'eager'} on this device)."]
+              f"{100 * s['crckd_over_mt']:.1f} % with the library's default backend ("
+              f"{'compiled' if s.get('default_compiled', s.get('default_fused')) else 'eager'}"
+              " on this device)."]
         if "other_path" in s:
-            md[-1] += (f" {s['other_path']} over MT: {100 * s['other_over_mt']:.1f} % "
-                       f"(`fused={not s['default_fused']}`).")
+            md[-1] += (f" {s['other_path']} over MT: {100 * s['other_over_mt']:.1f} %"
+                       + (f" (`backend=\"{s['other_backend']}\"`)." if "other_backend" in s
+                          else "."))
         if "triton_over_mt" in s:
-            md[-1] += (f" {TRITON_ROW} over MT (`path=\"triton\"`, eager): "
+            md[-1] += (f" {TRITON_ROW} over MT (`backend=\"triton\"`, eager): "
                        f"{100 * s['triton_over_mt']:.1f} %.")
         if "graph_over_mt" in s:
             md[-1] += (f" Both steps captured in a CUDA graph (`copy_on_write=\"snapshot\"`, "
@@ -365,7 +368,7 @@ class Train(Section):
             md[-1] += f" CUDA-graph capture failed: `{s['graph_error']}`."
         if "loss_graphed_over_mt" in s:
             md[-1] += (f" {LOSS_GRAPHED_ROW} (the model, the optimiser and the teacher eager, "
-                       f"`CRCKDLoss` alone replayed, `CRCKDLoss(cuda_graphs=True)`) over "
+                       f"`CRCKDLoss` alone replayed, `graph_crckd_loss`) over "
                        f"MT: {100 * s['loss_graphed_over_mt']:.1f} % (relative loss "
                        f"difference against eager {s['loss_graphed_rel_diff']:.1e}).")
         md.append("")
