@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._checks import (
@@ -249,13 +250,22 @@ class CRCKDLoss(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
 
+def _normalize_pair(y_s: torch.Tensor, y_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both heads' L2 normalisation (the heads' own), in one computation where the two
+    projections share a dtype: on a GPU, half the kernels."""
+    if y_s.dtype != y_t.dtype:
+        return F.normalize(y_s, dim=1), F.normalize(y_t, dim=1)
+    g = F.normalize(torch.cat([y_s, y_t]), dim=1)
+    return g[:y_s.shape[0]], g[y_s.shape[0]:]
+
+
 def _step(crckd: CRCKDLoss, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
           indices: torch.Tensor, rows: torch.Tensor, sample_indices: torch.Tensor
           ) -> CRCKDOutput:
     """Steps 1-5 of :class:`CRCKDLoss` on checked inputs and drawn samples; what the
     ``"compiled"`` backend compiles."""
-    g_s = crckd.student_head(student_feat)
-    g_t = crckd.teacher_head(teacher_feat.detach())
+    g_s, g_t = _normalize_pair(crckd.student_head.project(student_feat),
+                               crckd.teacher_head.project(teacher_feat.detach()))
     both = crckd.ccd._both(g_s, g_t, crckd.student_bank, crckd.teacher_bank, sample_indices,
                            crckd.backend)
     banks = (crckd.student_bank, crckd.teacher_bank)

@@ -66,7 +66,8 @@ def score_dtype(anchor: torch.Tensor, memory: torch.Tensor) -> torch.dtype:
     """The matmul's dtype: the autocast dtype on accelerators; on a CPU, float32 at least,
     since CPUs without bfloat16 matrix units multiply float32 faster than bfloat16."""
     device = anchor.device.type
-    dtype = torch.promote_types(anchor.dtype, memory.dtype)
+    dtype = anchor.dtype if anchor.dtype == memory.dtype else \
+        torch.promote_types(anchor.dtype, memory.dtype)
     if torch.is_autocast_enabled(device):
         dtype = torch.float32 if device == "cpu" else torch.get_autocast_dtype(device)
     return dtype
@@ -115,6 +116,7 @@ def paired_raw_scores(anchors: tuple[torch.Tensor, torch.Tensor],
                             for a, m in zip(anchors, memories)])
 
 
+_TILED: dict[tuple[int, int, int, float, torch.dtype, torch.device], torch.Tensor] = {}
 _COLUMNS: dict[tuple[int, int, float, torch.dtype, torch.device],
                tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -159,7 +161,9 @@ def nce_rows(raw: torch.Tensor, scale: float, bias: torch.Tensor, num_positives:
             return torch.mv(logsig.view(directions * batch, -1), neg_weight).view(
                 directions, batch)
         # The batch reduction folded into the column weights: one matrix-vector product.
-        weight = neg_weight.repeat(batch) * (1.0 / batch if reduction == "mean" else 1.0)
+        scale_b = 1.0 / batch if reduction == "mean" else 1.0
+        weight = built_once(_TILED, (width, num_positives, batch, scale_b, dtype, raw.device),
+                            lambda: neg_weight.repeat(batch) * scale_b)
         return torch.mv(logsig.view(directions, -1), weight)
 
 
