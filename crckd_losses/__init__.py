@@ -14,7 +14,7 @@ from .memory import MomentumMemoryBank
 from .relation import CategoricalRelationLoss
 from .teacher import EMATeacher, unwrap_model
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "CCDTerms",

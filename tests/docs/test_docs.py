@@ -204,3 +204,17 @@ def test_no_machine_paths_in_docs() -> None:
         found = pattern.search(path.read_text(encoding="utf-8"))
         assert found is None, f"{path.relative_to(ROOT)} contains a machine path: {found.group(0)}"
 
+
+
+def test_one_version() -> None:
+    """``crckd_losses.__version__`` is the one source: the changelog's newest section names it,
+    pyproject.toml and the docs read it."""
+    import crckd_losses
+
+    changelog = (DOCS / "changelog.rst").read_text(encoding="utf-8")
+    newest = re.search(r"^(\d+\.\d+\.\d+)\b.*\n-+$", changelog, re.M)
+    assert newest and newest.group(1) == crckd_losses.__version__
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'dynamic = ["version"]' in pyproject
+    assert 'version = { attr = "crckd_losses.__version__" }' in pyproject
+    assert "release = crckd_losses.__version__" in (DOCS / "conf.py").read_text(encoding="utf-8")
