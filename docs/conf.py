@@ -48,6 +48,7 @@ html_static_path = ["_static"]
 # furo: readable from phone to laptop width, and it loads no font or script from the network.
 html_theme = "furo"
 html_title = f"crckd-losses {release}"
+html_css_files = ["custom.css"]
 
 # -- autodoc / napoleon -----------------------------------------------------------------------
 autodoc_member_order = "bysource"
