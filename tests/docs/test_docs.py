@@ -97,7 +97,8 @@ def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_html_builds_without_warnings(build_dir: Path) -> None:
     html = build_dir / "html"
-    for page in ["index", "method", "api", "reproduction", "benchmarks", "changelog", *GUIDES]:
+    pages = ["index", "method", "api", "reproduction", "reproduction_notebook", "benchmarks"]
+    for page in [*pages, "changelog", *GUIDES]:
         assert (html / f"{page}.html").is_file(), f"{page}.html was not built"
     assert (html / "_images" / "overview.png").is_file()
     api = (html / "api.html").read_text(encoding="utf-8")
