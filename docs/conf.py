@@ -32,6 +32,8 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_parser",
+    # MathJax 3 served from the built site's _static/mathjax: no page needs the network.
+    "sphinx-mathjax-offline",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
@@ -43,14 +45,10 @@ exclude_patterns = ["_build", "_scripts", "_generated", "reproduction_runs*",
                     "reproduction_checks", "teacher_runs", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []
 html_static_path = ["_static"]
-html_theme = "alabaster"
-html_theme_options = {
-    "description": "CRCKD (MICCAI 2021) losses for PyTorch",
-    "fixed_sidebar": True,
-    "page_width": "1100px",
-    "sidebar_width": "230px",
-}
-pygments_style = "sphinx"
+# furo: readable from phone to laptop width, and it loads no font or script from the network.
+html_theme = "furo"
+html_title = f"crckd-losses {release}"
+html_css_files = ["custom.css"]
 
 # -- autodoc / napoleon -----------------------------------------------------------------------
 autodoc_member_order = "bysource"

@@ -643,7 +643,10 @@ def _final_plots(run: Run, last: dict[str, tuple[torch.Tensor, torch.Tensor]]) -
     from . import plots
 
     classes, out_dir = run.classes, run.out_dir
-    plots.plot_curves(run.progress.history, out_dir)
+    config = run.config
+    fold = f", fold {config['fold']}" if config["fold"] is not None else ""
+    plots.plot_curves(run.progress.history, out_dir, f"{config['method']} ({config['recipe']}), "
+                      f"{config['dataset']}{fold}, seed {config['seed']}")
     probs, feats = last["test"]
     labels = run.eval_sets["test"][1]
     plots.plot_confusion(confusion(labels, probs.numpy(), len(classes)), classes,

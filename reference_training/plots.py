@@ -28,36 +28,61 @@ def label_epoch_axes(ax, title: str, ylabel: str, fontsize: int = 9) -> None:  #
     ax.legend(fontsize=7)
 
 
-def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
-    """``losses.png`` (training losses per epoch) and ``metrics.png`` (val/test curves of the
-    student, solid, and of the mean teacher, dashed, where the run has one)."""
-    plt = _pyplot()
-    epochs = [row["epoch"] for row in history]
-    loss_keys = [k for k in history[0] if k.startswith("train_")]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in loss_keys:
-        ax.plot(epochs, [row[key] for row in history], label=key[len("train_"):])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.legend()
+# The student's metrics drawn per epoch, in percent as the printed tables show them.
+CURVE_METRICS = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+                 "f1": "macro F1"}
+# Losses on a scale of their own get a panel of their own: CCD (L_S + L_T, before its weight of
+# 0.1) is about 13 at the paper's K, the other losses about 1.
+OWN_PANEL_LOSSES = ("ccd",)
+
+
+def _save(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
     fig.tight_layout()
-    fig.savefig(out_dir / runfiles.LOSSES_PLOT, dpi=100)
-    plt.close(fig)
-    metrics = ("auc", "accuracy", "balanced_accuracy", "f1")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5))
-    for ax, metric in zip(axes, metrics, strict=False):
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
+def losses_figure(history: list[dict[str, float]], title: str = ""):  # type: ignore[no-untyped-def]
+    """The training losses per epoch: those near 1 in one panel, CCD in its own."""
+    epochs = [row["epoch"] for row in history]
+    keys = [k[len("train_"):] for k in history[0] if k.startswith("train_")]
+    panels = [[k for k in keys if k not in OWN_PANEL_LOSSES]]
+    panels += [[k] for k in keys if k in OWN_PANEL_LOSSES]
+    panels = [keys for keys in panels if keys]
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, keys in zip(axes[0], panels, strict=True):
+        for key in keys:
+            ax.plot(epochs, [row[f"train_{key}"] for row in history], label=key)
+        own = keys[0] in OWN_PANEL_LOSSES
+        label_epoch_axes(ax, f"{keys[0]} (unweighted, own scale)" if own else "training losses",
+                         "mean over the epoch's steps")
+    fig.suptitle(f"{title}: training losses" if title else "training losses")
+    return fig
+
+
+def metrics_figure(history: list[dict[str, float]], title: str = ""):  # type: ignore[no-untyped-def]
+    """Validation and test metrics per epoch, in %: the student solid, its mean teacher
+    dashed (where the run has one)."""
+    epochs = [row["epoch"] for row in history]
+    fig, axes = _pyplot().subplots(1, len(CURVE_METRICS), figsize=(4 * len(CURVE_METRICS), 3.6))
+    for ax, (metric, name) in zip(axes, CURVE_METRICS.items(), strict=True):
         for who, style in (("", "-"), ("teacher_", "--")):
             for part, color in (("val", "C0"), ("test", "C1")):
                 key = f"{who}{part}_{metric}"
                 if key in history[0]:
-                    ax.plot(epochs, [row.get(key, float("nan")) for row in history], style,
-                            color=color, label=f"{who.rstrip('_') or 'student'} {part}")
-        ax.set_title(metric)
-        ax.set_xlabel("epoch")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / runfiles.METRICS_PLOT, dpi=100)
-    plt.close(fig)
+                    values = [100 * row.get(key, float("nan")) for row in history]
+                    ax.plot(epochs, values, style, color=color,
+                            label=f"{who.rstrip('_') or 'student'} {part}")
+        label_epoch_axes(ax, name, "%")
+    fig.suptitle(f"{title}: metrics" if title else "metrics")
+    return fig
+
+
+def plot_curves(history: list[dict[str, float]], out_dir: Path, title: str = "") -> None:
+    """``losses.png`` (:func:`losses_figure`) and ``metrics.png`` (:func:`metrics_figure`),
+    each titled ``title`` (the run)."""
+    _save(losses_figure(history, title), out_dir / runfiles.LOSSES_PLOT)
+    _save(metrics_figure(history, title), out_dir / runfiles.METRICS_PLOT)
 
 
 def plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], path: Path) -> None:
@@ -72,9 +97,7 @@ def plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], path: Path) -> 
     for i in range(len(classes)):
         for j in range(len(classes)):
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_embedding(features: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
@@ -97,9 +120,7 @@ def plot_embedding(features: np.ndarray, labels: np.ndarray, classes: tuple[str,
             ax.scatter(points[mask, 0], points[mask, 1], s=6, label=name)
     ax.legend(markerscale=2, fontsize=7)
     ax.set_title(f"student features f ({method.upper()})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_method_curves(curves: dict[str, list[list[dict[str, float]]]], part: str,
@@ -124,6 +145,4 @@ def plot_method_curves(curves: dict[str, list[list[dict[str, float]]]], part: st
     axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

@@ -1,6 +1,8 @@
 """The documentation builds without warnings, and every example in it runs.
 
 - the Sphinx HTML build with ``-W`` (warnings are errors), as CI runs it;
+- every built page works offline (no external script or stylesheet) and keeps its code lines
+  within ``CODE_COLUMN`` characters;
 - the guides' ``testcode`` blocks (getting started, how-to pages) through ``sphinx.ext.doctest``;
 - the ``Examples:`` of every public docstring, in its module's namespace;
 - the benchmark-results hook of ``docs/conf.py`` and the overview figure's script.
@@ -9,6 +11,7 @@
 from __future__ import annotations
 
 import doctest
+import html as html_lib
 import importlib
 import importlib.util
 import os
@@ -52,8 +55,15 @@ PUBLIC_MODULES = [
 ]
 
 
+# The widest code line a page may show: furo's content column holds it at laptop width.
+CODE_COLUMN = 90
+# A URL with a scheme (https:, data:, ...) or protocol-relative: the browser fetches it.
+EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:|//)", re.I)
+
+
 def _require_sphinx() -> None:
-    missing = [m for m in ("sphinx", "myst_parser") if importlib.util.find_spec(m) is None]
+    modules = ("sphinx", "myst_parser", "furo", "sphinx-mathjax-offline")
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(
             f"{', '.join(missing)} not installed; the docs need: pip install -e '.[docs]'"
@@ -87,7 +97,8 @@ def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_html_builds_without_warnings(build_dir: Path) -> None:
     html = build_dir / "html"
-    for page in ["index", "method", "api", "reproduction", "benchmarks", "changelog", *GUIDES]:
+    pages = ["index", "method", "api", "reproduction", "reproduction_notebook", "benchmarks"]
+    for page in [*pages, "changelog", *GUIDES]:
         assert (html / f"{page}.html").is_file(), f"{page}.html was not built"
     assert (html / "_images" / "overview.png").is_file()
     api = (html / "api.html").read_text(encoding="utf-8")
@@ -108,6 +119,41 @@ def test_html_builds_without_warnings(build_dir: Path) -> None:
             assert f'id="crckd_losses.backends.{name}"' in api, f"backends.{name} is missing"
     for name in ["world_size", "all_gather_varlen", "gather_for_update", "global_log_mean_exp"]:
         assert f'id="crckd_losses.distributed.{name}"' in api, f"distributed.{name} is missing"
+
+
+def _built_pages(html: Path) -> list[Path]:
+    """The site's pages; not the highlighted module sources of ``_modules/`` (their lines are
+    the code's own, up to ruff's 100 columns)."""
+    skip = {"_modules", "_static", "_sources", "_images", "_downloads"}
+    pages = [p for p in html.rglob("*.html") if p.relative_to(html).parts[0] not in skip]
+    assert html / "index.html" in pages, "the build wrote no index page"
+    return pages
+
+
+def test_pages_need_no_network(build_dir: Path) -> None:
+    html = build_dir / "html"
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file(), "MathJax is not bundled"
+    for page in _built_pages(html):
+        text = page.read_text(encoding="utf-8")
+        for tag in re.findall(r"<(?:script|link)\b[^>]*>", text):
+            url = re.search(r'\b(?:src|href)="([^"]*)"', tag)
+            assert url is None or not EXTERNAL.match(url.group(1)), (
+                f"{page.relative_to(html)} loads {url.group(1)} from the network"
+            )
+    for sheet in (html / "_static").rglob("*.css"):
+        imports = re.findall(r"(?:@import|url\()\s*[\"']?([^\"')\s]+)", sheet.read_text("utf-8"))
+        assert not [u for u in imports if EXTERNAL.match(u) and not u.startswith("data:")], sheet
+
+
+def test_code_lines_fit_the_column(build_dir: Path) -> None:
+    html = build_dir / "html"
+    too_wide = []
+    for page in _built_pages(html):
+        for block in re.findall(r"<pre\b[^>]*>(.*?)</pre>", page.read_text("utf-8"), re.S):
+            text = html_lib.unescape(re.sub(r"<[^>]+>", "", block))
+            too_wide += [f"{page.relative_to(html)}: {line}" for line in text.splitlines()
+                         if len(line) > CODE_COLUMN]
+    assert not too_wide, f"code lines over {CODE_COLUMN} columns:\n" + "\n".join(too_wide)
 
 
 def test_guide_examples_run(build_dir: Path) -> None:
@@ -205,3 +251,17 @@ def test_no_machine_paths_in_docs() -> None:
         found = pattern.search(path.read_text(encoding="utf-8"))
         assert found is None, f"{path.relative_to(ROOT)} contains a machine path: {found.group(0)}"
 
+
+
+def test_one_version() -> None:
+    """``crckd_losses.__version__`` is the one source: the changelog's newest section names it,
+    pyproject.toml and the docs read it."""
+    import crckd_losses
+
+    changelog = (DOCS / "changelog.rst").read_text(encoding="utf-8")
+    newest = re.search(r"^(\d+\.\d+\.\d+)\b.*\n-+$", changelog, re.M)
+    assert newest and newest.group(1) == crckd_losses.__version__
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'dynamic = ["version"]' in pyproject
+    assert 'version = { attr = "crckd_losses.__version__" }' in pyproject
+    assert "release = crckd_losses.__version__" in (DOCS / "conf.py").read_text(encoding="utf-8")
