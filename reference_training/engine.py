@@ -193,10 +193,11 @@ def build_run(config: dict[str, Any], resume: Path | None, log: bool) -> Run:
             runfiles.write_json(config, out_dir / runfiles.CONFIG)
         datamod.write_split(out_dir / runfiles.SPLIT, records, split)
         images = datamod.load_images(records, config["image_size"], config["cache_dir"],
-                                     config["num_workers"], log)
+                                     config["num_workers"], log, config.get("dicom_window"))
     _barrier()
     if rank != 0:
-        images = datamod.load_images(records, config["image_size"], config["cache_dir"], 0, False)
+        images = datamod.load_images(records, config["image_size"], config["cache_dir"], 0, False,
+                                     config.get("dicom_window"))
     train_idx = torch.as_tensor(split["train"])
     train_labels = torch.as_tensor(records.labels[split["train"]])
     eval_sets = {part: (images[torch.as_tensor(split[part])], records.labels[split[part]])
