@@ -88,6 +88,9 @@ DEFAULTS: dict[str, Any] = {
     # file's own window; a DICOM attribute (e.g. "PatientID") whose value groups the images.
     "dicom_window": None,
     "dicom_group_tag": None,
+    # TensorBoard event files: null writes them into the run folder (when tensorboard is
+    # installed), a folder name into <that folder>/<run name>, false writes none.
+    "tensorboard": None,
     "cv_seed": 2020,
     # APTOS: hold out this share of the training fold (stratified) as a validation part, to
     # compare settings without the test fold; null (the paper) trains on the whole fold.

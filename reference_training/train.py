@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-group-tag", nargs="?", const="PatientID", metavar="KEYWORD",
                    help="DICOM: group images by this attribute of their headers (default "
                         "PatientID); no group is split across train, validation and test")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write TensorBoard event files into DIR/<run name> (default: into the "
+                        "run folder, when tensorboard is installed)")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     p.add_argument("--method", choices=cfgmod.METHODS)
     p.add_argument("--recipe", choices=cfgmod.RECIPES,
                    help="'paper' (default) or 'released-code' (method §7)")
