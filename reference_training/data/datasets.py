@@ -350,19 +350,17 @@ def read_dataset(dataset: str, data_dir: str | Path | None = None,
         raise ValueError(f"--dicom-group-tag is for --dataset folder or csv, not {dataset}")
     if dicom_group_tag and group_column:
         raise ValueError("--group-column and --dicom-group-tag both name the groups; pass one")
-    if dataset == "folder":
-        records = read_folder(root)
-    elif dataset == "csv":
-        if not csv:
-            raise ValueError("--dataset csv needs --csv FILE (image paths relative to --data-dir)")
-        records = read_table(root, csv, image_column, label_column, group_column)
-    if dataset in OWN_DATASETS:
-        if dicom_group_tag:
-            records.groups = dicom.tag_groups(records.paths, dicom_group_tag, records.ids)
-        return records
     if dataset == "aptos":
         return read_aptos(root)
-    return read_ham10000(root, name=dataset)
+    if dataset not in OWN_DATASETS:
+        return read_ham10000(root, name=dataset)
+    if dataset == "csv" and not csv:
+        raise ValueError("--dataset csv needs --csv FILE (image paths relative to --data-dir)")
+    records = (read_folder(root) if dataset == "folder"
+               else read_table(root, csv or "", image_column, label_column, group_column))
+    if dicom_group_tag:
+        records.groups = dicom.tag_groups(records.paths, dicom_group_tag, records.ids)
+    return records
 
 
 def read_config_dataset(config: dict, data_dir: str | Path | None = None) -> Records:

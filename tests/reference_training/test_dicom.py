@@ -188,3 +188,19 @@ def _small_config(folder: Path) -> Path:
     path.write_text('{"num_positives": 2, "num_negatives": 4, "eval_batch_size": 16, '
                     f'"cache_dir": "{(folder / "cache").as_posix()}"}}')
     return path
+
+
+def test_mistakes_in_the_dicom_flags_are_named(tmp_path: Path) -> None:
+    from reference_training import config as cfgmod
+
+    root = make_tree(tmp_path / "tree", patients_per_class=1)
+    base = {"dataset": "folder", "data_dir": str(root)}
+    with pytest.raises(ValueError, match="width must be positive"):
+        cfgmod.resolve({**base, "dicom_window": [40, 0]})
+    with pytest.raises(ValueError, match="must be a DICOM keyword"):
+        datamod.read_dataset("folder", root, dicom_group_tag="Patient")
+    with pytest.raises(ValueError, match="both name the groups"):
+        datamod.read_dataset("csv", root, "labels.csv", "file", "finding", "patient", "PatientID")
+    records = datamod.read_dataset("csv", root, "labels.csv", "file", "finding",
+                                   dicom_group_tag="PatientID")
+    assert sorted(set(records.groups)) == ["PatientID=nodule-0", "PatientID=normal-0"]
