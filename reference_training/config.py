@@ -16,6 +16,7 @@ import tomllib
 
 from . import recipe
 from .data import DATASETS, OWN_DATASETS
+from .data.dicom import check_window
 from .recipe import RECIPES, loss_weights, uses_contrast, uses_teacher
 
 __all__ = ["DEFAULTS", "DATASET_DEFAULTS", "METHODS", "RECIPES", "load_file", "resolve",
@@ -83,6 +84,13 @@ DEFAULTS: dict[str, Any] = {
     "image_column": "image",
     "label_column": "label",
     "group_column": None,
+    # DICOM files (folder and csv): [center, width] for every grayscale image instead of each
+    # file's own window; a DICOM attribute (e.g. "PatientID") whose value groups the images.
+    "dicom_window": None,
+    "dicom_group_tag": None,
+    # TensorBoard event files: null writes them into the run folder (when tensorboard is
+    # installed), a folder name into <that folder>/<run name>, false writes none.
+    "tensorboard": None,
     "cv_seed": 2020,
     # APTOS: hold out this share of the training fold (stratified) as a validation part, to
     # compare settings without the test fold; null (the paper) trains on the whole fold.
@@ -200,6 +208,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if config["teacher_train_mode"] not in (None, True, False):
         raise ValueError("teacher_train_mode must be true, false or null, got "
                          f"{config['teacher_train_mode']!r}")
+    if config["dicom_window"] is not None:
+        config["dicom_window"] = list(check_window(config["dicom_window"]))
     if config["contrast"] == "instance":
         config["num_positives"] = 1  # CRD: the anchor's own row is the only positive
     epochs = config["epochs"]

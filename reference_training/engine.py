@@ -43,7 +43,7 @@ from crckd_losses.distributed import all_gather_varlen, world_size
 from crckd_losses.functional import categorical_relation_loss, consistency_kl
 from crckd_losses.sampling import class_anchor_indices, instance_indices
 
-from . import checkpoint, runfiles
+from . import checkpoint, runfiles, tensorboard_log
 from . import data as datamod
 from . import recipe as recipemod
 from .checkpoint import Progress
@@ -193,10 +193,11 @@ def build_run(config: dict[str, Any], resume: Path | None, log: bool) -> Run:
             runfiles.write_json(config, out_dir / runfiles.CONFIG)
         datamod.write_split(out_dir / runfiles.SPLIT, records, split)
         images = datamod.load_images(records, config["image_size"], config["cache_dir"],
-                                     config["num_workers"], log)
+                                     config["num_workers"], log, config.get("dicom_window"))
     _barrier()
     if rank != 0:
-        images = datamod.load_images(records, config["image_size"], config["cache_dir"], 0, False)
+        images = datamod.load_images(records, config["image_size"], config["cache_dir"], 0, False,
+                                     config.get("dicom_window"))
     train_idx = torch.as_tensor(split["train"])
     train_labels = torch.as_tensor(records.labels[split["train"]])
     eval_sets = {part: (images[torch.as_tensor(split[part])], records.labels[split[part]])
@@ -522,6 +523,8 @@ def _train(config: dict[str, Any], resume: Path | None, stop_after_steps: int | 
               + (f", K={run.num_negatives}" if run.crckd else "")
               + (f", {run.world} processes" if run.world > 1 else ""))
     last_outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    board = tensorboard_log.open_writer(config, run.out_dir, progress.epoch, log) if (
+        run.rank == 0) else None
     t0 = time.time()
     for epoch in range(progress.epoch, config["epochs"]):
         epoch_start, whole_epoch = time.time(), progress.step == 0
@@ -530,7 +533,10 @@ def _train(config: dict[str, Any], resume: Path | None, stop_after_steps: int | 
         if whole_epoch:
             progress.epoch_seconds.append(time.time() - epoch_start)
         row, last_outputs = epoch_row(run, epoch, weights)
+        tensorboard_log.write_row(board, row)  # before the checkpoint: see tensorboard_log
         end_epoch(run, epoch, row, log)
+    if board is not None:
+        board.close()
 
     if "test" not in last_outputs:  # resumed a finished run
         last_outputs["test"] = predict(run.student, run.eval_sets["test"][0],

@@ -38,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--dataset csv: the column of labels, names or integers (default: label)")
     p.add_argument("--group-column", help="--dataset csv: a patient or lesion column; no group "
                                           "is split across train, validation and test")
+    p.add_argument("--dicom-window", nargs=2, type=float, metavar=("CENTER", "WIDTH"),
+                   help="DICOM: one window for every grayscale image (e.g. CT lung: -600 1500) "
+                        "instead of each file's own")
+    p.add_argument("--dicom-group-tag", nargs="?", const="PatientID", metavar="KEYWORD",
+                   help="DICOM: group images by this attribute of their headers (default "
+                        "PatientID); no group is split across train, validation and test")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write TensorBoard event files into DIR/<run name> (default: into the "
+                        "run folder, when tensorboard is installed)")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     p.add_argument("--method", choices=cfgmod.METHODS)
     p.add_argument("--recipe", choices=cfgmod.RECIPES,
                    help="'paper' (default) or 'released-code' (method §7)")

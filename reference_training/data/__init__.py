@@ -1,8 +1,8 @@
 """Datasets read from their layouts, splits, the decode cache and views.
 
 The paper's datasets (HAM10000, APTOS 2019, the shipped sample) are read from their official
-layouts; any other labelled image set from a folder per class (``folder``) or a CSV of paths
-and labels (``csv``).
+layouts; any other labelled image set (PNG, JPEG, TIFF, DICOM) from a folder per class
+(``folder``) or a CSV of paths and labels (``csv``).
 
 Everything CPU-bound happens once: each image is decoded and resized to ``image_size`` a
 single time and kept in a cached ``uint8`` tensor file. Training then only draws each sample's view
@@ -31,7 +31,7 @@ from .datasets import (
     read_ham10000,
     read_table,
 )
-from .images import cache_key, decode_image, load_images
+from .images import cache_key, decode_dicom, decode_image, load_images
 from .splits import (
     check_class_sizes,
     check_split,
@@ -47,8 +47,9 @@ from .views import TwoViewDataset, apply_views, draw_view_params, view_matrices
 __all__ = [
     "APTOS_CLASSES", "DATASETS", "DEFAULT_CACHE_DIR", "GlobalBatchSampler", "HAM10000_CLASSES",
     "OWN_DATASETS", "Records", "SAMPLE_DIR", "TwoViewDataset", "apply_views", "cache_key",
-    "check_class_sizes", "check_split", "class_weights", "decode_image", "default_data_dir",
-    "draw_view_params", "limit_records", "load_images", "make_split", "read_aptos",
-    "read_config_dataset", "read_dataset", "read_folder", "read_ham10000", "read_split",
-    "read_table", "shard", "split_folds", "split_grouped", "view_matrices", "write_split",
+    "check_class_sizes", "check_split", "class_weights", "decode_dicom", "decode_image",
+    "default_data_dir", "draw_view_params", "limit_records", "load_images", "make_split",
+    "read_aptos", "read_config_dataset", "read_dataset", "read_folder", "read_ham10000",
+    "read_split", "read_table", "shard", "split_folds", "split_grouped", "view_matrices",
+    "write_split",
 ]

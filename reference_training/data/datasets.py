@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import dicom
+
 HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 APTOS_CLASSES = ("0", "1", "2", "3", "4")
 HAM10000_COLUMNS = ("lesion_id", "image_id", "dx")
@@ -197,8 +199,9 @@ def read_folder(data_dir: str | Path) -> Records:
     """A folder with one sub-folder per class (torchvision's ``ImageFolder`` layout).
 
     Class names are the sub-folders' names in sorted order; each class holds the files under
-    its folder (sub-folders included) whose names end in one of :data:`IMAGE_SUFFIXES`.
-    Image ids are the paths relative to ``data_dir``; every image is its own group.
+    its folder (sub-folders included) whose names end in one of :data:`IMAGE_SUFFIXES`, and
+    the DICOM files (``.dcm``, or any other name with the DICOM marker: a DICOM tree's
+    ``IM000001``). Image ids are the paths relative to ``data_dir``; every image is its own group.
 
     Raises:
         ValueError: no class sub-folder, fewer than two, or a class folder without images.
@@ -214,15 +217,16 @@ def read_folder(data_dir: str | Path) -> Records:
     labels: list[int] = []
     empty = []
     for label, folder in enumerate(folders):
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                       and not p.name.startswith(".") and p.is_file())
+        files = sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and p.is_file()
+                       and (p.suffix.lower() in IMAGE_SUFFIXES or dicom.is_dicom(p)))
         if not files:
             empty.append(folder.name)
         paths.extend(files)
         labels.extend([label] * len(files))
     if empty:
         raise ValueError(
-            f"{root}: class folder(s) {empty} hold no image ({', '.join(IMAGE_SUFFIXES)}); "
+            f"{root}: class folder(s) {empty} hold no image ({', '.join(IMAGE_SUFFIXES)} "
+            "or DICOM); "
             "put the class's images in it, or remove the folder to leave the class out"
         )
     ids = [p.relative_to(root).as_posix() for p in paths]
@@ -328,9 +332,13 @@ def default_data_dir(dataset: str) -> Path:
 
 def read_dataset(dataset: str, data_dir: str | Path | None = None,
                  csv: str | Path | None = None, image_column: str = "image",
-                 label_column: str = "label", group_column: str | None = None) -> Records:
+                 label_column: str = "label", group_column: str | None = None,
+                 dicom_group_tag: str | None = None) -> Records:
     """Reads ``"sample"``, ``"ham10000"``, ``"aptos"``, ``"folder"`` (:func:`read_folder`) or
-    ``"csv"`` (:func:`read_table`, which takes ``csv`` and the column names)."""
+    ``"csv"`` (:func:`read_table`, which takes ``csv`` and the column names).
+
+    ``dicom_group_tag`` (``folder`` and ``csv``): group the images by this DICOM attribute
+    (``PatientID``, ...), read from each file's header, instead of a group column."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
     if dataset in OWN_DATASETS and not data_dir:
@@ -338,19 +346,26 @@ def read_dataset(dataset: str, data_dir: str | Path | None = None,
     root = Path(data_dir) if data_dir else default_data_dir(dataset)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
-    if dataset == "folder":
-        return read_folder(root)
-    if dataset == "csv":
-        if not csv:
-            raise ValueError("--dataset csv needs --csv FILE (image paths relative to --data-dir)")
-        return read_table(root, csv, image_column, label_column, group_column)
+    if dicom_group_tag and dataset not in OWN_DATASETS:
+        raise ValueError(f"--dicom-group-tag is for --dataset folder or csv, not {dataset}")
+    if dicom_group_tag and group_column:
+        raise ValueError("--group-column and --dicom-group-tag both name the groups; pass one")
     if dataset == "aptos":
         return read_aptos(root)
-    return read_ham10000(root, name=dataset)
+    if dataset not in OWN_DATASETS:
+        return read_ham10000(root, name=dataset)
+    if dataset == "csv" and not csv:
+        raise ValueError("--dataset csv needs --csv FILE (image paths relative to --data-dir)")
+    records = (read_folder(root) if dataset == "folder"
+               else read_table(root, csv or "", image_column, label_column, group_column))
+    if dicom_group_tag:
+        records.groups = dicom.tag_groups(records.paths, dicom_group_tag, records.ids)
+    return records
 
 
 def read_config_dataset(config: dict, data_dir: str | Path | None = None) -> Records:
     """:func:`read_dataset` with a run config's dataset keys (``data_dir`` overrides its)."""
     return read_dataset(config["dataset"], data_dir or config["data_dir"], config.get("csv"),
                         config.get("image_column") or "image",
-                        config.get("label_column") or "label", config.get("group_column"))
+                        config.get("label_column") or "label", config.get("group_column"),
+                        config.get("dicom_group_tag"))

@@ -40,6 +40,9 @@ GUIDES = [
     "howto/own_data",
 ]
 
+# Pages that show an example file of docs/howto/examples (run by tests/docs/test_examples.py).
+EXAMPLE_PAGES = ["howto/lightning", "howto/monai"]
+
 PUBLIC_MODULES = [
     "crckd_losses.functional",
     "crckd_losses.memory",
@@ -98,7 +101,7 @@ def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_html_builds_without_warnings(build_dir: Path) -> None:
     html = build_dir / "html"
     pages = ["index", "method", "api", "reproduction", "reproduction_notebook", "benchmarks"]
-    for page in [*pages, "changelog", *GUIDES]:
+    for page in [*pages, "changelog", *GUIDES, *EXAMPLE_PAGES]:
         assert (html / f"{page}.html").is_file(), f"{page}.html was not built"
     assert (html / "_images" / "overview.png").is_file()
     api = (html / "api.html").read_text(encoding="utf-8")
