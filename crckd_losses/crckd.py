@@ -264,11 +264,14 @@ def _step(crckd: CRCKDLoss, student_feat: torch.Tensor, teacher_feat: torch.Tens
           ) -> CRCKDOutput:
     """Steps 1-5 of :class:`CRCKDLoss` on checked inputs and drawn samples; what the
     ``"compiled"`` backend compiles."""
+    # 1. the embeddings
     g_s, g_t = _normalize_pair(crckd.student_head.project(student_feat),
                                crckd.teacher_head.project(teacher_feat.detach()))
+    # 2. CCD against the banks as they are
     both = crckd.ccd._both(g_s, g_t, crckd.student_bank, crckd.teacher_bank, sample_indices,
                            crckd.backend)
     banks = (crckd.student_bank, crckd.teacher_bank)
+    # 3. the bank update
     if crckd.training:
         with torch.no_grad():
             for bank in banks:
@@ -279,8 +282,9 @@ def _step(crckd: CRCKDLoss, student_feat: torch.Tensor, teacher_feat: torch.Tens
             plan = plan_write(gathered, crckd.student_bank.labels, new_s, new_t,
                               rows=None if gathered is not indices else rows)
             write_banks(banks, plan)
-    # Both banks' centroids in one [2, C, d] tensor, 1/tau folded in.
+    # 4. both banks' centroids in one [2, C, d] tensor, 1/tau folded in
     scaled = centroids_of(banks, crckd.centroid_relu, scale=1.0 / crckd.crp.temperature)
+    # 5. CRP
     crp = reduce(_relation_per_sample(g_s, g_t.detach(), scaled[0], scaled[1], 1.0),
                  crckd.crp.reduction)
     ccd_loss = both.sum(dim=0)

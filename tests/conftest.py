@@ -21,6 +21,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+#: The devices the device fixture runs a test on: the CPU, and CUDA where present.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device present: a test that takes it runs once per device."""
+    return torch.device(request.param)
+
+
 HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 

@@ -34,21 +34,26 @@ from crckd_losses.functional import consistency_kl, sigmoid_rampup
 
 def random_view(key: str) -> list:
     """MONAI random transforms for one view; each view gets its own, so the two differ."""
-    return [RandFlipd(keys=key, prob=0.5, spatial_axis=1), RandRotate90d(keys=key, prob=0.5),
-            RandGaussianNoised(keys=key, prob=0.5, std=0.05)]
+    return [
+        RandFlipd(keys=key, prob=0.5, spatial_axis=1),
+        RandRotate90d(keys=key, prob=0.5),
+        RandGaussianNoised(keys=key, prob=0.5, std=0.05),
+    ]
 
 
 def two_views() -> Compose:
     """``{"image", "label"}`` to ``{"image", "view_2", "label"}``: the student's and the
     teacher's views of one image. Read files with ``LoadImaged(keys="image")`` first (it
     reads DICOM, NIfTI, PNG, ...)."""
-    return Compose([
-        ScaleIntensityd(keys="image"),
-        CopyItemsd(keys="image", names="view_2"),
-        *random_view("image"),
-        *random_view("view_2"),
-        EnsureTyped(keys=("image", "view_2"), track_meta=False),
-    ])
+    return Compose(
+        [
+            ScaleIntensityd(keys="image"),
+            CopyItemsd(keys="image", names="view_2"),
+            *random_view("image"),
+            *random_view("view_2"),
+            EnsureTyped(keys=("image", "view_2"), track_meta=False),
+        ]
+    )
 
 
 class DenseNetWithFeatures(nn.Module):
@@ -56,7 +61,9 @@ class DenseNetWithFeatures(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int = 1) -> None:
         super().__init__()
-        self.net = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+        self.net = DenseNet121(
+            spatial_dims=2, in_channels=in_channels, out_channels=num_classes
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         head = self.net.class_layers  # relu, pool, flatten, out
@@ -68,37 +75,59 @@ class Distillation(nn.Module):
     """The student, its mean teacher and the CRCKD losses (heads, banks, ``Z``): one
     ``state_dict`` for the checkpoint."""
 
-    def __init__(self, train_labels: torch.Tensor, num_classes: int, num_positives: int = 20,
-                 num_negatives: int = 4096) -> None:
+    def __init__(
+        self,
+        train_labels: torch.Tensor,
+        num_classes: int,
+        num_positives: int = 20,
+        num_negatives: int = 4096,
+    ) -> None:
         super().__init__()
         self.student = DenseNetWithFeatures(num_classes)
         self.teacher = EMATeacher(self.student, decay=0.99)
-        self.crckd = CRCKDLoss(train_labels, 1024, 1024, num_positives=num_positives,
-                               num_negatives=num_negatives)
+        self.crckd = CRCKDLoss(
+            train_labels,
+            1024,
+            1024,
+            num_positives=num_positives,
+            num_negatives=num_negatives,
+        )
 
-    def loss(self, batch: dict[str, torch.Tensor], indices: torch.Tensor, epoch: int
-             ) -> torch.Tensor:
+    def loss(
+        self, batch: dict[str, torch.Tensor], indices: torch.Tensor, epoch: int
+    ) -> torch.Tensor:
         logits_s, f_s = self.student(batch["image"])
         with torch.no_grad():
             logits_t, f_t = self.teacher(batch["view_2"])
         crckd = self.crckd(f_s, f_t, indices)
         kl = consistency_kl(logits_s, logits_t)
-        return F.cross_entropy(logits_s, batch["label"]) + sigmoid_rampup(epoch, 30) * kl + (
-            crckd.loss)
+        return (
+            F.cross_entropy(logits_s, batch["label"])
+            + sigmoid_rampup(epoch, 30) * kl
+            + (crckd.loss)
+        )
 
 
-def random_data(num_images: int = 24, num_classes: int = 2, size: int = 32
-                ) -> list[dict[str, object]]:
+def random_data(
+    num_images: int = 24, num_classes: int = 2, size: int = 32
+) -> list[dict[str, object]]:
     """Stand-in for ``[{"image": path, "label": k}, ...]``: ``[1, S, S]`` arrays whose
     brightness follows the class."""
     rng = np.random.default_rng(0)
-    return [{"image": (rng.random((1, size, size)) + i % num_classes).astype(np.float32),
-             "label": i % num_classes} for i in range(num_images)]
+    return [
+        {
+            "image": (rng.random((1, size, size)) + i % num_classes).astype(np.float32),
+            "label": i % num_classes,
+        }
+        for i in range(num_images)
+    ]
 
 
-def train(out_dir: Path, epochs: int = 2, seed: int = 0) -> tuple[Distillation, list[float]]:
-    """Trains up to ``epochs``, continuing from ``out_dir/last.pt`` when it is there; returns
-    the model and the losses of this session's steps."""
+def train(
+    out_dir: Path, epochs: int = 2, seed: int = 0
+) -> tuple[Distillation, list[float]]:
+    """Trains up to ``epochs``, continuing from ``out_dir/last.pt`` when it is there;
+    returns the model and the losses of this session's steps."""
     data = random_data()
     labels = torch.tensor([item["label"] for item in data])
     dataset = IndexedDataset(Dataset(data, transform=two_views()))
@@ -116,7 +145,9 @@ def train(out_dir: Path, epochs: int = 2, seed: int = 0) -> tuple[Distillation, 
         # MONAI's DataLoader seeds the random transforms from torch's generator (in each
         # worker too): one seed per epoch fixes the order, the views and CRCKD's draws.
         torch.manual_seed(seed + epoch)
-        for batch, indices in DataLoader(dataset, batch_size=8, shuffle=True, drop_last=True):
+        for batch, indices in DataLoader(
+            dataset, batch_size=8, shuffle=True, drop_last=True
+        ):
             loss = model.loss(batch, indices, epoch)
             optimizer.zero_grad()
             loss.backward()
@@ -124,8 +155,11 @@ def train(out_dir: Path, epochs: int = 2, seed: int = 0) -> tuple[Distillation, 
             model.teacher.update(model.student)  # after each optimiser step
             losses.append(loss.item())
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch + 1}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+        }
         torch.save(state, checkpoint.with_suffix(".tmp"))
         os.replace(checkpoint.with_suffix(".tmp"), checkpoint)  # never half a checkpoint
     return model, losses

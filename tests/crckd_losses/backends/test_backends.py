@@ -11,15 +11,9 @@ from crckd_losses.backends import general
 from tests import ROOT
 from tests.crckd_losses.backends.helpers import ccd_pair
 
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 #: (dtype of the inputs, autocast dtype or None, relative tolerance)
 DTYPES = {"float64": (torch.float64, None, 1e-10), "float32": (torch.float32, None, 2e-5),
           "bfloat16 autocast": (torch.float32, torch.bfloat16, 3e-2)}
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 def runnable(backend, device, autocast):
