@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,6 @@ class MomentumMemoryBank(nn.Module):
     Attributes:
         memory: ``[N, d]`` buffer, the rows.
         labels: ``[N]`` long buffer, the class of each row.
-        class_sums: ``[2, C, d]`` float64 buffer, per-class sums of the rows and of their
-            ReLU, which :meth:`centroids` reads; kept current by :meth:`update`.
         rejected_rows: 0-d long buffer (not saved), the copies :meth:`update` refused
             (non-finite, or an index out of range) since the bank was built.
 
@@ -85,7 +83,6 @@ class MomentumMemoryBank(nn.Module):
 
     memory: torch.Tensor
     labels: torch.Tensor
-    class_sums: torch.Tensor
     rejected_rows: torch.Tensor
     _order: torch.Tensor
     _class_start: torch.Tensor
@@ -145,18 +142,6 @@ class MomentumMemoryBank(nn.Module):
         self.register_buffer("_row_info", layout.row_info, persistent=False)
         self._size_range = layout.size_range  # host ints: the labels never change
         self._warned_negatives = False
-        # Per-class sums of the rows ([0]) and of their ReLU ([1]), float64, kept current by
-        # update() in O(B d) so that centroids() need not reduce the whole bank every step.
-        # They are saved with the bank, so a resumed run continues from the very same sums.
-        # `_sums_of` holds the memory tensor and version they describe; any other write (a
-        # direct edit, a replaced tensor) makes centroids() rebuild them from the bank.
-        self.register_buffer(
-            "class_sums", torch.zeros(2, num_classes, dim, dtype=torch.float64,
-                                      device=labels.device)
-        )
-        self._sums_of: tuple[torch.Tensor, int] | None = None
-        self._sums_valid: set[int] = set()  # which of the two sums describe the rows
-        self._requested_kinds: set[int] = set()
         # Rows that update() refused (non-finite, or an index out of range), counted on the
         # device so that no step waits for it; read it when you like (a sync on a GPU).
         self.register_buffer("rejected_rows", torch.zeros((), dtype=torch.long,
@@ -207,9 +192,8 @@ class MomentumMemoryBank(nn.Module):
         An index may appear more than once (a sampler with replacement, such as
         ``WeightedRandomSampler``, or two ranks holding one sample): its row is then updated
         once, from the **last** occurrence's feature, as if the earlier writes had been
-        overwritten (under ``torch.distributed``, the highest rank's last occurrence). The
-        running class sums behind :meth:`centroids` count each row once, so the centroids
-        always equal those of a full reduction of the rows. No host sync is needed for this.
+        overwritten (under ``torch.distributed``, the highest rank's last occurrence). No host
+        sync is needed for this.
 
         An index out of range or a non-finite feature raises a ``ValueError`` where values are
         read (CPU tensors by default, see :func:`~crckd_losses.set_value_checks`). Where they
@@ -246,44 +230,11 @@ class MomentumMemoryBank(nn.Module):
         """
         if not self._synced and distributed.world_size() > 1:
             distributed.broadcast_(self.memory)
-            self._drop_class_sums()
         self._synced = True
 
     def _write(self, plan: WritePlan) -> None:
         """The momentum update of ``plan`` (its features gathered)."""
         write_banks([self], plan)
-
-    def _tracked_kinds(self) -> set[int]:
-        # The sums that update() keeps current: those centroids() was asked for since the bank
-        # was built or loaded, or both until it was asked for one.
-        return self._requested_kinds or {0, 1}
-
-    def _class_sums_current(self) -> bool:
-        if torch.compiler.is_compiling():
-            return False  # traced code reduces the whole bank and keeps no running sums
-        described = self._sums_of
-        return (
-            described is not None
-            and described[0] is self.memory
-            and described[1] == self.memory._version
-        )
-
-    def _drop_class_sums(self) -> None:
-        self._sums_of = None
-        self._sums_valid = set()
-
-    @torch.no_grad()
-    def _rebuild_class_sums(self) -> None:
-        """Reduce the whole bank into the sums that are not valid; valid ones are kept as they
-        are, so a saved and a running bank continue from identical sums."""
-        if not self._class_sums_current():
-            self._sums_valid = set()
-        rows = self.memory.to(self.class_sums.dtype)
-        for kind in {0, 1} - self._sums_valid:
-            self.class_sums[kind].zero_()
-            self.class_sums[kind].index_add_(0, self.labels, rows.clamp_min(0) if kind else rows)
-        self._sums_valid = {0, 1}
-        self._sums_of = (self.memory, self.memory._version)
 
     @property
     def layout(self) -> ClassLayout:
@@ -382,32 +333,14 @@ class MomentumMemoryBank(nn.Module):
 
     @torch.no_grad()
     def centroids(self, relu: bool = True) -> torch.Tensor:
-        """Class centroids of the bank, ``[C, d]``, L2-normalised (method §3).
-
-        The first call reduces the whole bank in one ``index_add_``
-        (:func:`~crckd_losses.functional.class_centroids`); the per-class sums are then kept
-        current by :meth:`update` from the rows it changes, so later calls cost ``O(C d)``.
-        Any other write to ``memory`` is detected and triggers a full reduction again. The
-        running sums equal a full reduction up to float64 rounding; where a class's ReLU sum
-        is exactly zero (every row of the class is <= 0 in every dimension), a full reduction
-        gives a zero centroid and the running sum a residue of about 1e-16, normalised like
-        any sum below 1e-12 (``F.normalize``'s floor) to a vector of norm below about 1e-3.
+        """Class centroids of the bank, ``[C, d]``, L2-normalised (method §3): one
+        ``index_add_`` over the rows, in float32 or wider
+        (:func:`~crckd_losses.functional.class_centroids`).
 
         Args:
             relu: apply ReLU to the rows before averaging (the released code's default).
         """
         return centroids_of([self], relu)[0]
-
-    def _class_sums_for(self, relu: bool) -> torch.Tensor:
-        """``[C, d]`` per-class sums of the rows (or of their ReLU), current."""
-        kind = 1 if relu else 0
-        if torch.compiler.is_compiling():
-            rows = self.memory.clamp_min(0) if relu else self.memory
-            return rows.new_zeros(self.num_classes, self.dim).index_add_(0, self.labels, rows)
-        self._requested_kinds.add(kind)
-        if not self._class_sums_current() or kind not in self._sums_valid:
-            self._rebuild_class_sums()
-        return self.class_sums[kind]
 
     @torch.no_grad()
     def class_anchor_indices(
@@ -447,20 +380,6 @@ class MomentumMemoryBank(nn.Module):
         """
         return self.memory[self.class_anchor_indices(per_class, generator)]
 
-    def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        if not torch.compiler.is_compiling() and (
-            not self._class_sums_current() or self._sums_valid != {0, 1}
-        ):
-            self._rebuild_class_sums()  # saved sums always describe the saved rows
-        super()._save_to_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> MomentumMemoryBank:
-        current = self._class_sums_current()
-        super()._apply(fn, recurse)  # type: ignore[no-untyped-call, unused-ignore]
-        if current:  # the sums moved or were cast along with the rows
-            self._sums_of = (self.memory, self.memory._version)
-        return self
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
                               unexpected_keys, error_msgs) -> None:
         key = prefix + "labels"
@@ -480,14 +399,11 @@ class MomentumMemoryBank(nn.Module):
                     "(or the dataset's order changed)"
                 )
                 return
+        # Versions up to 0.2 saved running class sums beside the rows; the centroids are now
+        # reduced from the rows, so the sums are dropped.
+        state_dict.pop(prefix + "class_sums", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        self._requested_kinds = set()
-        if prefix + "class_sums" in state_dict and prefix + "memory" in state_dict:
-            self._sums_of = (self.memory, self.memory._version)  # loaded together: consistent
-            self._sums_valid = {0, 1}
-        else:
-            self._drop_class_sums()
 
 
 class WritePlan(NamedTuple):
@@ -499,9 +415,6 @@ class WritePlan(NamedTuple):
         source: ``[B]`` long, the position whose feature each copy writes: the last valid copy
             of the same row.
         written: ``[B, 1]`` bool, whether the row takes a new value at all.
-        counted: ``[B, 1]`` bool, whether this copy is the one that changes its row (the class
-            sums add only those).
-        labels: ``[B]`` long, the class of each row.
         rejected: 0-d long, the copies refused (non-finite feature, index out of range).
         features: ``[D, B, d]``, each bank's features (a view of the input).
     """
@@ -509,8 +422,6 @@ class WritePlan(NamedTuple):
     rows: torch.Tensor
     source: torch.Tensor
     written: torch.Tensor
-    counted: torch.Tensor
-    labels: torch.Tensor
     rejected: torch.Tensor
     features: torch.Tensor
 
@@ -536,9 +447,8 @@ def plan_write(indices: torch.Tensor, labels: torch.Tensor, *features: torch.Ten
     last.scatter_reduce_(0, rows, positions.masked_fill(refused, -1), reduce="amax")
     source = last.index_select(0, rows)
     stacked = joined.view(joined.shape[0], len(features), -1).transpose(0, 1)  # [D, B, d]
-    return WritePlan(rows, source.clamp_min(0), (source >= 0).unsqueeze(1),
-                     (source == positions).unsqueeze(1), labels.index_select(0, rows),
-                     refused.sum(), stacked)
+    return WritePlan(rows, source.clamp_min(0), (source >= 0).unsqueeze(1), refused.sum(),
+                     stacked)
 
 
 _POSITIONS: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -548,6 +458,7 @@ def _positions(count: int, device: torch.device) -> torch.Tensor:
     """``arange(count)`` on ``device``, built once per size in eager code."""
     return built_once(_POSITIONS, (count, device), lambda: torch.arange(count, device=device))
 
+
 @torch.no_grad()
 def write_banks(banks: Sequence[MomentumMemoryBank], plan: WritePlan) -> None:
     """The momentum update of every bank in ``banks`` at the rows of one ``plan``, bank ``k``
@@ -555,11 +466,10 @@ def write_banks(banks: Sequence[MomentumMemoryBank], plan: WritePlan) -> None:
     stacked computation (CRCKD's student and teacher banks), others one by one."""
     first = banks[0]
     if any(b.memory.dtype != first.memory.dtype or b.momentum != first.momentum
-           or b.class_sums.dtype != first.class_sums.dtype for b in banks[1:]):
+           for b in banks[1:]):
         for k, bank in enumerate(banks):
             write_banks([bank], plan._replace(features=plan.features[k:k + 1]))
         return
-    current = [b._class_sums_current() for b in banks]  # before the writes change the rows
     old = _stack([b.memory.index_select(0, plan.rows) for b in banks])  # [D, B, d]
     # Every copy of a repeated index computes the same new row (from the last valid copy's
     # feature; the old row where there is none), so duplicate writes agree whatever order
@@ -580,36 +490,24 @@ def write_banks(banks: Sequence[MomentumMemoryBank], plan: WritePlan) -> None:
     else:
         # The list form: the one-tensor form reads the value on the host.
         torch._foreach_add_(counters, [plan.rejected] * len(counters))
-    kinds: set[int] = set()  # a loop, not set().union(*generator): dynamo <= 2.7 fails on it
-    for bank, was_current in zip(banks, current):
-        if was_current:
-            kinds |= bank._tracked_kinds()
-    dtype = first.class_sums.dtype  # float64 unless the module was cast
-    for kind in sorted(kinds):
-        delta = new.clamp_min(0) - old.clamp_min(0) if kind == 1 else new - old
-        # Only the copy that wrote a row adds its change: each row is counted once.
-        delta = (delta if delta.dtype == dtype else delta.to(dtype)) * plan.counted
-        for k, bank in enumerate(banks):
-            if current[k] and kind in bank._tracked_kinds():
-                bank.class_sums[kind].index_add_(0, plan.labels, delta[k])
-    for bank, was_current in zip(banks, current):
-        if was_current:
-            bank._sums_valid &= bank._tracked_kinds()
-            bank._sums_of = (bank.memory, bank.memory._version)
-        else:
-            bank._drop_class_sums()
 
 
 @torch.no_grad()
 def centroids_of(banks: Sequence[MomentumMemoryBank], relu: bool = True, scale: float = 1.0
                  ) -> torch.Tensor:
-    """``[D, C, d]``: the :meth:`~MomentumMemoryBank.centroids` of ``D`` banks of one shape,
-    times ``scale``, normalised together in one stacked computation."""
-    sums = _stack([b._class_sums_for(relu) for b in banks])
+    """``[D, C, d]``: the :meth:`~MomentumMemoryBank.centroids` of ``D`` banks of one shape
+    and labels, times ``scale``, in one stacked reduction (float32 or wider)."""
+    first = banks[0]
+    rows = _stack([b.memory for b in banks])
+    rows = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+    if relu:
+        rows = rows.clamp_min(0)
+    sums = rows.new_zeros(len(banks), first.num_classes, first.dim).index_add_(
+        1, first.labels, rows)
     # normalise(sum / n_c) = normalise(sum): the class size only scales the row.
     norm = torch.linalg.vector_norm(sums, dim=2, keepdim=True).clamp_min(1e-12)
     out: torch.Tensor = sums / norm if scale == 1.0 else sums / (norm * (1.0 / scale))
-    return out.to(banks[0].memory.dtype)
+    return out.to(first.memory.dtype)
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -25,11 +25,10 @@ does not do for this module:
 - the warm-up calls and the captures run with gradients on and, under autocast, with
   autocast's cache of weight casts off (a cast cached earlier would not be captured, and
   every replay would read it stale);
-- the host-side bookkeeping of the banks' running class sums is told what the replays keep
-  current, and a call the graphs do not fit runs eagerly.
+- a call the graphs do not fit runs eagerly.
 
 The graph objects come from :class:`CudaGraphs`; the tests put a host-side stand-in in its
-place (``tests/crckd_losses/graph_stand_in.py``) and so run all of the above on a CPU.
+place (``tests/crckd_losses/backends/graph_stand_in.py``) and so run all of the above on a CPU.
 """
 
 from __future__ import annotations
@@ -164,7 +163,6 @@ class Graphs(NamedTuple):
         batch: the batch size captured.
         dtype: the feature dtype captured.
         autocast: the autocast dtype the capture ran under (``None``: none).
-        kinds: per bank, which running class sums the replays keep current.
         keep: tensors made outside the capture that the graphs read by address (the banks'
             snapshots, CCD's cached bias): held here so that they are never freed under them.
         warned: the reason a call did not fit, once one has been warned about.
@@ -174,7 +172,6 @@ class Graphs(NamedTuple):
     batch: int
     dtype: torch.dtype
     autocast: torch.dtype | None
-    kinds: tuple[frozenset[int], ...]
     keep: tuple[Any, ...]
     warned: list[str]
 
@@ -270,37 +267,24 @@ def capture(crckd: CRCKDLoss, batch_size: int, num_warmup_iters: int,
     banks = (crckd.student_bank, crckd.teacher_bank)
     device = banks[0].memory.device
     with torch.no_grad():
-        for bank in banks:  # running sums that describe the rows, both kinds, to restore
-            if not bank._class_sums_current() or bank._sums_valid != {0, 1}:
-                bank._rebuild_class_sums()
-        state = [t for bank in banks for t in (bank.memory, bank.class_sums, bank.rejected_rows)]
+        state = [t for bank in banks for t in (bank.memory, bank.rejected_rows)]
         if crckd.ccd.normalizer != "first_batch":  # "ema" moves Z every step
             state += [crckd.ccd.log_normalizer, crckd.ccd.normalizer_initialized]
         saved = [t.clone() for t in state]
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
-    kinds: tuple[frozenset[int], ...] = (frozenset({0, 1}),) * 2
     try:
         # The made-up features and the warm-up calls' samples draw random numbers: the stream
         # goes back to where it was, so a graphed run draws what an eager run from the same
         # seed would.
         with _capturing(device), torch.random.fork_rng(devices=rng_devices):
             step = _capture_step(crckd, batch_size, num_warmup_iters, dtype)
-        # What the captured step keeps current: the sums that were current when it was
-        # captured (a compiled step reduces the whole bank and keeps none).
-        kinds = tuple(frozenset(bank._sums_valid if bank._class_sums_current() else ())
-                      for bank in banks)
     finally:
         with torch.no_grad():
             for t, s in zip(state, saved):
                 t.copy_(s)  # in place: the graphs read these addresses
-        # Restored together, the rows and both sums agree (both were made current above);
-        # once captured, only the sums that the replays keep stay marked current.
-        for bank, kind in zip(banks, kinds):
-            bank._sums_of = (bank.memory, bank.memory._version)
-            bank._sums_valid = set(kind)
     keep = tuple(bank.__dict__.get("_snapshot") for bank in banks)
-    return Graphs(step, batch_size, dtype, _autocast_dtype(device), kinds, keep, [])
+    return Graphs(step, batch_size, dtype, _autocast_dtype(device), keep, [])
 
 
 def stream_capturing(device: torch.device) -> bool:
@@ -350,14 +334,11 @@ def invalidate_replays(crckd: CRCKDLoss) -> None:
         graphs.step.generation += 1
 
 
-def replay(graphs: Graphs, crckd: CRCKDLoss, student_feat: torch.Tensor,
-           teacher_feat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """One graphed step: its outputs stacked (``[5]``, in :class:`CRCKDOutput`'s order); the
-    banks' host-side bookkeeping then says what it kept current."""
+def replay(graphs: Graphs, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+           indices: torch.Tensor) -> torch.Tensor:
+    """One graphed step: its outputs stacked (``[5]``, in :class:`CRCKDOutput`'s order)."""
     packed: torch.Tensor = _Replayed.apply(graphs.step, student_feat, teacher_feat.detach(),
                                            indices, *graphs.step.params)
-    for bank, kinds in zip((crckd.student_bank, crckd.teacher_bank), graphs.kinds):
-        bank._sums_valid.intersection_update(kinds)  # in place: no Module.__setattr__
     return packed
 
 
@@ -462,7 +443,7 @@ class GraphedCRCKDLoss:
         why_not = mismatch(graphs, crckd, student_feat, teacher_feat)
         if why_not is None:
             self._replays += 1
-            return replay(graphs, crckd, student_feat, teacher_feat, indices)
+            return replay(graphs, student_feat, teacher_feat, indices)
         if why_not and not graphs.warned:
             graphs.warned.append(why_not)
             warn_at_caller(f"this call does not fit the CUDA graphs of graph_crckd_loss() "

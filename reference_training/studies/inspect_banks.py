@@ -149,7 +149,7 @@ def inspect_run(folder: Path, images: bool = False, data_dir: str | None = None,
     if "teacher_bank.memory" not in crckd:
         raise SystemExit(f"{folder}: the run has no memory bank (method {config['method']})")
     memory, labels = crckd["teacher_bank.memory"], crckd["teacher_bank.labels"]
-    num_classes = int(crckd["teacher_bank.class_sums"].shape[1])
+    num_classes = int(labels.max()) + 1
     summary = folder / runfiles.SUMMARY
     # the K the run used (summary.json holds it after any cap to a fraction of the bank)
     k = int((json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {})

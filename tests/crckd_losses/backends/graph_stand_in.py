@@ -3,20 +3,16 @@
 (tests/benchmarks/test_benchmarks.py).
 
 It keeps what a CUDA graph does to the state and to static tensors: a capture runs the
-Python (versions, caches, the banks' bookkeeping) but no kernel, so every tensor keeps its
-value; a replay runs the captured work on whatever the static inputs hold now and writes
-the static outputs, but no Python, so the host-side bookkeeping stays as it was. Here a
-replay runs the same function again and copies its results into the static outputs.
+Python (versions, caches) but no kernel, so every tensor keeps its value; a replay runs the
+captured work on whatever the static inputs hold now and writes the static outputs, but no
+Python. Here a replay runs the same function again and copies its results into the static
+outputs.
 """
 
 import pytest
 import torch
 
 from crckd_losses.backends import cuda_graphs
-
-
-def _banks(crckd):
-    return (crckd.student_bank, crckd.teacher_bank)
 
 
 def _copy_into(static, fresh):
@@ -57,20 +53,13 @@ class HostGraphs:
         tensors = list(crckd.buffers())
         before = [t.clone() for t in tensors]
         result = fn()
-        current = [b._class_sums_current() for b in _banks(crckd)]
         with torch.no_grad():  # a capture launches nothing: the values stay as they were
             for t, b in zip(tensors, before):
                 t.copy_(b)
-        for bank, was in zip(_banks(crckd), current):
-            if was:  # the version counters move as the Python sees the writes
-                bank._sums_of = (bank.memory, bank.memory._version)
 
         def replay():
-            # No Python runs in a replay: the bookkeeping is put back, with the version
-            # counters read as unchanged. The graphs are set aside while the work runs, so
+            # No Python runs in a replay. The graphs are set aside while the work runs, so
             # that the module's eager calls inside it do not count as calls between replays.
-            host = [(b._class_sums_current(), set(b._sums_valid), set(b._requested_kinds))
-                    for b in _banks(crckd)]
             graphs = crckd.__dict__.pop("_graphs", None)
             try:
                 # a replay runs the captured work whatever the grad mode of its caller (an
@@ -80,9 +69,6 @@ class HostGraphs:
             finally:
                 if graphs is not None:
                     crckd.__dict__["_graphs"] = graphs
-                for b, (was, valid, requested) in zip(_banks(crckd), host):
-                    b._sums_of = (b.memory, b.memory._version) if was else None
-                    b._sums_valid, b._requested_kinds = valid, requested
             _copy_into(result, fresh)
             HostGraphs.replays += 1
 

@@ -54,9 +54,9 @@ def batch(seed, size=6):
 
 
 def state_of(crckd):
-    """The state a step trains (the running ReLU class sums: those CRCKD reads and keeps)."""
+    """The state a step trains."""
     banks = (crckd.student_bank, crckd.teacher_bank)
-    return [t.clone() for b in banks for t in (b.memory, b.class_sums[1], b.rejected_rows)] + \
+    return [t.clone() for b in banks for t in (b.memory, b.rejected_rows)] + \
         [crckd.ccd.log_normalizer.clone(), *[p.detach().clone() for p in crckd.parameters()]]
 
 
@@ -81,7 +81,7 @@ def test_capture_puts_the_state_and_the_random_stream_back(graphs_on_cpu, normal
     it would have drawn."""
     crckd = trained_once(normalizer=normalizer)
     before = state_of(crckd)
-    storages = [crckd.student_bank.memory.data_ptr(), crckd.teacher_bank.class_sums.data_ptr()]
+    storages = [crckd.student_bank.memory.data_ptr(), crckd.teacher_bank.memory.data_ptr()]
     torch.manual_seed(5)
     want = torch.rand(3)
     torch.manual_seed(5)
@@ -89,7 +89,7 @@ def test_capture_puts_the_state_and_the_random_stream_back(graphs_on_cpu, normal
     assert torch.equal(torch.rand(3), want)
     assert_same_state(before, crckd)
     assert storages == [crckd.student_bank.memory.data_ptr(),
-                        crckd.teacher_bank.class_sums.data_ptr()]
+                        crckd.teacher_bank.memory.data_ptr()]
     assert wrapper.replays == 0
 
 
@@ -97,7 +97,7 @@ def test_capture_puts_the_state_and_the_random_stream_back(graphs_on_cpu, normal
 def test_graphed_steps_match_an_eager_twin(graphs_on_cpu, normalizer):
     """Four training steps through the graphs, with a partial batch, an eval call and given
     rows in between (which run eagerly), backpropagating the loss or other outputs: losses,
-    gradients, banks, running class sums, Z and centroids equal those of the same steps on a
+    gradients, banks, Z and centroids equal those of the same steps on a
     copy that never captured."""
     crckd, twin = trained_once(normalizer=normalizer), trained_once(normalizer=normalizer)
     wrapper = graphed(crckd)
@@ -129,25 +129,6 @@ def test_graphed_steps_match_an_eager_twin(graphs_on_cpu, normalizer):
     for bank, twin_bank in ((crckd.student_bank, twin.student_bank),
                             (crckd.teacher_bank, twin.teacher_bank)):
         torch.testing.assert_close(bank.centroids(), twin_bank.centroids(), rtol=0, atol=1e-12)
-
-
-def test_replays_leave_current_only_the_sums_they_keep(graphs_on_cpu):
-    """A replay on a GPU keeps the running class sums it was captured with (the ReLU ones
-    CRCKD reads) and runs no Python: the banks' bookkeeping must not claim the others are
-    current afterwards, so asking for them rebuilds them from the rows."""
-    crckd = make()
-    crckd(*batch(0)).loss.backward()
-    wrapper = graphed(crckd)
-    bank = crckd.student_bank
-    kept = crckd.__dict__["_graphs"].kinds[0]
-    assert kept == {1}
-    bank._rebuild_class_sums()  # both kinds current, as after an eager centroids() call
-    wrapper(*batch(1)).loss.backward()
-    assert wrapper.replays == 1
-    assert bank._sums_valid == {1}
-    want = bank.memory.new_zeros(4, 8).index_add_(0, bank.labels, bank.memory)
-    torch.testing.assert_close(bank.centroids(relu=False),
-                               torch.nn.functional.normalize(want, dim=1))
 
 
 def test_what_capture_needs_is_said(graphs_on_cpu):
@@ -549,14 +530,9 @@ def test_a_copy_or_a_pickle_leaves_the_graphs_behind(graphs_on_cpu):
         torch.manual_seed(60)
         module.out = call(*batch(60))
         module.out.loss.backward()
-    assert torch.equal(crckd.out.loss, twin.out.loss)
-    assert_same_state(crckd, twin)
-    # A copy rebuilds its running class sums from the rows (the sums kept by adding each
-    # write's change differ from those in the last float32 bits).
-    for module in (copied, unpickled):
-        torch.testing.assert_close(module.out.loss, twin.out.loss, rtol=1e-6, atol=0)
-        for a, b in zip(state_of(module), state_of(twin)):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for module in (crckd, copied, unpickled):
+        assert torch.equal(module.out.loss, twin.out.loss)
+        assert_same_state(module, twin)
     assert wrapper.replays == 1
     copy_wrapper = graph_crckd_loss(copied, 6)
     copy_wrapper(*batch(2)).loss.backward()
