@@ -41,7 +41,6 @@ def test_inspect_run_reads_a_checkpoint_and_refuses_runs_without_banks(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     memory, labels = _bank()
     crckd = {"teacher_bank.memory": memory, "teacher_bank.labels": labels,
-             "teacher_bank.class_sums": torch.zeros(2, 2, 2),
              "ccd.log_normalizer": torch.tensor([8.75, 8.5])}
     config = {"dataset": "aptos", "method": "crckd", "num_negatives": 4096, "temperature": 0.5}
     run = tmp_path / "crckd-paper-s1"
