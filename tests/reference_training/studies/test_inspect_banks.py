@@ -1,4 +1,5 @@
-"""reference_training/studies/inspect_banks.py: the bank diagnostics on banks whose answers are known."""
+"""reference_training/studies/inspect_banks.py: the bank diagnostics on banks whose answers are
+known."""
 
 from __future__ import annotations
 

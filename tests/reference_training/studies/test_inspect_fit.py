@@ -1,5 +1,5 @@
-"""reference_training/studies/inspect_fit.py: the train/test fit scores on inputs whose answers are known,
-and on a real (tiny) run of a method without a bank."""
+"""reference_training/studies/inspect_fit.py: the train/test fit scores on inputs whose answers are
+known, and on a real (tiny) run of a method without a bank."""
 
 from __future__ import annotations
 
