@@ -18,8 +18,8 @@ from . import recipe
 from .data import DATASETS, OWN_DATASETS
 from .recipe import RECIPES, loss_weights, uses_contrast, uses_teacher
 
-__all__ = ["DEFAULTS", "DATASET_DEFAULTS", "METHODS", "RECIPES", "load_file", "resolve",
-           "validate", "loss_weights", "uses_contrast", "uses_teacher"]
+__all__ = ["DEFAULTS", "DATASET_DEFAULTS", "METHODS", "NEUTRAL_KEYS", "PATH_KEYS", "RECIPES",
+           "load_file", "resolve", "validate", "loss_weights", "uses_contrast", "uses_teacher"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METHODS = ("baseline", "mt", "crd", "ccd", "crp", "crckd")
@@ -112,6 +112,15 @@ DEFAULTS: dict[str, Any] = {
     # summary.json and shown by compare, so such runs are never pooled with the plain ones.
     "tag": None,
 }
+
+# Keys that name places on the machine a run ran on: a run moved elsewhere (reproduce.py
+# --pack/--unpack) gets new values for them, and what they point at is checked instead (the
+# data through the run's split.csv).
+PATH_KEYS = ("data_dir", "out", "cache_dir", "split_file", "weights", "csv")
+# Keys that cannot change what a run is, only how it is driven: a resumed run takes new values,
+# and compare.py pools runs that differ in them.
+NEUTRAL_KEYS = ("device", "num_workers", "progress", "checkpoint_every_steps",
+                "eval_batch_size", "embedding_plot")
 
 # The sample runs on 2 CPU cores in minutes: a small pretrained backbone, small images.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -56,7 +56,7 @@ from reference_training.compare import (  # noqa: E402
     run_order,
     signed_mean_std,
 )
-from reference_training.config import load_file  # noqa: E402
+from reference_training.config import PATH_KEYS, load_file  # noqa: E402
 from reference_training.data import OWN_DATASETS  # noqa: E402
 from reference_training.runfiles import (  # noqa: E402
     CONFIG,
@@ -67,7 +67,6 @@ from reference_training.runfiles import (  # noqa: E402
     SUMMARY,
 )
 
-PATH_KEYS = ("data_dir", "out", "cache_dir", "split_file", "weights", "csv")
 TABLE_FLAGS = ("csv", "image_column", "label_column", "group_column")
 CURVE_METRICS = ("balanced_accuracy", "f1", "auc")
 
