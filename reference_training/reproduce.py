@@ -60,6 +60,7 @@ from reference_training.config import PATH_KEYS, load_file  # noqa: E402
 from reference_training.data import OWN_DATASETS  # noqa: E402
 from reference_training.runfiles import (  # noqa: E402
     CONFIG,
+    ENVIRONMENT,
     LAST_CHECKPOINT,
     METRICS,
     PLOTS,
@@ -200,7 +201,7 @@ def run_grid(jobs: list[tuple[Path, list[str] | None]], concurrent: int = 1,
 
 
 # What a window hands to the next: enough to resume every run and to collect the finished.
-PACKED = (CONFIG, SPLIT, METRICS, SUMMARY, LAST_CHECKPOINT, *PLOTS)
+PACKED = (CONFIG, SPLIT, METRICS, SUMMARY, LAST_CHECKPOINT, ENVIRONMENT, *PLOTS)
 
 
 def pack(runs: Path, archive: Path) -> int:

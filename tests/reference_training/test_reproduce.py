@@ -254,6 +254,7 @@ def test_grid_runs_concurrently_packs_and_continues_elsewhere(tmp_path: Path, ma
         names = tar.getnames()
     assert "ham10000/mt-paper-s2020/last.pt" in names
     assert "ham10000/mt-paper-s2020/metrics.csv" in names
+    assert "ham10000/mt-paper-s2020/environment.json" in names  # its sessions travel too
     elsewhere = tmp_path / "next_window"
     main([*common, "--runs", str(elsewhere), "--unpack", str(archive),
           "--throughput-out", str(report)])
