@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; every flag left out keeps the config's value. Its help
     shows every default (and which depend on the dataset or the recipe)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _data_flags(p)
+    _setting_flags(p)
+    _run_flags(p)
+    return p
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=cfgmod.DATASETS,
                    help="folder: DIR/<class>/<image>; csv: a CSV of paths (--csv); "
                         "default: sample, the HAM10000 thumbnails shipped with the repository")
@@ -66,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-column", help="--dataset csv: a patient or lesion column; no group "
                                           "is split across train, validation and test; "
                                           "default: none (each image its own group)")
+
+
+def _setting_flags(p: argparse.ArgumentParser) -> None:
+    """What the run trains: method, recipe, schedule, model, device, seed, teacher."""
     p.add_argument("--method", choices=cfgmod.METHODS, help=_default("method"))
     p.add_argument("--recipe", choices=cfgmod.RECIPES,
                    help="'paper' or 'released-code' (method §7); " + _default("recipe"))
@@ -94,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the mean teacher in train mode (EMATeacher train_mode=True); "
                         + _recipe_default("the library's (eval mode)", "train mode"))
     p.add_argument("--teacher-eval-mode", dest="teacher_train_mode", action="store_false")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold", help="APTOS: 1..5 or 'all' (mean ± std over the folds); folder "
                                   "and csv: k-fold CV instead of the 70/10/20 split; default: "
                                   "aptos 1, folder and csv none (the 70/10/20 split)")
@@ -135,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar; default: a bar when stderr is a terminal")
     p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
-    return p
 
 
 def _default_out(config: dict[str, Any]) -> str:
@@ -186,10 +199,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
         return _all_folds(config, args)
     if folds:
         config["fold"] = int(fold or 1)
-    if config["out"]:
-        _claim([Path(config["out"])], args.overwrite)
-    else:
+    if not config["out"]:
         config["out"] = _shared_out(config)
+    _claim([Path(config["out"])], args.overwrite)
     return engine.train(config, stop_after_steps=args.stop_after_steps, command=args.command)
 
 
