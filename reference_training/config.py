@@ -150,11 +150,15 @@ def load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    if path.suffix == ".toml":
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    else:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        if path.suffix == ".toml":
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, TOMLDecodeError
+        raise ValueError(f"{path}: not a valid {path.suffix[1:] or 'JSON'} file: {error}"
+                         ) from error
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a mapping, got {type(data).__name__}")
     data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys
