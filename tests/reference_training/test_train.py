@@ -201,6 +201,29 @@ def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
 
 
+def test_enospc_names_the_file_and_an_unexpected_error_keeps_its_traceback(
+        tmp_path: Path, ham: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from reference_training import errors, runfiles
+
+    def full(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", full)
+        with pytest.raises(errors.UserError, match=r"the disk is full .*there was no earlier "
+                                                   r"summary.json\. Free some space"):
+            runfiles.write_json({}, tmp_path / "summary.json")
+
+    def bug(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(engine, "train_step", bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # not turned into a one-line message
+        train_cli.main(_flags(tmp_path, ham, tmp_path / "a"))
+
+
 # 5. The banner says what was loaded
 
 def test_banner_says_what_the_weights_were_loaded_from(
