@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> Any:
     try:
         return _run(args, parser)
     except KeyboardInterrupt as stop:
-        print(f"\n{stop.args[0] if stop.args else 'interrupted before the run started'}",
-              file=sys.stderr)
+        print(f"\n{stop.args[0] if stop.args else 'interrupted'}", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as error:
         if not errors.is_user_error(error):
@@ -246,15 +245,11 @@ def _resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
             f"--resume {folder}: nothing to resume, the folder has no {runfiles.CONFIG} (the "
             "run never started there). Start it with the same flags as before and "
             f"--out {folder}.")
-    names: dict[str, str] = {}  # each key's flags: "--amp/--no-amp"
-    for action in parser._actions:
-        if action.option_strings and action.help != argparse.SUPPRESS:
-            names[action.dest] = "/".join(filter(None, (names.get(action.dest),
-                                                         action.option_strings[0])))
     with errors.about_inputs():
         saved = cfgmod.validate({**cfgmod.DEFAULTS, **cfgmod.load_file(folder / runfiles.CONFIG)})
         from_file = cfgmod.load_file(args.config) if args.config else {}
-        config = resumed_config(str(folder), saved, _given(args), from_file, names, args.config)
+        config = resumed_config(str(folder), saved, _given(args), from_file,
+                                _flag_names(parser), args.config)
     if not (folder / runfiles.LAST_CHECKPOINT).is_file():
         print(f"--resume {folder}: no {runfiles.LAST_CHECKPOINT} yet (the run stopped before "
               f"its first checkpoint); starting it afresh from its {runfiles.CONFIG}")
@@ -262,6 +257,16 @@ def _resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
         return engine.train(config, stop_after_steps=args.stop_after_steps, command=args.command)
     return engine.train(config, resume=folder, stop_after_steps=args.stop_after_steps,
                         command=args.command)
+
+
+def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each config key's flags, as a message names them: ``{"amp": "--amp/--no-amp"}``."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if action.option_strings and action.help != argparse.SUPPRESS:
+            names[action.dest] = "/".join(filter(None, (names.get(action.dest),
+                                                         action.option_strings[0])))
+    return names
 
 
 def _shared_out(config: dict[str, Any]) -> str:
