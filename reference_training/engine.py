@@ -193,7 +193,7 @@ def _weights_note(config: dict[str, Any], student: nn.Module, resume: Path | Non
         return f"weights restored from {resume / runfiles.LAST_CHECKPOINT}"
     source = getattr(student, "weights_source", None)
     if source:
-        return f"weights from {source}" + ("" if config["weights"] else " (ImageNet)")
+        return f"{'' if config['weights'] else 'ImageNet '}weights from {source}"
     if config["pretrained"]:
         return f"randomly initialised: {config['model']} has no ImageNet weights"
     return "randomly initialised"
