@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,10 +205,11 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
     return engine.train(config, stop_after_steps=args.stop_after_steps, command=args.command)
 
 
-def _claim(folders: list[Path], overwrite: bool) -> None:
-    """Refuses a folder that holds a run, or with ``overwrite`` deletes that run's files
-    (:data:`~reference_training.runfiles.RUN_FILES`; nothing else). Rank 0 decides alone:
-    the other ranks of a distributed job could see the run rank 0 has begun."""
+def _claim(folders: list[Path], overwrite: bool, resume: Path | None = None) -> None:
+    """Refuses a folder that holds a run (naming ``--resume`` of it, or of ``resume``), or with
+    ``overwrite`` deletes that run's files (:data:`~reference_training.runfiles.RUN_FILES`;
+    nothing else). Rank 0 decides alone: the other ranks of a distributed job could see the
+    run rank 0 has begun."""
     from reference_training import runfiles
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -218,8 +220,8 @@ def _claim(folders: list[Path], overwrite: bool) -> None:
         folder, names = next(iter(held.items()))
         listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise errors.UserError(
-            f"--out {folder} already holds a run ({listed}), and a run folder is "
-            f"never overwritten. Continue that run with --resume {folder}, write this one "
+            f"--out {folder} already holds a run ({listed}), and a run folder is never "
+            f"overwritten. Continue that run with --resume {resume or folder}, write this one "
             "elsewhere with --out NEW_FOLDER, or replace it with --overwrite.")
     for folder, names in held.items():
         for name in names:
@@ -231,9 +233,9 @@ def _resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
     """Continues the run in ``args.resume`` from its last checkpoint; a run killed before its
     first checkpoint starts afresh from the folder's saved config (and so the same split).
     The command line may change only how the run is driven (:mod:`reference_training.resume`).
+    A ``--fold all`` folder continues every fold (:func:`_resume_folds`).
     """
-    from reference_training import engine, runfiles
-    from reference_training.resume import resumed_config
+    from reference_training import runfiles
 
     folder = Path(args.resume)
     if args.out or args.overwrite:
@@ -241,15 +243,35 @@ def _resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
             f"--resume {folder} continues the run in its own folder; drop "
             f"{'--out' if args.out else '--overwrite'} (a new run: --out without --resume)")
     if not (folder / runfiles.CONFIG).is_file():
+        if any(folder.glob(f"fold*/{runfiles.CONFIG}")):
+            return _resume_folds(folder, args, parser)
         raise errors.UserError(
             f"--resume {folder}: nothing to resume, the folder has no {runfiles.CONFIG} (the "
             "run never started there). Start it with the same flags as before and "
             f"--out {folder}.")
+    return _continue(folder, _resumed(folder, args, parser), args)
+
+
+def _resumed(folder: Path, args: argparse.Namespace, parser: argparse.ArgumentParser,
+             drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The saved config of the run in ``folder``, checked against the command line (less the
+    ``drop`` keys)."""
+    from reference_training import runfiles
+    from reference_training.resume import resumed_config
+
     with errors.about_inputs():
         saved = cfgmod.validate({**cfgmod.DEFAULTS, **cfgmod.load_file(folder / runfiles.CONFIG)})
         from_file = cfgmod.load_file(args.config) if args.config else {}
-        config = resumed_config(str(folder), saved, _given(args), from_file,
-                                _flag_names(parser), args.config)
+        given = {k: v for k, v in _given(args).items() if k not in drop}
+        return resumed_config(str(folder), saved, given,
+                              {k: v for k, v in from_file.items() if k not in drop},
+                              _flag_names(parser), args.config)
+
+
+def _continue(folder: Path, config: dict[str, Any], args: argparse.Namespace) -> Any:
+    """Trains the run in ``folder`` on from its ``last.pt``, or afresh where it has none."""
+    from reference_training import engine, runfiles
+
     if not (folder / runfiles.LAST_CHECKPOINT).is_file():
         print(f"--resume {folder}: no {runfiles.LAST_CHECKPOINT} yet (the run stopped before "
               f"its first checkpoint); starting it afresh from its {runfiles.CONFIG}")
@@ -287,17 +309,52 @@ def _shared_out(config: dict[str, Any]) -> str:
 
 
 def _all_folds(config: dict[str, Any], args: argparse.Namespace) -> list[Any]:
-    from reference_training import engine, runfiles
-    from reference_training.compare import compare
+    from reference_training import engine
 
     root = Path(config["out"] or _shared_out(config))
     _claim([root] + [root / f"fold{k}" for k in range(1, int(config["num_folds"]) + 1)],
-           args.overwrite)
+           args.overwrite, resume=root)
+    return _train_folds(root, int(config["num_folds"]), lambda folder, k: engine.train(
+        {**config, "fold": k, "out": str(folder)}, stop_after_steps=args.stop_after_steps,
+        command=args.command))
+
+
+def _resume_folds(root: Path, args: argparse.Namespace,
+                  parser: argparse.ArgumentParser) -> list[Any]:
+    """``--resume`` of a ``--fold all`` folder: a finished fold is kept, an unfinished one
+    continued, a missing one started with the first fold's settings."""
+    from reference_training import engine, runfiles
+
+    first = sorted(root.glob(f"fold*/{runfiles.CONFIG}"))[0].parent
+    base = _resumed(first, args, parser, drop=("fold",))
+
+    def one_fold(folder: Path, k: int) -> Any:
+        if (folder / runfiles.SUMMARY).is_file():
+            print(f"{folder}: finished, kept")
+            return runfiles.read_json(folder / runfiles.SUMMARY)
+        if (folder / runfiles.CONFIG).is_file():
+            return _continue(folder, _resumed(folder, args, parser, drop=("fold",)), args)
+        return engine.train({**base, "fold": k, "out": str(folder)},
+                            stop_after_steps=args.stop_after_steps, command=args.command)
+
+    return _train_folds(root, int(base["num_folds"]), one_fold)
+
+
+def _train_folds(root: Path, num_folds: int, one_fold: Callable[[Path, int], Any]
+                 ) -> list[Any]:
+    """``one_fold(root / f"fold{k}", k)`` for every fold, then the table over the folds
+    (``cv_summary.md``); Ctrl-C in a fold also says how to continue them all."""
+    from reference_training import engine, runfiles
+    from reference_training.compare import compare
+
     summaries = []
-    for fold in range(1, int(config["num_folds"]) + 1):
-        fold_config = {**config, "fold": fold, "out": str(root / f"fold{fold}")}
-        summaries.append(engine.train(fold_config, stop_after_steps=args.stop_after_steps,
-                                      command=args.command))
+    for k in range(1, num_folds + 1):
+        try:
+            summaries.append(one_fold(root / f"fold{k}", k))
+        except engine.RunStopped as stop:
+            raise engine.RunStopped(
+                f"{stop.args[0]}\nor continue every fold of the cross-validation with\n  "
+                f"python reference_training/train.py --resume {root}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         table = compare([root])
         runfiles.write_text(table + "\n", root / runfiles.CV_SUMMARY)

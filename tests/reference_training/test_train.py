@@ -179,6 +179,36 @@ def test_ctrl_c_exits_130_keeps_the_checkpoint_and_prints_the_resume_command(
     assert sessions[-1]["outcome"] == "interrupted"
 
 
+def test_ctrl_c_in_a_cross_validation_and_resume_of_its_folder(
+        tmp_path: Path, make_aptos, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    data, out = make_aptos(tmp_path / "aptos", per_class=8), tmp_path / "cv"
+    flags = ["--dataset", "aptos", "--data-dir", str(data), "--model", "tiny_cnn", "--method",
+             "baseline", "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--fold",
+             "all", "--num-workers", "0", "--no-progress", "--out", str(out)]
+    steps = []
+    real_step = engine.train_step
+
+    def step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        steps.append(1)
+        if len(steps) == 7:  # fold 2 of 5 (4 steps each)
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", step)
+    with pytest.raises(SystemExit) as stop:
+        train_cli.main(flags)
+    assert stop.value.code == 130
+    assert f"continue every fold of the cross-validation with\n  python reference_training/" \
+        f"train.py --resume {out}" in capsys.readouterr().err
+    monkeypatch.setattr(engine, "train_step", real_step)
+    fold1 = (out / "fold1" / "metrics.csv").read_text()
+    assert f"Continue that run with --resume {out}," in _fails(flags)
+    summaries = train_cli.main(["--resume", str(out), "--no-progress"])
+    assert len(summaries) == 5 and (out / "fold1" / "metrics.csv").read_text() == fold1
+    assert "aptos / baseline / paper / tiny_cnn (n=5)" in (out / "cv_summary.md").read_text()
+
+
 def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(
         tmp_path: Path, ham: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from reference_training import checkpoint
