@@ -5,7 +5,12 @@ Usage::
     python reference_training/compare.py runs/a runs/b ... [--out table.md] [--protocol last|best]
         [--part test|val]
 
-Runs are grouped by (dataset, method, recipe, model, tag); each group is one row.
+Runs are grouped by (dataset, method, recipe, model, tag), and split further by any other
+key of their ``config.json`` they differ in (all but the seed and the fold, which a row pools,
+and the keys of where and how a run ran); each group is one row, its differing keys in its
+name. A folder without ``summary.json`` (a run that failed or has not finished) is listed as
+skipped; runs of one row that ran on different versions or devices (``environment.json``)
+are noted under the table.
 ``--against DIR`` pairs each run with the run of the same folder name in ``DIR`` instead (the
 same setting measured before a change) and tables the differences.
 """
@@ -21,23 +26,41 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reference_training.config import METHODS  # noqa: E402
+from reference_training import environment  # noqa: E402
+from reference_training.config import METHODS, NEUTRAL_KEYS, PATH_KEYS  # noqa: E402
 from reference_training.metrics import METRICS, format_table  # noqa: E402
-from reference_training.runfiles import SUMMARY  # noqa: E402
+from reference_training.runfiles import CONFIG, SUMMARY, run_files_in  # noqa: E402
+
+#: Config keys a row pools over (the replicates) or that cannot change a run's numbers.
+POOLED_KEYS = ("seed", "fold", *PATH_KEYS, *NEUTRAL_KEYS)
+#: Keys filled from another one when left null: left out of a row's name beside that one.
+DERIVED_FROM = {"rampup_epochs": "epochs", "begin_epoch": "epochs", "epoch_lr_reset": "lr"}
+
+
+def find_runs(run_dirs: list[str | Path]) -> tuple[list[tuple[Path, dict]], list[Path]]:
+    """Each finished run's folder and ``summary.json`` (a folder of folds counts each fold),
+    and the folders without one (a run that failed or has not finished), to skip."""
+    found: list[tuple[Path, dict]] = []
+    skipped: list[Path] = []
+    for run_dir in run_dirs:
+        path = Path(run_dir)
+        if (path / SUMMARY).is_file():
+            found.append((path, json.loads((path / SUMMARY).read_text(encoding="utf-8"))))
+            continue
+        subs = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+        inner, _ = find_runs([p for p in subs if (p / SUMMARY).is_file()])
+        unfinished = [p for p in subs if not (p / SUMMARY).is_file() and run_files_in(p)]
+        found += inner
+        skipped += unfinished if inner or unfinished else [path]
+    return found, skipped
 
 
 def load_summaries(run_dirs: list[str | Path]) -> list[dict]:
     """``summary.json`` of each run folder (a folder of folds counts each fold)."""
-    summaries = []
-    for run_dir in run_dirs:
-        path = Path(run_dir)
-        found = [path / SUMMARY] if (path / SUMMARY).is_file() else sorted(
-            path.glob(f"*/{SUMMARY}"))
-        if not found:
-            raise FileNotFoundError(f"no summary.json in {path} or its subfolders")
-        for file in found:
-            summaries.append(json.loads(file.read_text(encoding="utf-8")))
-    return summaries
+    found, skipped = find_runs(run_dirs)
+    if skipped:
+        raise FileNotFoundError(f"no summary.json in {skipped[0]} or its subfolders")
+    return [summary for _, summary in found]
 
 
 def metrics_of(summary: dict, protocol: str, part: str = "test") -> dict[str, float]:
@@ -60,20 +83,66 @@ def group_name(summary: dict) -> str:
 def compare(run_dirs: list[str | Path], protocol: str = "last", part: str = "test") -> str:
     """The markdown table for ``run_dirs`` (``protocol``: ``"last"`` epochs mean or ``"best"``
     on validation; ``part``: the ``"test"`` or ``"val"`` metrics), in %, mean ± std over the
-    runs of a group, ``n`` runs."""
+    runs of a row (:func:`rows_of`), ``n`` runs; then the notes: rows whose runs differ in
+    their environment, and the folders skipped."""
     if part not in ("test", "val"):
         raise ValueError(f"part must be 'test' or 'val', got {part!r}")
-    groups: dict[str, list[dict[str, float]]] = {}
-    for s in sorted(load_summaries(run_dirs), key=run_order):
-        groups.setdefault(group_name(s), []).append(metrics_of(s, protocol, part))
-    means, stds = {}, {}
-    for name, rows in groups.items():
+    found, skipped = find_runs(run_dirs)
+    if not found:
+        raise FileNotFoundError("no finished run (summary.json) in "
+                                + ", ".join(str(p) for p in skipped))
+    means, stds, notes = {}, {}, []
+    for name, runs in rows_of(found).items():
+        rows = [metrics_of(s, protocol, part) for _, s in runs]
         label = f"{name} (n={len(rows)})"
         means[label] = {m: _nanmean([r[m] for r in rows]) for m in METRICS}
         stds[label] = {m: _nanstd([r[m] for r in rows]) for m in METRICS}
+        notes += _environment_note(label, [folder for folder, _ in runs])
+    if skipped:
+        notes.append("skipped (no summary.json: the run failed or has not finished): "
+                     + ", ".join(str(p) for p in skipped))
     title = (f"{part}, mean of the last epochs (paper protocol)" if protocol == "last"
              else f"{part} at the best validation epoch")
-    return f"{title}; mean ± std over runs, in %\n\n" + format_table(means, stds=stds)
+    table = f"{title}; mean ± std over runs, in %\n\n" + format_table(means, stds=stds)
+    return table + "".join(f"\n\n{note}" for note in notes)
+
+
+def _setting(folder: Path) -> dict:
+    """A run's ``config.json`` less :data:`POOLED_KEYS` (empty for a run without one)."""
+    path = folder / CONFIG
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return {k: json.dumps(v, sort_keys=True) for k, v in config.items() if k not in POOLED_KEYS}
+
+
+def rows_of(runs: list[tuple[Path, dict]]) -> dict[str, list[tuple[Path, dict]]]:
+    """The table's rows: runs by :func:`group_name`, split by every config key (known to all
+    of them) in which runs of one name differ, those keys named in the row's name."""
+    by_name: dict[str, list[tuple[Path, dict, dict]]] = {}
+    for folder, summary in sorted(runs, key=lambda r: run_order(r[1])):
+        by_name.setdefault(group_name(summary), []).append((folder, summary, _setting(folder)))
+    rows: dict[str, list[tuple[Path, dict]]] = {}
+    for name, members in by_name.items():
+        common = set.intersection(*(set(setting) for _, _, setting in members))
+        differ = sorted(k for k in common if len({st[k] for _, _, st in members}) > 1)
+        shown = [k for k in differ if DERIVED_FROM.get(k) not in differ]
+        for folder, summary, setting in members:
+            label = name + "".join(f" / {k}={setting[k]}" for k in shown)
+            rows.setdefault(label, []).append((folder, summary))
+    return rows
+
+
+def _environment_note(label: str, folders: list[Path]) -> list[str]:
+    """A note when the runs of a row ran on different versions, commits or devices."""
+    seen: dict[str, set[str]] = {}
+    for folder in folders:
+        for key, values in environment.compared(folder).items():
+            seen.setdefault(key, set()).update(values)
+    differ = [f"{key} {' / '.join(sorted(values))}" for key, values in seen.items()
+              if len(values) > 1]
+    if not differ:
+        return []
+    return [f"note: the runs of {label} differ in what ran them (environment.json): "
+            + "; ".join(differ)]
 
 
 def run_order(summary: dict) -> tuple:
@@ -164,8 +233,11 @@ def main(argv: list[str] | None = None) -> str:
                         help="instead: each run against the run of the same folder name in "
                         "DIR (the same setting, measured before), paired")
     args = parser.parse_args(argv)
-    table = (paired_against(args.runs, args.against, args.protocol, args.part) if args.against
-             else compare(args.runs, args.protocol, args.part))
+    try:
+        table = (paired_against(args.runs, args.against, args.protocol, args.part)
+                 if args.against else compare(args.runs, args.protocol, args.part))
+    except FileNotFoundError as error:  # a folder that holds no run: the user's to fix
+        raise SystemExit(f"error: {error}") from None
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n", encoding="utf-8")

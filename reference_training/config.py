@@ -19,8 +19,8 @@ from .data import DATASETS, OWN_DATASETS
 from .data.dicom import check_window
 from .recipe import RECIPES, loss_weights, uses_contrast, uses_teacher
 
-__all__ = ["DEFAULTS", "DATASET_DEFAULTS", "METHODS", "RECIPES", "load_file", "resolve",
-           "validate", "loss_weights", "uses_contrast", "uses_teacher"]
+__all__ = ["DEFAULTS", "DATASET_DEFAULTS", "METHODS", "NEUTRAL_KEYS", "PATH_KEYS", "RECIPES",
+           "load_file", "resolve", "validate", "loss_weights", "uses_contrast", "uses_teacher"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METHODS = ("baseline", "mt", "crd", "ccd", "crp", "crckd")
@@ -121,6 +121,15 @@ DEFAULTS: dict[str, Any] = {
     "tag": None,
 }
 
+# Keys that name places on the machine a run ran on: a run moved elsewhere (reproduce.py
+# --pack/--unpack) gets new values for them, and what they point at is checked instead (the
+# data through the run's split.csv).
+PATH_KEYS = ("data_dir", "out", "cache_dir", "split_file", "weights", "csv")
+# Keys that cannot change what a run is, only how it is driven: a resumed run takes new values,
+# and compare.py pools runs that differ in them.
+NEUTRAL_KEYS = ("device", "num_workers", "progress", "checkpoint_every_steps",
+                "eval_batch_size", "embedding_plot", "tensorboard")
+
 # The sample runs on 2 CPU cores in minutes: a small pretrained backbone, small images.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "sample": {
@@ -149,11 +158,15 @@ def load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    if path.suffix == ".toml":
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    else:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        if path.suffix == ".toml":
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, TOMLDecodeError
+        raise ValueError(f"{path}: not a valid {path.suffix[1:] or 'JSON'} file: {error}"
+                         ) from error
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a mapping, got {type(data).__name__}")
     data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys

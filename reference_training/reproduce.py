@@ -56,10 +56,11 @@ from reference_training.compare import (  # noqa: E402
     run_order,
     signed_mean_std,
 )
-from reference_training.config import load_file  # noqa: E402
+from reference_training.config import PATH_KEYS, load_file  # noqa: E402
 from reference_training.data import OWN_DATASETS  # noqa: E402
 from reference_training.runfiles import (  # noqa: E402
     CONFIG,
+    ENVIRONMENT,
     LAST_CHECKPOINT,
     METRICS,
     PLOTS,
@@ -67,7 +68,6 @@ from reference_training.runfiles import (  # noqa: E402
     SUMMARY,
 )
 
-PATH_KEYS = ("data_dir", "out", "cache_dir", "split_file", "weights", "csv")
 TABLE_FLAGS = ("csv", "image_column", "label_column", "group_column")
 CURVE_METRICS = ("balanced_accuracy", "f1", "auc")
 
@@ -201,7 +201,7 @@ def run_grid(jobs: list[tuple[Path, list[str] | None]], concurrent: int = 1,
 
 
 # What a window hands to the next: enough to resume every run and to collect the finished.
-PACKED = (CONFIG, SPLIT, METRICS, SUMMARY, LAST_CHECKPOINT, *PLOTS)
+PACKED = (CONFIG, SPLIT, METRICS, SUMMARY, LAST_CHECKPOINT, ENVIRONMENT, *PLOTS)
 
 
 def pack(runs: Path, archive: Path) -> int:

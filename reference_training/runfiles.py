@@ -9,7 +9,9 @@ finds the layout in one place:
 - ``last.pt``: the training state (:mod:`reference_training.checkpoint`); ``best.pt``: the
   student at the best validation epoch;
 - the plots ``losses.png``, ``metrics.png``, ``confusion_test.png``, ``embedding_test.png``;
-- ``cv_summary.md``: the table over the folds of a cross-validation root folder.
+- ``cv_summary.md``: the table over the folds of a cross-validation root folder;
+- ``environment.json``: what ran it, each session (versions, commit, device, command line,
+  start and end times; :mod:`reference_training.environment`).
 
 A write goes to a temporary file in the same folder, then ``os.replace``: a run killed at
 any moment leaves either the old file or the new one, never half of one.
@@ -24,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError, disk_full
+
 CONFIG = "config.json"
 SPLIT = "split.csv"
 METRICS = "metrics.csv"
@@ -36,6 +40,15 @@ CONFUSION_PLOT = "confusion_test.png"
 EMBEDDING_PLOT = "embedding_test.png"
 PLOTS = (METRICS_PLOT, LOSSES_PLOT, CONFUSION_PLOT, EMBEDDING_PLOT)
 CV_SUMMARY = "cv_summary.md"
+ENVIRONMENT = "environment.json"
+#: The files that make a folder a run folder (never overwritten without --overwrite).
+RUN_FILES = (CONFIG, SPLIT, METRICS, SUMMARY, LAST_CHECKPOINT, BEST_CHECKPOINT, *PLOTS,
+             CV_SUMMARY, ENVIRONMENT)
+
+
+def run_files_in(folder: Path) -> list[str]:
+    """The run files :data:`RUN_FILES` that ``folder`` holds."""
+    return [name for name in RUN_FILES if (Path(folder) / name).is_file()]
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -45,6 +58,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        if not disk_full(error):
+            raise
+        kept = (f"the previous {path.name} is intact" if path.exists()
+                else f"there was no earlier {path.name}")
+        raise UserError(
+            f"the disk is full (or read-only): writing {path} failed ({error.__class__.__name__}"
+            f": {str(error).strip()[:120]}); {kept}. Free some space, then continue the run "
+            f"with --resume {path.parent}") from error
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -34,6 +34,7 @@ from .datasets import (
 from .images import cache_key, decode_dicom, decode_image, load_images
 from .splits import (
     check_class_sizes,
+    check_same_data,
     check_split,
     limit_records,
     make_split,
@@ -47,9 +48,9 @@ from .views import TwoViewDataset, apply_views, draw_view_params, view_matrices
 __all__ = [
     "APTOS_CLASSES", "DATASETS", "DEFAULT_CACHE_DIR", "GlobalBatchSampler", "HAM10000_CLASSES",
     "OWN_DATASETS", "Records", "SAMPLE_DIR", "TwoViewDataset", "apply_views", "cache_key",
-    "check_class_sizes", "check_split", "class_weights", "decode_dicom", "decode_image",
-    "default_data_dir", "draw_view_params", "limit_records", "load_images", "make_split",
-    "read_aptos", "read_config_dataset", "read_dataset", "read_folder", "read_ham10000",
-    "read_split", "read_table", "shard", "split_folds", "split_grouped", "view_matrices",
-    "write_split",
+    "check_class_sizes", "check_same_data", "check_split", "class_weights", "decode_dicom",
+    "decode_image", "default_data_dir", "draw_view_params", "limit_records", "load_images",
+    "make_split", "read_aptos", "read_config_dataset", "read_dataset", "read_folder",
+    "read_ham10000", "read_split", "read_table", "shard", "split_folds", "split_grouped",
+    "view_matrices", "write_split",
 ]

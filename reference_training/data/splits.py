@@ -133,18 +133,47 @@ def make_split(records: Records, config: dict) -> dict[str, np.ndarray]:
     return split
 
 
-def write_split(path: Path, records: Records, split: dict[str, np.ndarray]) -> None:
-    """Writes ``image_id, group, label, split`` per image, so a split can be reused."""
+def split_rows(records: Records, split: dict[str, np.ndarray]) -> list[tuple[str, ...]]:
+    """``(image_id, group, label, split)`` per image, sorted: what ``split.csv`` holds."""
     rows = []
     for part, index in split.items():
-        rows.extend((records.ids[i], records.groups[i], records.classes[records.labels[i]], part)
-                    for i in index)
+        rows.extend((str(records.ids[i]), str(records.groups[i]),
+                     records.classes[records.labels[i]], part) for i in index)
+    return sorted(rows)
+
+
+def write_split(path: Path, records: Records, split: dict[str, np.ndarray]) -> None:
+    """Writes ``image_id, group, label, split`` per image, so a split can be reused."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "group", "label", "split"])
-        writer.writerows(sorted(rows))
+        writer.writerows(split_rows(records, split))
     os.replace(tmp, path)
+
+
+def check_same_data(path: Path, records: Records, split: dict[str, np.ndarray]) -> None:
+    """A resumed run's data must be the data it trained on: the split ``records`` give now
+    (image ids, groups, labels, parts) must be the one in its ``split.csv`` at ``path``,
+    wherever the images now lie.
+
+    Raises:
+        ValueError: saying how many rows differ, with an example of each kind.
+    """
+    with open(path, newline="", encoding="utf-8") as handle:
+        saved = {tuple(row) for row in list(csv.reader(handle))[1:]}
+    now = set(split_rows(records, split))
+    if saved == now:
+        return
+    gone, new = sorted(saved - now), sorted(now - saved)
+    parts = [f"{len(gone)} of its rows are not in the data read now (e.g. {gone[0]})"
+             if gone else "", f"{len(new)} rows are new (e.g. {new[0]})" if new else ""]
+    raise ValueError(
+        f"the data read from {records.source} is not the data the run in {path.parent} "
+        "trained on: "
+        + " and ".join(p for p in parts if p) + f", against its {path.name} (image, group, "
+        "label, part). Point --data-dir (and --csv) at the run's own data: it may lie "
+        "elsewhere now, but must be the same images, labels and split.")
 
 
 def read_split(path: str | Path, records: Records) -> dict[str, np.ndarray]:

@@ -254,6 +254,7 @@ def test_grid_runs_concurrently_packs_and_continues_elsewhere(tmp_path: Path, ma
         names = tar.getnames()
     assert "ham10000/mt-paper-s2020/last.pt" in names
     assert "ham10000/mt-paper-s2020/metrics.csv" in names
+    assert "ham10000/mt-paper-s2020/environment.json" in names  # its sessions travel too
     elsewhere = tmp_path / "next_window"
     main([*common, "--runs", str(elsewhere), "--unpack", str(archive),
           "--throughput-out", str(report)])
@@ -275,5 +276,5 @@ def test_paired_against_the_same_runs_measured_before(tmp_path: Path) -> None:
     # balanced accuracy +5 and -2 points: +1.5 ± 4.9, ahead on one run of two; F1 and AUC equal
     assert "| aptos / mt / paper / m | 2 | +1.5 ± 4.9 | +0.0 ± 0.0 | +0.0 ± 0.0 | 1/2 | 0/2 | " \
         "0/2 |" in table
-    with pytest.raises(FileNotFoundError, match="to compare"):
+    with pytest.raises(SystemExit, match="error: no summary.json in .* to compare"):
         compare_main([str(tmp_path / "now" / "mt-paper-s1"), "--against", str(tmp_path)])
