@@ -30,9 +30,9 @@ from .._checks import reduction_dtype
 #: The dense path is taken while ``N <= DENSE_PATH_FACTOR * (P + K)``. Past that, gathering
 #: the ``B x (P+K) x d`` rows costs less than multiplying against the whole bank. The
 #: benchmarks' crossover section measures it: on a 2-core CPU (float32, B=64, d=128) dense
-#: stayed faster over the whole measured range, up to N = 64 (P+K), but its peak memory
-#: (about 3 B N floats) reaches the gather path's (B (P+K) d floats) at about d/3 (P+K); at 32
-#: dense is 2.9-4.6x faster than gather and no larger in memory.
+#: took 0.54-0.57x gather's time at 32 (P+K) and gather won from about 55 (P+K); dense's peak
+#: memory (about 6 B N floats) passes gather's (B (P+K) d floats) at about d/6 (P+K), 21 at
+#: d = 128. 32 keeps the time and takes the memory of at most 1.5x gather's.
 DENSE_PATH_FACTOR = 32
 
 ScorePath = Literal["dense", "gather"]

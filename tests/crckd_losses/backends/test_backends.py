@@ -20,8 +20,12 @@ def runnable(backend, device, autocast):
     """Why ``backend`` cannot run here, or None."""
     if backend == "triton" and (device.type != "cuda" or not backends.triton.available()):
         return "backend='triton' needs a CUDA device and Triton"
-    if backend == "compiled" and autocast is not None and device.type == "cpu":
-        return "inductor's CPU code under bfloat16 autocast: covered on CUDA"
+    if backend == "compiled" and device.type == "cpu":
+        if autocast is not None:
+            return "inductor's CPU code under bfloat16 autocast: covered on CUDA"
+        if (2, 10) <= torch.__version__ < (2, 12):  # TorchVersion compares with tuples
+            return ("torch 2.10/2.11's CPU inductor emits C++ that does not compile "
+                    "(test_compiled.py marks it as an expected failure)")
     return None
 
 
