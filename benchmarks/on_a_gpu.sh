@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU machine checks, in one command, with every output kept in one folder:
-# the device and versions, the CUDA tests (tests/crckd_losses/test_cuda.py; tests/crckd_losses/test_triton.py), then
-# the whole benchmark on the device. A failing test does not stop the benchmark.
+# the device and versions, the CUDA tests (tests/crckd_losses/test_cuda.py, and every backend
+# against the reference maths and the Triton kernels in tests/crckd_losses/backends/), then the
+# whole benchmark on the device. A failing test does not stop the benchmark.
 #
 #   bash benchmarks/on_a_gpu.sh OUT_DIR [more benchmarks/run.py options, e.g. --budget 1]
 #
@@ -20,7 +21,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     python -c "import triton; print('triton', triton.__version__)" || echo "no triton"
 } > "$out/device.txt" 2>&1
 start=$(date +%s)
-python -m pytest -q -p no:cacheprovider tests/crckd_losses/test_cuda.py tests/crckd_losses/test_triton.py > "$out/tests.txt" 2>&1
+python -m pytest -q -p no:cacheprovider tests/crckd_losses/test_cuda.py \
+    tests/crckd_losses/backends/test_backends.py tests/crckd_losses/backends/test_triton.py \
+    > "$out/tests.txt" 2>&1
 echo "pytest exit status $? after $(( $(date +%s) - start )) s" >> "$out/tests.txt"
 tail -n 3 "$out/tests.txt"
 start=$(date +%s)
