@@ -271,3 +271,16 @@ def test_labels_out_of_range_rejected():
 def test_too_few_columns_rejected():
     with pytest.raises(ValueError, match="at least one negative"):
         CF.nce_loss(torch.randn(2, 3), 0.0, 0.1, num_positives=3)
+
+
+def test_default_temperature_is_the_papers():
+    """tau = 0.07 wherever it is a default (method §4, §5)."""
+    g_s, g_t, m_s, m_t, idx = make_case()
+    torch.testing.assert_close(CF.contrastive_scores(g_s, m_t, idx),
+                               CF.contrastive_scores(g_s, m_t, idx, 0.07), rtol=0, atol=0)
+    for a, b in zip(CF.class_guided_contrastive_loss(g_s, g_t, m_s, m_t, idx, 3),
+                    CF.class_guided_contrastive_loss(g_s, g_t, m_s, m_t, idx, 3, 0.07)):
+        assert float(a) == float(b)
+    c_s, c_t = unit(4, 6), unit(4, 6)
+    assert float(CF.categorical_relation_loss(g_s, g_t, c_s, c_t)) == float(
+        CF.categorical_relation_loss(g_s, g_t, c_s, c_t, 0.07))

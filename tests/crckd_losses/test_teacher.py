@@ -77,9 +77,9 @@ def test_buffer_modes(mode):
 def test_teacher_keeps_its_mode(train_mode):
     teacher = EMATeacher(net(), train_mode=train_mode)
     teacher.train()
-    assert teacher.module.training is train_mode
+    assert teacher.module.training is train_mode and teacher.training
     teacher.eval()
-    assert teacher.module.training is train_mode
+    assert teacher.module.training is train_mode and not teacher.training
 
 
 def test_no_gradients_reach_teacher():
