@@ -195,3 +195,16 @@ def test_a_student_cast_after_the_teacher_was_built_is_refused(buffers):
     teacher.double()
     teacher.update(student)
     assert int(teacher.num_updates) == 1
+
+
+def test_a_decay_of_one_is_allowed_and_keeps_the_teacher():
+    """decay=1 (closed at 1): without warm-up the teacher never moves from its copy."""
+    student = net()
+    teacher = EMATeacher(student, decay=1.0, warmup=False)
+    before = [p.clone() for p in teacher.module.parameters()]
+    perturb(student)
+    teacher.update(student)
+    for a, b in zip(before, teacher.module.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="decay"):
+        EMATeacher(student, decay=1.5)
