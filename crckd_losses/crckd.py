@@ -19,7 +19,7 @@ from ._checks import (
     check_unit_interval,
     reduce,
 )
-from .backends import Backend, check_backend, compiled, compiles, cuda_graphs
+from .backends import Backend, compiled, compiles, cuda_graphs
 from .contrastive import ClassGuidedContrastiveLoss, Normalizer
 from .functional import _relation_per_sample
 from .heads import EmbeddingHead
@@ -152,7 +152,7 @@ class CRCKDLoss(nn.Module):
             normalizer=normalizer,
             normalizer_momentum=normalizer_momentum,
             sampler=sampler,
-            backend=check_backend(backend),
+            backend=backend,
         )
         self.crp = CategoricalRelationLoss(temperature)
 
